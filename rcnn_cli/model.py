@@ -1,0 +1,289 @@
+"""The trained model bundle: a folder holding ``model.json`` and ``model.npz``.
+
+``model.json`` (human-readable)::
+
+    format_version, package_version, classes (in order), backbone, weights_source
+    (e.g. {"kind": "imagenet", "filename": ..., "sha256": ...} or {"kind": "path", "path":
+    ...}), feature_tap, extract_settings, proposal_settings, feature_scaling {feat_scale,
+    target_mean_norm}, detection {nms_iou, score_threshold, max_detections},
+    training_stats, arrays {file, sha256, shapes}
+
+``model.npz`` (no pickle; read with ``allow_pickle=False``): ``svm_weights`` (K, D) float32,
+``svm_biases`` (K,) float32, ``svm_trained`` (K,) bool and, when box regression was
+trained, ``regressors`` (K, 4, D+1) float32 and ``regressor_trained`` (K,) bool.
+
+Both files are written to temporary names in the folder and moved into place with
+``os.replace``, arrays first; ``model.json`` records the arrays' sha256, so a bundle left
+half-written by a crash is refused at load instead of silently mixing two models.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from rcnn_cli import __version__
+from rcnn_cli.bbox_regression import apply_regression
+from rcnn_cli.svm import FEAT_NORM_TARGET, score
+
+FORMAT_VERSION = 1
+JSON_NAME = "model.json"
+ARRAYS_NAME = "model.npz"
+NMS_IOU = 0.3  # rcnn_test.m: per-class NMS at IoU 0.3
+SCORE_THRESHOLD = 0.0  # SVM decision boundary; evaluation wants a lower one (R-CNN: top-k)
+MAX_DETECTIONS = 100  # per image, over all classes (torchvision detections_per_img)
+
+
+class ModelError(ValueError):
+    """A model bundle that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Model:
+    """Everything ``detect`` needs. Arrays act on raw features (scaled by ``feat_scale``)."""
+
+    classes: list[str]
+    svm_weights: NDArray[np.float32]  # (K, D)
+    svm_biases: NDArray[np.float32]  # (K,)
+    feat_scale: float
+    svm_trained: NDArray[np.bool_]  # (K,)
+    regressors: NDArray[np.float32] | None = None  # (K, 4, D+1), last column the bias
+    regressor_trained: NDArray[np.bool_] | None = None  # (K,)
+    backbone: str = ""
+    weights_source: dict[str, Any] = field(default_factory=dict)
+    feature_tap: str = ""
+    extract_settings: dict[str, Any] = field(default_factory=dict)
+    proposal_settings: dict[str, Any] = field(default_factory=dict)
+    nms_iou: float = NMS_IOU
+    score_threshold: float = SCORE_THRESHOLD
+    max_detections: int = MAX_DETECTIONS
+    training_stats: dict[str, Any] = field(default_factory=dict)
+    package_version: str = __version__
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def dim(self) -> int:
+        return int(np.shape(self.svm_weights)[1])
+
+    def score(self, features: ArrayLike) -> NDArray[np.float32]:
+        """SVM scores (N, K) of raw features (N, D)."""
+        return score(features, self.svm_weights, self.svm_biases, self.feat_scale)
+
+    def score_and_refine(self, features: ArrayLike, boxes: ArrayLike,
+                         image_size: tuple[int, int]
+                         ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """Scores (N, K) and per-class boxes (N, K, 4) for boxes (N, 4) and features (N, D).
+
+        Boxes are refined by each class's regressor and clipped to ``image_size = (h, w)``;
+        without regressors they are the input boxes repeated.
+        """
+        scores = self.score(features)
+        if self.regressors is None:
+            b = np.asarray(boxes, np.float32).reshape(-1, 4)
+            return scores, np.repeat(b[:, None], self.num_classes, axis=1)
+        refined = apply_regression(boxes, features, None, self.regressors, self.feat_scale,
+                                   image_size)
+        return scores, refined
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"svm_weights": self.svm_weights, "svm_biases": self.svm_biases,
+               "svm_trained": self.svm_trained}
+        if self.regressors is not None:
+            out["regressors"] = self.regressors
+            out["regressor_trained"] = (self.regressor_trained if self.regressor_trained
+                                        is not None else np.ones(self.num_classes, bool))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``model.json`` content, without the ``arrays`` entry."""
+        return _jsonable({
+            "format_version": FORMAT_VERSION,
+            "package_version": self.package_version,
+            "classes": list(self.classes),
+            "backbone": self.backbone,
+            "weights_source": self.weights_source,
+            "feature_tap": self.feature_tap,
+            "extract_settings": self.extract_settings,
+            "proposal_settings": self.proposal_settings,
+            "feature_scaling": {"feat_scale": float(self.feat_scale),
+                                "target_mean_norm": FEAT_NORM_TARGET},
+            "detection": {"nms_iou": float(self.nms_iou),
+                          "score_threshold": float(self.score_threshold),
+                          "max_detections": int(self.max_detections)},
+            "training_stats": self.training_stats,
+        })
+
+
+# ---------------------------------------------------------------- save / load
+def save_model(directory: str | Path, model: Model, overwrite: bool = False) -> Path:
+    """Write ``model`` as a bundle folder; return the folder.
+
+    Raises ``FileExistsError`` if a bundle is already there and ``overwrite`` is False, and
+    :class:`ModelError` if the model is inconsistent (same checks as :func:`load_model`).
+    """
+    d = Path(directory)
+    arrays = model.arrays()
+    meta = model.to_json()
+    _validate(meta, arrays, d / JSON_NAME)
+    if not overwrite and ((d / JSON_NAME).exists() or (d / ARRAYS_NAME).exists()):
+        raise FileExistsError(f"{d}: a model bundle exists; pass overwrite=True to replace it")
+    d.mkdir(parents=True, exist_ok=True)
+    digest = _atomic_write(d / ARRAYS_NAME, lambda f: np.savez(f, **arrays))
+    meta["arrays"] = {"file": ARRAYS_NAME, "sha256": digest,
+                      "shapes": {k: list(v.shape) for k, v in arrays.items()}}
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    _atomic_write(d / JSON_NAME, lambda f: f.write(text.encode()))
+    return d
+
+
+def load_model(directory: str | Path) -> Model:
+    """Read and validate a bundle folder; raise :class:`ModelError` on any problem."""
+    d = Path(directory)
+    jpath, apath = d / JSON_NAME, d / ARRAYS_NAME
+    if not jpath.is_file():
+        raise ModelError(f"{jpath}: missing file (not a model bundle)")
+    try:
+        meta = json.loads(jpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{jpath}: unreadable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{jpath}: expected a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelError(f"{jpath}: format_version {version!r} is not supported (this rcnn_cli "
+                         f"{__version__} reads version {FORMAT_VERSION})")
+    if not apath.is_file():
+        raise ModelError(f"{apath}: missing file")
+    expected = meta.get("arrays", {}).get("sha256") if isinstance(meta.get("arrays"), dict) \
+        else None
+    if expected != _sha256(apath):
+        raise ModelError(f"{apath}: contents do not match the sha256 recorded in {JSON_NAME} "
+                         "(incomplete or mixed bundle; save it again)")
+    try:
+        with np.load(apath, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{apath}: unreadable arrays ({e})") from None
+    _validate(meta, arrays, apath)
+    det, fs = meta["detection"], meta["feature_scaling"]
+    return Model(
+        classes=list(meta["classes"]), svm_weights=arrays["svm_weights"],
+        svm_biases=arrays["svm_biases"], feat_scale=float(fs["feat_scale"]),
+        svm_trained=arrays["svm_trained"], regressors=arrays.get("regressors"),
+        regressor_trained=arrays.get("regressor_trained"), backbone=meta["backbone"],
+        weights_source=meta["weights_source"], feature_tap=meta["feature_tap"],
+        extract_settings=meta["extract_settings"], proposal_settings=meta["proposal_settings"],
+        nms_iou=float(det["nms_iou"]), score_threshold=float(det["score_threshold"]),
+        max_detections=int(det["max_detections"]), training_stats=meta["training_stats"],
+        package_version=str(meta["package_version"]))
+
+
+# ---------------------------------------------------------------- helpers
+_REQUIRED = {"format_version": int, "package_version": str, "classes": list, "backbone": str,
+             "weights_source": dict, "feature_tap": str, "extract_settings": dict,
+             "proposal_settings": dict, "feature_scaling": dict, "detection": dict,
+             "training_stats": dict}
+
+
+def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -> None:
+    """Raise ModelError naming ``path`` unless metadata and arrays are consistent."""
+    def fail(problem: str) -> None:
+        raise ModelError(f"{path}: {problem}")
+
+    for key, typ in _REQUIRED.items():
+        if key not in meta:
+            fail(f"missing key {key!r}")
+        if not isinstance(meta[key], typ):
+            fail(f"{key!r} must be a {typ.__name__}, got {type(meta[key]).__name__}")
+    classes = meta["classes"]
+    if not classes or not all(isinstance(c, str) and c for c in classes):
+        fail("'classes' must be a non-empty list of names")
+    if len(set(classes)) != len(classes):
+        fail(f"duplicate class names in {classes}")
+    scale = meta["feature_scaling"].get("feat_scale")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        fail(f"feature_scaling.feat_scale must be a positive number, got {scale!r}")
+    det = meta["detection"]
+    for key in ("nms_iou", "score_threshold", "max_detections"):
+        if not isinstance(det.get(key), (int, float)):
+            fail(f"detection.{key} must be a number, got {det.get(key)!r}")
+    k = len(classes)
+    for name in ("svm_weights", "svm_biases", "svm_trained"):
+        if name not in arrays:
+            fail(f"missing array {name!r}")
+    w = arrays["svm_weights"]
+    if w.ndim != 2 or w.shape[0] != k:
+        fail(f"svm_weights has shape {w.shape}, expected ({k}, D) for {k} classes")
+    dim = w.shape[1]
+    expected = {"svm_biases": (k,), "svm_trained": (k,)}
+    if "regressors" in arrays or "regressor_trained" in arrays:
+        expected.update({"regressors": (k, 4, dim + 1), "regressor_trained": (k,)})
+    for name, shape in expected.items():
+        if name not in arrays:
+            fail(f"missing array {name!r}")
+        if arrays[name].shape != shape:
+            fail(f"{name} has shape {arrays[name].shape}, expected {shape} "
+                 f"({k} classes, D={dim} from svm_weights)")
+    for name, a in arrays.items():
+        if name.endswith("trained"):
+            if a.dtype != np.bool_:
+                fail(f"{name} must be bool, got {a.dtype}")
+        elif a.dtype != np.float32:
+            fail(f"{name} must be float32, got {a.dtype}")
+        elif not np.isfinite(a).all():
+            fail(f"{name} holds NaN or infinite values")
+    ext_dim = meta["extract_settings"].get("dim")
+    if ext_dim is not None and ext_dim != dim:
+        fail(f"extract_settings.dim is {ext_dim} but the SVM weights have D={dim}")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain-JSON copy of settings: numpy scalars/arrays, tuples and paths converted."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} {obj!r} in {JSON_NAME}")
+
+
+def _atomic_write(path: Path, write) -> str:
+    """Write via ``write(file)`` to a temp file beside ``path``, fsync, os.replace; sha256."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
