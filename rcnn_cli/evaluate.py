@@ -1,0 +1,733 @@
+"""Evaluate detections: PASCAL VOC AP (2007 11-point and 2010+ all-point) and COCO AP.
+
+Also the readers and writers of the detect stage's result files, so that ``detect`` writes
+exactly what ``evaluate`` reads:
+
+* ``detections.csv``: header ``image,class,score,x1,y1,x2,y2``; ``image`` is the path relative
+  to the images folder, ``class`` the class *name*, boxes ours (continuous x1y1x2y2).
+* ``detections.json`` (COCO results: ``image_id, category_id, bbox`` xywh, ``score``) with
+  ``images.json`` (COCO images list, every image even without detections) and
+  ``categories.json`` (``id = class index + 1``, ``name``).
+* VOC devkit ``comp4_det_test_<class>.txt`` and YOLO ``labels/<image>.txt`` (writers only).
+
+Detections are passed around as ``dict[file_name, Detections]``; ground truth as
+``dict[file_name, GT]`` where GT is anything with ``boxes, labels, difficult`` attributes
+(e.g. ``datasets.ImageRecord``) or a tuple ``(boxes, labels, difficult)``.
+
+Decisions, stated once here:
+
+* IoU is the plain continuous IoU of :func:`rcnn_cli.boxes.box_iou`, *without* the devkit's
+  "+1" pixel terms. Our boxes map a VOC box ``xmin..xmax`` (1-based, inclusive) to
+  ``x1 = xmin - 1, x2 = xmax``, so ``x2 - x1 == xmax - xmin + 1``: on integer VOC boxes the
+  continuous IoU equals the devkit's +1 IoU exactly, and no +1 is needed anywhere.
+* A class with no (non-difficult) ground truth has AP ``nan`` (the devkit divides by zero
+  too); the mAPs average the classes whose AP is defined. ``nan`` is written as ``null`` in
+  JSON.
+* COCO: VOC "difficult" objects become ``iscrowd = 1``, the only ignore flag COCOeval honours
+  (it overwrites a dataset's own ``ignore`` with ``iscrowd``); mmdetection's VOC-to-COCO
+  converter does the same. Crowd regions are matched by intersection over *detection* area
+  and may absorb several detections, so this is a slightly more lenient ignore than VOC's.
+  COCO's ``-1`` ("no ground truth in this area range") is reported as ``nan``. With no
+  detections at all every COCO metric is 0.
+* Detection image names are matched to ground-truth file names by relative path (POSIX
+  separators, leading ``./`` dropped) and, failing that, by relative path without extension,
+  then by file stem, when that names exactly one ground-truth image; see
+  :func:`match_image_names`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from rcnn_cli.boxes import as_boxes, box_iou, from_xywh, to_voc, to_xywh, to_yolo
+from rcnn_cli.store import atomic_write_bytes, open_upstream
+
+log = logging.getLogger(__name__)
+
+#: PASCAL VOC matching threshold (VOCdevkit ``VOCopts.minoverlap``).
+VOC_IOU_THRESH = 0.5
+#: Keys of ``COCOeval.stats`` in order (pycocotools ``summarize``).
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+CSV_HEADER = ("image", "class", "score", "x1", "y1", "x2", "y2")
+VOC_DET_PREFIX = "comp4_det_test_"
+
+
+# ---------------------------------------------------------------- containers
+@dataclass
+class Detections:
+    """Detections of one image: boxes (N, 4) float32 x1y1x2y2, scores (N,) float32,
+    labels (N,) int64 class index."""
+
+    boxes: NDArray[np.float32]
+    scores: NDArray[np.float32]
+    labels: NDArray[np.int64]
+
+    def __post_init__(self) -> None:
+        self.boxes = as_boxes(self.boxes)
+        self.scores = np.asarray(self.scores, np.float32).reshape(-1)
+        self.labels = np.asarray(self.labels, np.int64).reshape(-1)
+        n = len(self.boxes)
+        if len(self.scores) != n or len(self.labels) != n:
+            raise ValueError(
+                f"Detections: boxes {self.boxes.shape}, scores {self.scores.shape} and labels "
+                f"{self.labels.shape} must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+def as_detections(x: Any) -> Detections:
+    """``Detections`` from a Detections, an object with ``boxes/scores/labels`` attributes,
+    or a tuple ``(boxes, scores, labels)``."""
+    if isinstance(x, Detections):
+        return x
+    if all(hasattr(x, a) for a in ("boxes", "scores", "labels")):
+        return Detections(x.boxes, x.scores, x.labels)
+    if isinstance(x, (tuple, list)) and len(x) == 3:
+        return Detections(*x)
+    raise TypeError(f"detections must be Detections or (boxes, scores, labels), got {type(x)}")
+
+
+def _as_gt(x: Any) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.bool_]]:
+    """(boxes (G, 4), labels (G,), difficult (G,)) from an ImageRecord-like object or a tuple
+    ``(boxes, labels[, difficult])``; a missing ``difficult`` means all False."""
+    if hasattr(x, "boxes") and hasattr(x, "labels"):
+        b, lab, d = x.boxes, x.labels, getattr(x, "difficult", None)
+    elif isinstance(x, (tuple, list)) and len(x) in (2, 3):
+        b, lab, d = x[0], x[1], x[2] if len(x) == 3 else None
+    else:
+        raise TypeError(f"ground truth must be ImageRecord-like or (boxes, labels, difficult), "
+                        f"got {type(x)}")
+    b = as_boxes(b)
+    lab = np.asarray(lab, np.int64).reshape(-1)
+    d = np.zeros(len(b), bool) if d is None else np.asarray(d, bool).reshape(-1)
+    if not len(lab) == len(d) == len(b):
+        raise ValueError(f"ground truth: boxes {b.shape}, labels {lab.shape} and difficult "
+                         f"{d.shape} must have the same length")
+    return b, lab, d
+
+
+# ---------------------------------------------------------------- VOC
+def voc_ap(recall: ArrayLike, precision: ArrayLike, use_07_metric: bool) -> float:
+    """Average precision from a precision-recall curve, by the VOCdevkit's rules.
+
+    Args:
+        recall: (K,) float, non-decreasing, detections ranked best first.
+        precision: (K,) float, same length.
+        use_07_metric: True for VOC2007's 11-point interpolated AP (mean over t in
+            {0, 0.1, ..., 1} of the best precision at recall >= t, 0 if none); False for
+            VOC2010+'s all-point AP (area under the monotone precision envelope).
+
+    Returns:
+        AP as a float; ``nan`` if recall contains ``nan`` (a class with no ground truth).
+
+    The 11 thresholds are ``k / 10`` (correctly rounded), so recall exactly 0.3 counts for
+    t = 0.3; ``np.arange(0, 1.1, 0.1)`` (py-faster-rcnn) has 0.30000000000000004 there.
+    """
+    rec = np.asarray(recall, np.float64)
+    prec = np.asarray(precision, np.float64)
+    if rec.ndim != 1 or rec.shape != prec.shape:
+        raise ValueError(f"recall and precision must be 1-D of equal length, got {rec.shape} "
+                         f"and {prec.shape}")
+    if np.isnan(rec).any():
+        return math.nan
+    if use_07_metric:
+        ap = 0.0
+        for k in range(11):
+            p = prec[rec >= k / 10]
+            ap += (float(p.max()) if p.size else 0.0) / 11
+        return ap
+    mrec = np.concatenate([[0.0], rec, [1.0]])
+    mpre = np.concatenate([[0.0], prec, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope, right to left
+    i = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1  # points where recall changes
+    return float(np.sum((mrec[i] - mrec[i - 1]) * mpre[i]))
+
+
+def voc_eval(dets: Mapping[str, Any], gts: Mapping[str, Any], num_classes: int,
+             iou_thresh: float = VOC_IOU_THRESH) -> dict[int, dict[str, Any]]:
+    """PASCAL VOC evaluation of every class (VOCdevkit ``VOCevaldet``).
+
+    Args:
+        dets: image file_name -> detections (see :func:`as_detections`). Every key must be in
+            ``gts``; images of ``gts`` missing here simply have no detections.
+        gts: image file_name -> ground truth (see module docstring).
+        num_classes: C; labels are 0..C-1.
+        iou_thresh: a detection is a true positive at IoU >= this.
+
+    Returns:
+        {class index: {"ap07", "ap", "npos", "num_dets", "recall" (K,), "precision" (K,),
+        "tp" (K,), "fp" (K,) 0/1 per ranked detection, "scores" (K,) ranked}}.
+
+    Rules: the class's detections of all images are ranked by score, descending, stable (ties
+    keep image order of ``dets``, then order within the image). Each is matched to the
+    ground-truth box of that class with the highest IoU in its image (first on ties). If that
+    IoU >= ``iou_thresh``: a difficult box makes the detection ignored (neither TP nor FP, even
+    when repeated); an unclaimed box makes it a TP and claims the box; a claimed box makes it
+    a FP (duplicate). Otherwise FP. Difficult boxes do not count in ``npos``.
+    """
+    dets = {k: as_detections(v) for k, v in dets.items()}
+    gts = {k: _as_gt(v) for k, v in gts.items()}
+    unknown = [k for k in dets if k not in gts]
+    if unknown:
+        raise ValueError(f"dets: {len(unknown)} image(s) without ground truth, e.g. {unknown[0]!r}")
+    results: dict[int, dict[str, Any]] = {}
+    for c in range(num_classes):
+        # 1. ground truth of class c per image; difficult boxes are not counted in npos
+        gt_c = {k: (b[lab == c], d[lab == c]) for k, (b, lab, d) in gts.items()}
+        npos = int(sum((~d).sum() for _, d in gt_c.values()))
+        # 2. detections of class c with their IoU rows against their image's class-c ground truth
+        names, ious, scores = [], [], []
+        for k, det in dets.items():
+            m = det.labels == c
+            if m.any():
+                ious.extend(box_iou(det.boxes[m], gt_c[k][0]))
+                scores.append(det.scores[m])
+                names.extend([k] * int(m.sum()))
+        scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        # 3. rank by score, best first (stable)
+        order = np.argsort(-scores.astype(np.float64), kind="stable")
+        # 4. greedy matching in rank order
+        tp, fp = np.zeros(len(order)), np.zeros(len(order))
+        claimed = {k: np.zeros(len(b), bool) for k, (b, _) in gt_c.items()}
+        for r, i in enumerate(order):
+            iou, difficult = ious[i], gt_c[names[i]][1]
+            j = int(np.argmax(iou)) if iou.size else -1
+            if j < 0 or iou[j] < iou_thresh:
+                fp[r] = 1
+            elif difficult[j]:
+                pass  # ignored
+            elif not claimed[names[i]][j]:
+                tp[r], claimed[names[i]][j] = 1, True
+            else:
+                fp[r] = 1  # duplicate
+        # 5. cumulative precision / recall and AP
+        tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
+        recall = tp_cum / npos if npos else np.full(len(tp), math.nan)
+        precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+        ap07 = voc_ap(recall, precision, True) if npos else math.nan
+        ap = voc_ap(recall, precision, False) if npos else math.nan
+        results[c] = {"ap07": ap07, "ap": ap, "npos": npos, "num_dets": len(order),
+                      "recall": recall, "precision": precision, "tp": tp, "fp": fp,
+                      "scores": scores[order]}
+    return results
+
+
+# ---------------------------------------------------------------- COCO
+def _coco_gt_dict(gts: Mapping[str, Any], classes: Sequence[str],
+                  image_sizes: Mapping[str, tuple[int, int]] | None) -> tuple[dict, dict[str, int]]:
+    """In-memory COCO ground truth (image ids 1..N in ``gts`` order, category id = index + 1)
+    and the file_name -> image id map."""
+    ids = {k: i + 1 for i, k in enumerate(gts)}
+    images, anns = [], []
+    for k, g in gts.items():
+        h, w = (image_sizes or {}).get(k, (0, 0))
+        images.append({"id": ids[k], "file_name": k, "height": int(h), "width": int(w)})
+        b, lab, d = _as_gt(g)
+        for box, xywh, c, diff in zip(b, to_xywh(b), lab, d):
+            anns.append({"id": len(anns) + 1, "image_id": ids[k], "category_id": int(c) + 1,
+                         "bbox": [float(v) for v in xywh],
+                         "area": float(xywh[2] * xywh[3]), "iscrowd": int(diff)})
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
+    return {"images": images, "annotations": anns, "categories": cats}, ids
+
+
+def coco_eval(dets: Mapping[str, Any], gts: Mapping[str, Any], classes: Sequence[str],
+              image_sizes: Mapping[str, tuple[int, int]] | None = None) -> dict[str, float]:
+    """COCO box AP with faster-coco-eval, ground truth built in memory.
+
+    Args:
+        dets: image file_name -> detections; keys must be in ``gts``.
+        gts: image file_name -> ground truth; difficult objects become ``iscrowd = 1``.
+        classes: class names, index = label.
+        image_sizes: file_name -> (height, width), only copied into the images list.
+
+    Returns:
+        {"AP" (IoU .50:.95), "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
+        "ARs", "ARm", "ARl"} as floats; ``nan`` where COCO reports -1 (no ground truth), all
+        0 when there are no detections at all. COCO keeps the 100 best detections per image.
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    dets = {k: as_detections(v) for k, v in dets.items()}
+    unknown = [k for k in dets if k not in gts]
+    if unknown:
+        raise ValueError(f"dets: {len(unknown)} image(s) without ground truth, e.g. {unknown[0]!r}")
+    gt_dict, ids = _coco_gt_dict(gts, classes, image_sizes)
+    results = _coco_results(dets, ids)
+    if not results:  # nothing detected: AP and AR are 0 (older faster-coco-eval crash here)
+        return {k: 0.0 for k in COCO_KEYS}
+    coco_gt = COCO(gt_dict, print_function=log.debug)
+    coco_dt = coco_gt.loadRes(results)
+    ev = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=log.debug)
+    ev.run()
+    stats = np.asarray(ev.stats, np.float64)[: len(COCO_KEYS)]
+    return {k: (math.nan if v < 0 else float(v)) for k, v in zip(COCO_KEYS, stats)}
+
+
+def _f32(v: float) -> float:
+    """Shortest decimal that reads back as the same float32 (compact JSON/CSV, exact)."""
+    return float(np.format_float_positional(np.float32(v), unique=True, trim="0"))
+
+
+def _coco_results(dets: Mapping[str, Detections], ids: Mapping[str, int]) -> list[dict]:
+    """COCO results list (image_id, category_id = label + 1, bbox xywh, score)."""
+    out = []
+    for k, det in dets.items():
+        for xywh, s, c in zip(to_xywh(det.boxes), det.scores, det.labels):
+            out.append({"image_id": ids[k], "category_id": int(c) + 1,
+                        "bbox": [_f32(v) for v in xywh], "score": _f32(s)})
+    return out
+
+
+# ---------------------------------------------------------------- name matching
+def _norm_name(name: str) -> str:
+    return PurePosixPath(str(name).replace("\\", "/")).as_posix().removeprefix("./")
+
+
+def match_image_names(det_names: Iterable[str], gt_names: Iterable[str]) -> dict[str, str]:
+    """Map detection image names to ground-truth file names.
+
+    By relative path first (POSIX separators, leading ``./`` dropped); then by relative path
+    without extension (``sub/a`` or ``sub/a.png`` finds ``sub/a.jpg``); then by file stem. The
+    last two apply only when exactly one ground-truth image fits and no other detection image
+    took it (so ``JPEGImages/000005.jpg`` finds ``000005.jpg``).
+    Each ground-truth name is used once. Names that match nothing are left out.
+    """
+    gt_names = list(gt_names)
+    by_path = {_norm_name(g): g for g in gt_names}
+    by_rel_stem: dict[str, list[str]] = {}
+    by_stem: dict[str, list[str]] = {}
+    for g in gt_names:
+        p = PurePosixPath(_norm_name(g))
+        by_rel_stem.setdefault(p.with_suffix("").as_posix(), []).append(g)
+        by_stem.setdefault(p.stem, []).append(g)
+    out: dict[str, str] = {}
+    rest = []
+    for d in det_names:
+        g = by_path.get(_norm_name(d))
+        if g is None:
+            rest.append(d)
+        elif g not in out.values():  # "./a.jpg" and "a.jpg": the first one wins
+            out[d] = g
+    taken = set(out.values())
+    for key, table in ((lambda p: p.with_suffix("").as_posix(), by_rel_stem),
+                       (lambda p: p.stem, by_stem)):
+        left = []
+        for d in rest:
+            cand = table.get(key(PurePosixPath(_norm_name(d))), [])
+            if len(cand) == 1 and cand[0] not in taken:
+                out[d] = cand[0]
+                taken.add(cand[0])
+            else:
+                left.append(d)
+        rest = left
+    return out
+
+
+# ---------------------------------------------------------------- top level
+def _unpack_ground_truth(dataset_or_gts: Any, classes: Sequence[str] | None):
+    """(gts dict, image sizes dict, classes) from a Dataset or a dict of ground truths."""
+    if hasattr(dataset_or_gts, "records"):
+        recs = dataset_or_gts.records
+        gts = {r.file_name: r for r in recs}
+        sizes = {r.file_name: (r.height, r.width) for r in recs}
+        classes = list(classes if classes is not None else dataset_or_gts.classes)
+    elif isinstance(dataset_or_gts, Mapping):
+        gts = dict(dataset_or_gts)
+        sizes = {k: (g.height, g.width) for k, g in gts.items()
+                 if hasattr(g, "height") and hasattr(g, "width")}
+        if classes is None:
+            raise ValueError("classes is required when dataset_or_gts is a dict")
+        classes = list(classes)
+    else:
+        raise TypeError(f"dataset_or_gts must be a Dataset or a dict, got {type(dataset_or_gts)}")
+    return gts, sizes, classes
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
+                        classes: Sequence[str] | None = None, out_dir: str | Path | None = None,
+                        plot: bool = True, iou_thresh: float = VOC_IOU_THRESH
+                        ) -> tuple[dict[str, Any], list[Path]]:
+    """VOC and COCO metrics of ``dets`` against a dataset, optionally written to ``out_dir``.
+
+    Args:
+        dataset_or_gts: a ``datasets.Dataset`` or a dict file_name -> ground truth.
+        dets: image name -> detections; names are matched by :func:`match_image_names`.
+            Detections on images that match no ground truth are dropped (listed in
+            ``metrics["unmatched_images"]`` and logged).
+        classes: class names; default the dataset's (required with a dict).
+        out_dir: if given, ``metrics.json`` and, with ``plot``, one precision-recall PNG per
+            class (``pr_<index>_<name>.png``) are written there, each atomically.
+        iou_thresh: VOC matching IoU.
+
+    Returns:
+        (metrics, files written). metrics: {"num_images", "num_detections", "iou_thresh",
+        "classes", "per_class": {name: {"ap_voc07", "ap_voc", "npos", "num_dets"}},
+        "mAP_voc07", "mAP_voc", "coco": {see :func:`coco_eval`}, "unmatched_images",
+        "summary" (one line)}.
+    """
+    gts, sizes, classes = _unpack_ground_truth(dataset_or_gts, classes)
+    # 1. attach detections to ground-truth images
+    name_map = match_image_names(dets.keys(), gts.keys())
+    unmatched = [k for k in dets if k not in name_map]
+    if unmatched:
+        log.warning("%d detection image(s) match no ground truth and are ignored, e.g. %s",
+                    len(unmatched), unmatched[0])
+    matched = {name_map[k]: as_detections(v) for k, v in dets.items() if k in name_map}
+    bad = [int(c) for d in matched.values() for c in d.labels if not 0 <= c < len(classes)]
+    if bad:
+        raise ValueError(f"dets: label {bad[0]} out of range for {len(classes)} classes")
+    # 2. VOC per class, then COCO over all classes
+    voc = voc_eval(matched, gts, len(classes), iou_thresh)
+    coco = coco_eval(matched, gts, classes, sizes)
+    per_class = {n: {"ap_voc07": voc[c]["ap07"], "ap_voc": voc[c]["ap"], "npos": voc[c]["npos"],
+                     "num_dets": voc[c]["num_dets"]} for c, n in enumerate(classes)}
+    metrics = {
+        "num_images": len(gts),
+        "num_detections": int(sum(len(d) for d in matched.values())),
+        "iou_thresh": iou_thresh,
+        "classes": list(classes),
+        "per_class": per_class,
+        "mAP_voc07": _nanmean(voc[c]["ap07"] for c in voc),
+        "mAP_voc": _nanmean(voc[c]["ap"] for c in voc),
+        "coco": coco,
+        "unmatched_images": unmatched,
+    }
+    metrics["summary"] = (f"mAP VOC07 {metrics['mAP_voc07']:.4f}, VOC {metrics['mAP_voc']:.4f}, "
+                          f"COCO AP {coco['AP']:.4f} AP50 {coco['AP50']:.4f} "
+                          f"({len(gts)} images, {metrics['num_detections']} detections)")
+    # 3. files
+    written: list[Path] = []
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "metrics.json"
+        atomic_write_bytes(path, json.dumps(_nan_to_none(metrics), indent=2).encode())
+        written.append(path)
+        if plot:
+            for c, name in enumerate(classes):
+                written.append(plot_pr_curve(out / f"pr_{c:02d}_{_safe(name)}.png", name, voc[c]))
+    return metrics, written
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "class"
+
+
+def plot_pr_curve(path: str | Path, name: str, result: Mapping[str, Any]) -> Path:
+    """Write the precision-recall curve of one class (a :func:`voc_eval` entry) as a PNG."""
+    from matplotlib.figure import Figure  # Figure + Agg: no pyplot global state, no display
+
+    fig = Figure(figsize=(5, 4), dpi=100)
+    ax = fig.add_subplot()
+    rec, prec = result["recall"], result["precision"]
+    if result["npos"] and len(rec):
+        ax.plot(rec, prec, lw=1, alpha=0.6, label="precision")
+        # the all-point AP is the area under this envelope (see voc_ap)
+        mrec = np.concatenate([[0.0], rec, [1.0]])
+        mpre = np.maximum.accumulate(np.concatenate([[0.0], prec, [0.0]])[::-1])[::-1]
+        ax.step(mrec, mpre, where="pre", lw=1.5, label="interpolated")
+        ax.legend(loc="lower left")
+    elif not result["npos"]:
+        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center")
+    ap, ap07 = result["ap"], result["ap07"]
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+           title=f"{name}: AP {ap:.3f} (VOC07 {ap07:.3f}), {result['npos']} objects")
+    ax.grid(True, alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------- writers
+def write_detections_csv(path: str | Path, dets: Mapping[str, Any], classes: Sequence[str]) -> Path:
+    """Write ``detections.csv`` (header ``image,class,score,x1,y1,x2,y2``; class by name)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    for k, det in dets.items():
+        det = as_detections(det)
+        for b, s, c in zip(det.boxes, det.scores, det.labels):
+            w.writerow([k, classes[c], *(np.format_float_positional(v, unique=True, trim="0")
+                                         for v in (s, *b))])
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
+
+
+def _image_list(image_sizes: Mapping[str, tuple[int, int]]) -> list[dict]:
+    return [{"id": i + 1, "file_name": k, "height": int(hw[0]), "width": int(hw[1])}
+            for i, (k, hw) in enumerate(image_sizes.items())]
+
+
+def write_coco_results(out_dir: str | Path, dets: Mapping[str, Any],
+                       image_sizes: Mapping[str, tuple[int, int]],
+                       classes: Sequence[str]) -> list[Path]:
+    """Write ``detections.json``, ``images.json`` and ``categories.json`` into ``out_dir``.
+
+    ``image_sizes`` (file_name -> (height, width)) lists every image, in order; ids are
+    1..N and every image appears in ``images.json`` even without detections. Category id =
+    class index + 1. Returns the three paths.
+    """
+    unknown = [k for k in dets if k not in image_sizes]
+    if unknown:
+        raise ValueError(f"dets: image {unknown[0]!r} is not in image_sizes")
+    images = _image_list(image_sizes)
+    ids = {im["file_name"]: im["id"] for im in images}
+    results = _coco_results({k: as_detections(v) for k, v in dets.items()}, ids)
+    cats = [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(classes)]
+    out = Path(out_dir)
+    paths = [out / "detections.json", out / "images.json", out / "categories.json"]
+    for p, obj in zip(paths, (results, images, cats)):
+        atomic_write_bytes(p, json.dumps(obj).encode())
+    return paths
+
+
+def write_voc_results(out_dir: str | Path, dets: Mapping[str, Any], classes: Sequence[str],
+                      prefix: str = VOC_DET_PREFIX) -> list[Path]:
+    """Write VOCdevkit result files ``<prefix><class>.txt``, one per class (empty if none).
+
+    Lines are ``image_id score xmin ymin xmax ymax``: image_id is the file stem, the box in VOC
+    1-based inclusive pixels via :func:`rcnn_cli.boxes.to_voc` (rounded to integers).
+    """
+    lines: dict[int, list[str]] = {c: [] for c in range(len(classes))}
+    for k, det in dets.items():
+        det = as_detections(det)
+        stem = PurePosixPath(_norm_name(k)).stem
+        for b, s, c in zip(to_voc(det.boxes), det.scores, det.labels):
+            lines[int(c)].append(f"{stem} {float(s):.6f} {b[0]} {b[1]} {b[2]} {b[3]}\n")
+    paths = []
+    for c, name in enumerate(classes):
+        p = Path(out_dir) / f"{prefix}{name}.txt"
+        atomic_write_bytes(p, "".join(lines[c]).encode())
+        paths.append(p)
+    return paths
+
+
+def write_yolo_results(out_dir: str | Path, dets: Mapping[str, Any],
+                       image_sizes: Mapping[str, tuple[int, int]]) -> list[Path]:
+    """Write one YOLO txt per image of ``image_sizes``: ``<out_dir>/<image path>.txt``.
+
+    Lines are ``class cx cy w h score`` with cx, cy, w, h normalised by the image size
+    (:func:`rcnn_cli.boxes.to_yolo`); an image without detections gets an empty file.
+    """
+    unknown = [k for k in dets if k not in image_sizes]
+    if unknown:
+        raise ValueError(f"dets: image {unknown[0]!r} is not in image_sizes")
+    paths = []
+    for k, hw in image_sizes.items():
+        det = as_detections(dets[k]) if k in dets else Detections.empty()
+        rows = [f"{int(c)} {v[0]:.6f} {v[1]:.6f} {v[2]:.6f} {v[3]:.6f} {float(s):.6f}\n"
+                for v, s, c in zip(to_yolo(det.boxes, tuple(hw)), det.scores, det.labels)]
+        p = Path(out_dir) / PurePosixPath(_norm_name(k)).with_suffix(".txt")
+        atomic_write_bytes(p, "".join(rows).encode())
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------- readers
+def _index_of(names: Sequence[str]) -> dict[str, int]:
+    return {n: i for i, n in enumerate(names)}
+
+
+def read_detections_csv(path: str | Path, classes: Sequence[str] | None = None
+                        ) -> tuple[dict[str, Detections], list[str]]:
+    """Read ``detections.csv``. Without ``classes``, classes are the names in order of first
+    appearance. Returns (dets by image, classes)."""
+    path = Path(path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != CSV_HEADER:
+            raise ValueError(f"{path}: header must be {','.join(CSV_HEADER)}, got {reader.fieldnames}")
+        rows = list(reader)
+    names = list(classes) if classes is not None else list(dict.fromkeys(r["class"] for r in rows))
+    index = _index_of(names)
+    per_image: dict[str, list] = {}
+    for n, r in enumerate(rows, start=2):
+        if r["class"] not in index:
+            raise ValueError(f"{path}:{n}: unknown class {r['class']!r}")
+        per_image.setdefault(r["image"], []).append(
+            ([float(r[k]) for k in ("x1", "y1", "x2", "y2")], float(r["score"]), index[r["class"]]))
+    dets = {k: Detections(np.array([v[0] for v in rows_], np.float32).reshape(-1, 4),
+                          [v[1] for v in rows_], [v[2] for v in rows_])
+            for k, rows_ in per_image.items()}
+    return dets, names
+
+
+def read_coco_results(out_dir: str | Path, classes: Sequence[str] | None = None
+                      ) -> tuple[dict[str, Detections], list[str]]:
+    """Read ``detections.json`` + ``images.json`` (+ ``categories.json``, or ``categories``
+    inside an images.json that is a dict). Every listed image appears, possibly empty.
+    Categories are mapped to ``classes`` by name; without ``classes``, classes are the
+    category names by id. Returns (dets by file_name, classes)."""
+    out = Path(out_dir)
+    images = json.loads((out / "images.json").read_text())
+    cats = None
+    if isinstance(images, dict):
+        cats, images = images.get("categories"), images["images"]
+    if cats is None and (out / "categories.json").exists():
+        cats = json.loads((out / "categories.json").read_text())
+    if cats is None:
+        raise ValueError(f"{out}: no categories.json and no categories in images.json")
+    cats = sorted(cats, key=lambda c: c["id"])
+    names = list(classes) if classes is not None else [c["name"] for c in cats]
+    index = _index_of(names)
+    missing = [c["name"] for c in cats if c["name"] not in index]
+    if missing:
+        raise ValueError(f"{out}: category {missing[0]!r} is not one of the classes")
+    cat_to_label = {c["id"]: index[c["name"]] for c in cats}
+    id_to_name = {im["id"]: im["file_name"] for im in images}
+    per_image: dict[str, list] = {im["file_name"]: [] for im in images}
+    for r in json.loads((out / "detections.json").read_text()):
+        if r["image_id"] not in id_to_name or r["category_id"] not in cat_to_label:
+            raise ValueError(f"{out}/detections.json: unknown image_id {r['image_id']} or "
+                             f"category_id {r['category_id']}")
+        per_image[id_to_name[r["image_id"]]].append((r["bbox"], r["score"],
+                                                     cat_to_label[r["category_id"]]))
+    dets = {k: Detections(from_xywh(np.array([v[0] for v in rs], np.float32).reshape(-1, 4)),
+                          [v[1] for v in rs], [v[2] for v in rs])
+            for k, rs in per_image.items()}
+    return dets, names
+
+
+def read_detections(out_dir: str | Path, classes: Sequence[str] | None = None
+                    ) -> tuple[dict[str, Detections], list[str]]:
+    """Read the detect stage's outputs from ``out_dir`` (or a ``.csv``/``detections.json`` path).
+
+    COCO files (``detections.json`` + ``images.json``) are preferred when present, since
+    they also list images without detections; otherwise ``detections.csv``. Class names are
+    mapped to indices of ``classes`` (default: the names found in the files).
+    Returns (dets by image name, classes).
+    """
+    p = Path(out_dir)
+    if p.is_file():
+        if p.suffix.lower() == ".csv":
+            return read_detections_csv(p, classes)
+        return read_coco_results(p.parent, classes)
+    if (p / "detections.json").exists() and (p / "images.json").exists():
+        return read_coco_results(p, classes)
+    if (p / "detections.csv").exists():
+        return read_detections_csv(p / "detections.csv", classes)
+    raise FileNotFoundError(f"{p}: no detections.json + images.json or detections.csv")
+
+
+# ---------------------------------------------------------------- proposals
+#: IoU thresholds of average recall (Hosang et al., "What makes for effective detection
+#: proposals?", TPAMI 2016: AR = mean recall over IoU 0.5:0.05:0.95).
+AR_IOUS = tuple(np.round(np.arange(0.5, 0.951, 0.05), 2))
+
+
+def evaluate_proposals(dataset_or_gts: Any, proposals: Mapping[str, ArrayLike],
+                       classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Recall and ABO of proposal boxes against ground truth (difficult objects left out).
+
+    Args:
+        dataset_or_gts: a ``datasets.Dataset`` or a dict file_name -> ground truth.
+        proposals: image name -> boxes (N, 4); names matched by :func:`match_image_names`.
+            Ground-truth images without proposals count with best IoU 0.
+
+    Returns:
+        {"num_images", "num_objects", "mean_proposals" per image with proposals,
+        "missing_images" (no proposals), "recall@0.5", "recall@0.7", "average_recall"
+        (:data:`AR_IOUS`), "ABO" per class (mean best IoU of its objects, selective search
+        paper), "MABO" (mean of the defined class ABOs), "summary"}.
+    """
+    gts, _, classes = _unpack_ground_truth(dataset_or_gts, classes)
+    name_map = match_image_names(proposals.keys(), gts.keys())
+    props = {name_map[k]: as_boxes(v) for k, v in proposals.items() if k in name_map}
+    best, lab = [], []
+    for k, g in gts.items():
+        b, labels, d = _as_gt(g)
+        iou = box_iou(b[~d], props.get(k, np.zeros((0, 4), np.float32)))
+        best.append(iou.max(1) if iou.shape[1] else np.zeros(len(iou)))
+        lab.append(labels[~d])
+    best = np.concatenate(best) if best else np.zeros(0)
+    lab = np.concatenate(lab) if lab else np.zeros(0, np.int64)
+    n = max(len(best), 1)
+    abo = {name: (float(best[lab == c].mean()) if (lab == c).any() else math.nan)
+           for c, name in enumerate(classes)}
+    m = {"num_images": len(gts), "num_objects": len(best),
+         "mean_proposals": float(np.mean([len(v) for v in props.values()])) if props else 0.0,
+         "missing_images": sorted(set(gts) - set(props)),
+         "recall@0.5": float((best >= 0.5).sum() / n), "recall@0.7": float((best >= 0.7).sum() / n),
+         "average_recall": float(np.mean([(best >= t).sum() / n for t in AR_IOUS])),
+         "ABO": abo, "MABO": _nanmean(abo.values())}
+    m["summary"] = (f"recall@0.5 {m['recall@0.5']:.4f}, recall@0.7 {m['recall@0.7']:.4f}, "
+                    f"AR {m['average_recall']:.4f}, MABO {m['MABO']:.4f} ({m['num_objects']} "
+                    f"objects, {m['mean_proposals']:.0f} proposals per image)")
+    return m
+
+
+# ---------------------------------------------------------------- folders (the CLI's entry)
+def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
+                    proposals_dir: str | Path | None, split: str | Path | None,
+                    out: str | Path | None, cfg: Mapping[str, Any]
+                    ) -> tuple[dict[str, Any], Path]:
+    """Score the outputs of ``rcnn detect`` (or ``rcnn propose``) against annotations.
+
+    Args:
+        annotations: anything ``datasets.load_dataset`` reads.
+        detections_dir: a detect output folder (see :func:`read_detections`); or
+        proposals_dir: a propose output folder (per-image npz with ``boxes``).
+        split: optional split file (or VOC split name) restricting the ground truth.
+        out: where ``metrics.json`` (and the PR plots) go; default the evaluated folder.
+        cfg: resolved config; uses ``cfg["evaluate"]["iou"]``.
+
+    Returns:
+        (metrics, path of metrics.json).
+    """
+    from rcnn_cli.datasets import load_dataset
+
+    if (detections_dir is None) == (proposals_dir is None):
+        raise ValueError("give exactly one of detections_dir and proposals_dir")
+    ds = load_dataset(annotations, split)
+    out = Path(out if out is not None else (detections_dir or proposals_dir))
+    if detections_dir is not None:
+        dets, _ = read_detections(detections_dir, ds.classes)
+        iou = float(cfg.get("evaluate", {}).get("iou", VOC_IOU_THRESH))
+        metrics, _ = evaluate_detections(ds, dets, out_dir=out, iou_thresh=iou)
+        return metrics, out / "metrics.json"
+    metrics = evaluate_proposals(ds, read_proposals(proposals_dir))
+    path = out / "metrics.json"
+    atomic_write_bytes(path, json.dumps(_nan_to_none(metrics), indent=2).encode())
+    return metrics, path
+
+
+def read_proposals(proposals_dir: str | Path) -> dict[str, NDArray[np.float32]]:
+    """Boxes of every finished image of a propose output folder, keyed by relative path
+    without extension (matched to file names by :func:`match_image_names`)."""
+    store = open_upstream(proposals_dir, "propose")
+    return {stem: as_boxes(store.load(stem)["boxes"]) for stem in store.done_stems()}
