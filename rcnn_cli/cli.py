@@ -48,6 +48,22 @@ def common_options(f):
     return wrapper
 
 
+def cluster_options(f):
+    """--executor, --address, --shard: where the per-image work of a stage runs."""
+    @click.option("--executor", type=click.Choice(["local", "dask", "ray"]), default=None,
+                  help="local (default: --workers processes), dask or ray.")
+    @click.option("--address", default=None,
+                  help="Cluster address (dask: tcp://host:8786; ray: auto or "
+                       "ray://host:10001); without it a local cluster is started.")
+    @click.option("--shard", default=None, metavar="I/N",
+                  help="Process only slice I of N of the images (0-based), e.g. 0/4.")
+    @functools.wraps(f)
+    def wrapper(*args, executor, address, shard, common, **kw):
+        common = dict(common, executor=executor, address=address, shard=shard)
+        return f(*args, common=common, **kw)
+    return wrapper
+
+
 def load_config(config_file, **sections):
     """Resolve settings or exit 2 with the config error (the key is named)."""
     try:
@@ -104,6 +120,7 @@ def main():  # console-script entry point
 @click.option("--top-k", type=click.IntRange(min=1), help="Keep at most this many boxes.")
 @click.option("--seed", type=int, help="Ranking seed (default 0).")
 @common_options
+@cluster_options
 def propose(images, out, split, method, strategy, max_side, min_size, top_k, seed,
             config_file, common, overwrite):
     """Compute candidate boxes for every image in IMAGES (folders, files or list files).
@@ -142,6 +159,7 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
               help="warp = R-CNN crops; shared = one conv pass + RoIAlign; auto picks.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), help="Stored precision.")
 @common_options
+@cluster_options
 def extract(images, proposals_dir, out, annotations, split, backbone, tap, weights, mode, dtype,
             config_file, common, overwrite):
     """Compute a CNN feature vector for every proposal (and ground-truth box) of each image.
@@ -171,44 +189,152 @@ def finetune(config_file, common, overwrite):
 
 # ------------------------------------------------------------------ train-svm
 @cli.command("train-svm")
+@click.option("--features", "features_dir", required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Output folder of `rcnn extract` run with --annotations.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Model bundle folder (model.json + model.npz).")
+@click.option("--classes", help="Comma-separated class names to train (default: all).")
+@click.option("--solver", type=click.Choice(["liblinear", "torch"]),
+              help="SVM solver: liblinear (reference) or torch (same objective).")
+@click.option("--no-bbox-regression", is_flag=True, default=None,
+              help="Do not train the box regressors.")
 @common_options
-def train_svm(config_file, common, overwrite):
+def train_svm(features_dir, out, classes, solver, no_bbox_regression, config_file, common,
+              overwrite):
     """Train one linear SVM per class (hard-negative mining) and the box regressors.
+
+    Prints the bundle folder; per-class statistics go to the log.
 
     Example: rcnn train-svm --features runs/feats -o runs/model
     """
-    _not_implemented("train-svm")
+    from rcnn_cli.train import train_model
+
+    cfg = load_config(config_file, common=common, train_svm=dict(
+        solver=solver, bbox_regression=False if no_bbox_regression else None))
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    try:
+        model = train_model(features_dir, out, cfg, classes=names, overwrite=overwrite)
+    except FileExistsError as e:
+        raise click.UsageError(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    cfgmod.write_resolved(out, cfg, ["train_svm", "detect"])
+    click.echo(str(Path(out)))
+    trained = [c for c, t in zip(model.classes, model.svm_trained) if t]
+    click.echo(f"trained {len(trained)}/{len(model.classes)} classes: {', '.join(trained)}",
+               err=True)
 
 
 # ------------------------------------------------------------------ detect
 @cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True,
+              file_okay=False), help="Model bundle folder from `rcnn train-svm`.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder for detections.csv, detections.json, images.json, vis/.")
+@click.option("--split", type=click.Path(exists=True, dir_okay=False),
+              help="File of image stems: only these images are processed.")
+@click.option("--save-vis", is_flag=True, help="Draw the detections into OUT/vis/.")
+@click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo "
+                                "(default csv,coco).")
+@click.option("--nms-iou", type=click.FloatRange(0, 1), help="Per-class NMS IoU (0.3).")
+@click.option("--score-thresh", type=float, help="Keep detections scoring above this.")
+@click.option("--max-per-image", type=click.IntRange(min=1), help="Detections per image cap.")
+@click.option("--no-bbox-regression", is_flag=True, default=None,
+              help="Do not refine boxes with the model's regressors.")
 @common_options
-def detect(config_file, common, overwrite):
-    """Detect objects in every image of IMAGES with a trained model.
+@cluster_options
+def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thresh,
+           max_per_image, no_bbox_regression, config_file, common, overwrite):
+    """Detect objects in every image of IMAGES (folders, files or list files) with a model.
 
-    Example: rcnn detect data/test_images --model runs/model -o runs/det --save-vis
+    Writes OUT/detections.csv (image,class,score,x1,y1,x2,y2 in original pixels),
+    OUT/detections.json (COCO results) with images.json and categories.json, and with
+    --save-vis one picture per image in OUT/vis/.
+
+    Example: rcnn detect data/images --split data/test.txt --model runs/model -o runs/det --save-vis
     """
-    _not_implemented("detect")
+    from rcnn_cli.detect import detect_folder
+    from rcnn_cli.model import ModelError
+
+    fmts = [f.strip() for f in formats.split(",")] if formats else None
+    cfg = load_config(config_file, common=common, detect=dict(
+        nms_iou=nms_iou, score_thresh=score_thresh, max_per_image=max_per_image,
+        bbox_regression=False if no_bbox_regression else None, formats=fmts))
+    try:
+        report = detect_folder(list(images), model_dir, out, cfg, split=split,
+                               save_vis=save_vis, overwrite=overwrite)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--formats") from None
+    for name in ("detections.csv", "detections.json"):
+        if (Path(out) / name).exists():
+            click.echo(str(Path(out) / name))
+    finish(report)
 
 
 # ------------------------------------------------------------------ evaluate
 @cli.command()
+@click.option("--annotations", required=True, type=click.Path(exists=True),
+              help="Ground truth: a VOC folder, a COCO .json or a .csv.")
+@click.option("--detections", "detections_dir", type=click.Path(exists=True, file_okay=False),
+              help="Output folder of `rcnn detect`.")
+@click.option("--proposals", "proposals_dir", type=click.Path(exists=True, file_okay=False),
+              help="Output folder of `rcnn propose` (scores recall and ABO instead).")
+@click.option("--split", type=click.Path(exists=True, dir_okay=False),
+              help="File of image stems to evaluate on.")
+@click.option("-o", "--out", type=click.Path(file_okay=False),
+              help="Where metrics.json and the plots go (default: the evaluated folder).")
 @common_options
-def evaluate(config_file, common, overwrite):
-    """Score detections (VOC07/VOC2010 AP, COCO AP) or proposals (recall, ABO) against
-    ground truth.
+def evaluate(annotations, detections_dir, proposals_dir, split, out, config_file, common,
+             overwrite):
+    """Score detections (VOC07 11-point AP, VOC2010+ AP, COCO AP) or proposals (recall at
+    IoU 0.5/0.7, average recall, ABO/MABO) against ground truth.
+
+    Prints metrics.json's path and a one-line summary.
 
     Example: rcnn evaluate --annotations data --detections runs/det --split data/test.txt
     """
-    _not_implemented("evaluate")
+    from rcnn_cli.evaluate import evaluate_folder
+
+    if (detections_dir is None) == (proposals_dir is None):
+        raise click.UsageError("give exactly one of --detections or --proposals")
+    cfg = load_config(config_file, common=common)
+    metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split, out,
+                                    cfg)
+    click.echo(str(path))
+    click.echo(metrics["summary"], err=True)
 
 
 # ------------------------------------------------------------------ demo
 @cli.command()
+@click.option("-o", "--out", default="runs/demo", show_default=True,
+              type=click.Path(file_okay=False), help="Output folder for every stage.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False),
+              help="Run on this VOC folder instead (its train.txt/test.txt, else a seeded "
+                   "80/20 split).")
+@click.option("--no-vis", is_flag=True, help="Do not draw pictures of the detections.")
 @common_options
-def demo(config_file, common, overwrite):
-    """Run the whole chain on a small dataset built from photos bundled with scikit-image.
+def demo(out, data, no_vis, config_file, common, overwrite):
+    """Run the whole chain (propose, extract, train-svm, detect, evaluate) on a small dataset
+    built from photos bundled with scikit-image, or on your own VOC folder with --data.
+
+    Prints the mAP and the paths of the pictures it drew.
 
     Example: rcnn demo -o runs/demo
     """
-    _not_implemented("demo")
+    from rcnn_cli.demo import run_demo
+
+    cfg = load_config(config_file, common=common)
+    try:
+        res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"mAP (VOC07 11-point) {res['mAP_voc07']:.3f}  mAP (all-point) "
+               f"{res['mAP_voc']:.3f}  COCO AP {res['coco_AP']:.3f}")
+    click.echo(f"metrics: {res['metrics']}")
+    for p in res["pictures"][:8]:
+        click.echo(p)
+    click.echo(f"seconds per stage: {json.dumps(res['seconds'])}", err=True)

@@ -111,22 +111,46 @@ def map_images(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem
             yield f.result()
 
 
+def shard_items(items: Sequence[ImageItem], shard: str | None) -> list[ImageItem]:
+    """The ``i``-th of ``n`` interleaved slices of ``items`` for ``shard = "i/n"`` (0-based)."""
+    if not shard:
+        return list(items)
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like 'i/n' (e.g. 0/4), got {shard!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard must satisfy 0 <= i < n, got {shard!r}")
+    return list(items)[i::n]
+
+
 def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem],
               is_done: Callable[[ImageItem], bool] | None = None, workers: int = 1,
-              desc: str = "images") -> Report:
+              desc: str = "images", executor: str = "local", address: str | None = None,
+              shard: str | None = None) -> Report:
     """Run a per-image stage over ``items``, skipping those ``is_done`` says are finished.
 
     ``fn`` may return a dict with a ``"times"`` entry ({stage: seconds}) for the report.
+    ``executor`` picks where ``fn`` runs ("local": this process or a pool of ``workers``;
+    "dask"/"ray": a cluster at ``address``, see :mod:`rcnn_cli.executors`); ``shard`` keeps
+    one slice of the images.
     """
     report = Report()
     t0 = time.perf_counter()
     todo = []
-    for it in items:
+    for it in shard_items(items, shard):
         if is_done is not None and is_done(it):
             report.skipped += 1
         else:
             todo.append(it)
-    for it, result, err in map_images(fn, todo, workers, desc):
+    if executor == "local":
+        results = map_images(fn, todo, workers, desc)
+    else:
+        from rcnn_cli.executors import map_images_on
+
+        results = map_images_on(executor, fn, todo, workers=workers, address=address or None,
+                                desc=desc)
+    for it, result, err in results:
         if err is not None:
             report.fail(str(it.path), err)
         else:

@@ -8,6 +8,8 @@ picklable arguments, so a process pool or a cluster executor can run them unchan
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +26,15 @@ log = logging.getLogger("rcnn_cli.stages")
 
 PROPOSE_FORMAT = 1
 EXTRACT_FORMAT = 1
+
+
+def execution(cfg: Mapping[str, Any], device_type: str = "cpu") -> dict[str, Any]:
+    """run_stage's executor arguments from the [common] section (one local process drives
+    a GPU: its workers would compete for it)."""
+    c = cfg["common"]
+    workers = c["workers"] if device_type == "cpu" or c["executor"] != "local" else 1
+    return {"workers": workers, "executor": c["executor"], "address": c["address"] or None,
+            "shard": c["shard"] or None}
 
 
 # ------------------------------------------------------------------ propose
@@ -71,10 +82,97 @@ def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, 
     items = list_images(inputs, split=split)
     fn = functools.partial(propose_one, store=store)
     return run_stage(fn, items, is_done=lambda it: store.is_done(it.stem_rel),
-                     workers=cfg["common"]["workers"], desc="propose")
+                     desc="propose", **execution(cfg))
 
 
 # ------------------------------------------------------------------ extract
-def extract_folder(inputs, proposals_dir, out, cfg, annotations=None, split=None,
-                   overwrite=False) -> Report:  # filled in by the extract issue
-    raise NotImplementedError
+_EXTRACTORS: dict[str, Any] = {}
+
+
+def extractor_kwargs(e: Mapping[str, Any], device: str) -> dict[str, Any]:
+    """FeatureExtractor arguments from the [extract] section and the device."""
+    w = e["weights"] or None
+    if w and w != "random":
+        w = str(Path(w).resolve())  # the key and the model bundle must not depend on the cwd
+    return {"backbone": e["backbone"], "tap": e["tap"] or None, "weights": w, "mode": e["mode"], "device": device,
+            "padding": e["padding"], "batch_size": e["batch_size"]}
+
+
+def get_extractor(kwargs: Mapping[str, Any]):
+    """One FeatureExtractor per process and settings (workers load the backbone once)."""
+    from rcnn_cli.features import FeatureExtractor
+
+    key = json.dumps(kwargs, sort_keys=True, default=str)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()
+        _EXTRACTORS[key] = FeatureExtractor(**kwargs)
+    return _EXTRACTORS[key]
+
+
+def dataset_fingerprint(records) -> str:
+    """Hash of ground truth (file names, boxes, labels, difficult) for cache keys."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.file_name.encode())
+        for a in (r.boxes, r.labels, r.difficult):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def extract_one(item: ImageItem, store: StageStore, upstream: StageStore,
+                kwargs: Mapping[str, Any], gt: Mapping[str, Any] | None,
+                max_proposals: int, dtype: str) -> dict:
+    """Per-image work of `rcnn extract`: decode, read proposals, add ground truth, features."""
+    t0 = time.perf_counter()
+    img = read_image(item.path)
+    props = upstream.load(item.stem_rel)["boxes"][:max_proposals]
+    rec = gt.get(item.rel) if gt is not None else None
+    if rec is not None:
+        gtb, gtl, gtd = rec.boxes, rec.labels, rec.difficult
+    else:
+        gtb, gtl, gtd = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
+    boxes = np.concatenate([gtb, props]).astype(np.float32)
+    gt_label = np.concatenate([gtl.astype(np.int32), np.full(len(props), -1, np.int32)])
+    t1 = time.perf_counter()
+    feats = get_extractor(kwargs).extract(img, boxes)
+    t2 = time.perf_counter()
+    store.save(item.stem_rel, {"boxes": boxes, "features": feats.astype(dtype),
+                               "gt_label": gt_label, "gt_boxes": gtb.astype(np.float32),
+                               "gt_labels": gtl.astype(np.int64), "gt_difficult": gtd,
+                               "image_size": np.array(img.shape[:2], np.int64)})
+    return {"times": {"decode": t1 - t0, "features": t2 - t1}}
+
+
+def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str | Path,
+                   cfg: Mapping[str, Any], annotations: str | Path | None = None,
+                   split: str | Path | None = None, overwrite: bool = False) -> Report:
+    """Features of every proposal (and ground-truth box, with ``annotations``) per image."""
+    from rcnn_cli.datasets import load_dataset
+
+    e = cfg["extract"]
+    upstream = open_upstream(proposals_dir, "propose")
+    kwargs = extractor_kwargs(e, cfg["common"]["device"])
+    ext = get_extractor(kwargs)
+    kwargs["mode"] = ext.mode  # "auto" resolved: the key names what was computed
+    settings = {"features": ext.settings(), "dtype": e["dtype"],
+                "max_proposals": e["max_proposals"], "proposals": dict(upstream.settings),
+                "extractor": {k: v for k, v in kwargs.items()
+                              if k not in ("device", "batch_size")}}
+    gt = None
+    if annotations is not None:
+        ds = load_dataset(annotations, split=split)
+        gt = {r.file_name: r for r in ds.records}
+        settings.update(classes=ds.classes, annotations=dataset_fingerprint(ds.records))
+    store = StageStore(out, "extract", settings, upstream_key=upstream.key,
+                       format_version=EXTRACT_FORMAT, overwrite=overwrite)
+    cfgmod.write_resolved(out, cfg, ["common", "extract"])
+    items = list_images(inputs, split=split)
+    missing = [it for it in items if not upstream.is_done(it.stem_rel)]
+    fn = functools.partial(extract_one, store=store, upstream=upstream, kwargs=kwargs, gt=gt,
+                           max_proposals=e["max_proposals"], dtype=e["dtype"])
+    report = run_stage(fn, [it for it in items if it not in missing],
+                       is_done=lambda it: store.is_done(it.stem_rel),
+                       desc="extract", **execution(cfg, ext.device.type))
+    for it in missing:
+        report.fail(str(it.path), f"no proposals in {proposals_dir} (run `rcnn propose` first)")
+    return report
