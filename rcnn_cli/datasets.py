@@ -161,15 +161,19 @@ def read_voc(root: str | Path, split: str | Path | None = None,
     root = Path(root)
     ann_dir, img_dir = _voc_dirs(root)
     xmls = sorted(ann_dir.glob("*.xml"))
-    if split is not None:
-        wanted = set(read_split(split))
-        xmls = [x for x in xmls if x.stem in wanted]
-    parsed = []
+    wanted = set(read_split(split)) if split is not None else None
+    parsed, names = [], set()
     for x in xmls:
         try:
             fname, size, objs = _parse_voc_xml(x)
         except AnnotationError as e:
-            log.warning("%s; skipped", e)
+            if wanted is None or x.stem in wanted:
+                log.warning("%s; skipped", e)
+            continue
+        # the class list comes from the whole folder, so that every split of a dataset
+        # numbers its classes the same way
+        names.update(n for n, _, _ in objs)
+        if wanted is not None and x.stem not in wanted:
             continue
         img = _find_image(img_dir, fname, x.stem)
         if img is None:
@@ -179,7 +183,7 @@ def read_voc(root: str | Path, split: str | Path | None = None,
             size = image_size(img)
         parsed.append((img.relative_to(img_dir).as_posix(), size, objs, x))
     if classes is None:
-        classes = sorted({n for _, _, objs, _ in parsed for n, _, _ in objs})
+        classes = sorted(names)
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for rel, size, objs, x in parsed:

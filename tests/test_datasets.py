@@ -122,3 +122,11 @@ def test_raccoon_loads(raccoon):
     assert sum(len(r.boxes) for r in d.records) == 217
     tr = ds.load_dataset(raccoon, split=raccoon / "train.txt")
     assert len(tr.records) == 160
+
+
+def test_split_keeps_the_whole_folders_class_list(tmp_path):
+    root, _ = _voc_folder(tmp_path)
+    (root / "only_b.txt").write_text("b\n")
+    d = ds.load_dataset(root, split=root / "only_b.txt")
+    assert [r.file_name for r in d.records] == ["b.jpg"]
+    assert d.classes == ["cat", "dog"]

@@ -1,0 +1,92 @@
+"""`rcnn demo`: the whole chain on a dataset, by default one it builds itself.
+
+propose -> extract -> train-svm -> detect -> evaluate, each through the same library
+function its subcommand calls, in one output folder::
+
+    OUT/data/        the dataset (built by rcnn_cli.demo_data unless --data is given)
+    OUT/proposals/   OUT/features/   OUT/model/   OUT/detections/ (with vis/)   metrics.json
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from rcnn_cli.datasets import find_split_file, load_dataset
+
+log = logging.getLogger("rcnn_cli.demo")
+
+
+def _split_files(data: Path, out: Path, seed: int) -> tuple[Path, Path]:
+    """train/test split files of a VOC folder: its own when present, else a seeded 80/20."""
+    tr, te = find_split_file(data, "train"), find_split_file(data, "test")
+    if tr is not None and te is not None:
+        return tr, te
+    import numpy as np
+
+    stems = [r.stem for r in load_dataset(data).records]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(stems))
+    n_test = max(1, len(stems) // 5)
+    test = sorted(stems[i] for i in order[:n_test])
+    train = sorted(stems[i] for i in order[n_test:])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.txt").write_text("\n".join(train) + "\n")
+    (out / "test.txt").write_text("\n".join(test) + "\n")
+    return out / "train.txt", out / "test.txt"
+
+
+def run_demo(out: str | Path, cfg: Mapping[str, Any], data: str | Path | None = None,
+             overwrite: bool = False, save_vis: bool = True) -> dict[str, Any]:
+    """Run the whole chain; return a summary dict (mAP, paths, seconds per stage).
+
+    Raises:
+        RuntimeError: a stage failed on some images (its report is in the message).
+    """
+    from rcnn_cli.detect import detect_folder
+    from rcnn_cli.evaluate import evaluate_folder
+    from rcnn_cli.stages import extract_folder, propose_folder
+    from rcnn_cli.train import train_model
+
+    out = Path(out)
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    if data is None:
+        from rcnn_cli.demo_data import make_demo_dataset
+
+        data = make_demo_dataset(out / "data")
+    data = Path(data)
+    times["dataset"] = time.perf_counter() - t
+    train_split, test_split = _split_files(data, out / "splits", seed=0)
+    ds = load_dataset(data)
+    images = [str(ds.image_root)]
+
+    def check(report, stage):
+        if report.failures:
+            raise RuntimeError(f"{stage}: {report.failed} image(s) failed, e.g. "
+                               f"{report.failures[0][0]}: {report.failures[0][1]}")
+
+    t = time.perf_counter()
+    check(propose_folder(images, out / "proposals", cfg, overwrite=overwrite), "propose")
+    times["propose"] = time.perf_counter() - t
+    t = time.perf_counter()
+    check(extract_folder(images, out / "proposals", out / "features", cfg, annotations=data,
+                         split=train_split, overwrite=overwrite), "extract")
+    times["extract"] = time.perf_counter() - t
+    t = time.perf_counter()
+    train_model(out / "features", out / "model", cfg, overwrite=True)
+    times["train_svm"] = time.perf_counter() - t
+    t = time.perf_counter()
+    check(detect_folder(images, out / "model", out / "detections", cfg, split=test_split,
+                        save_vis=save_vis, overwrite=True), "detect")
+    times["detect"] = time.perf_counter() - t
+    t = time.perf_counter()
+    metrics, mpath = evaluate_folder(data, out / "detections", None, test_split,
+                                     out / "detections", cfg)
+    times["evaluate"] = time.perf_counter() - t
+    vis = sorted((out / "detections" / "vis").rglob("*.jpg")) if save_vis else []
+    return {"data": str(data), "metrics": str(mpath), "mAP_voc07": metrics["mAP_voc07"],
+            "mAP_voc": metrics["mAP_voc"], "coco_AP": metrics["coco"].get("AP"),
+            "summary": metrics["summary"], "pictures": [str(p) for p in vis],
+            "seconds": {k: round(v, 1) for k, v in times.items()}}

@@ -1,0 +1,230 @@
+"""Detection: proposals -> features -> SVM scores -> box regression -> per-class NMS.
+
+:func:`detect_image` is the recipe for one image (read it top to bottom, like torchvision's
+``roi_heads.postprocess_detections``); :func:`detect_folder` streams it over folders,
+writing each image's result as it comes (``OUT/per_image/<stem>.npz``, resumable), then
+the standard outputs: ``detections.csv``, COCO ``detections.json`` + ``images.json`` +
+``categories.json``, and optionally VOC-devkit / YOLO text files and pictures.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torchvision.ops import batched_nms
+
+from rcnn_cli import boxes as bx
+from rcnn_cli import config as cfgmod
+from rcnn_cli.bbox_regression import predict_deltas
+from rcnn_cli.images import ImageItem, list_images, read_image
+from rcnn_cli.runner import Report, run_stage
+from rcnn_cli.stages import compute_proposals, execution, get_extractor
+from rcnn_cli.store import StageStore
+from rcnn_cli.svm import score as svm_score
+
+log = logging.getLogger("rcnn_cli.detect")
+
+DETECT_FORMAT = 1
+#: boxes thinner than this (pixels) after regression and clipping are dropped
+MIN_BOX_SIDE = 1e-2
+
+
+@dataclass
+class DetectSettings:
+    """Post-processing thresholds (defaults live in the model bundle, flags override)."""
+
+    nms_iou: float = 0.3            # R-CNN's per-class NMS overlap
+    score_thresh: float = -1.0      # SVM margin units
+    max_per_image: int = 100
+    bbox_regression: bool = True
+    vis_thresh: float = 0.0         # pictures show detections scoring above this
+
+
+def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
+                image_size: tuple[int, int], settings: DetectSettings
+                ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.int64]]:
+    """Per-class boxes (N, K, 4) and scores (N, K) -> final (boxes (M, 4), scores, labels).
+
+    Steps: clip to the image, drop scores <= threshold, drop degenerate boxes, per-class NMS
+    (torchvision ``batched_nms``), keep the ``max_per_image`` best.
+    """
+    n, k = scores.shape
+    labels = np.broadcast_to(np.arange(k), (n, k))
+    b = bx.clip(boxes.reshape(-1, 4), image_size)
+    s, lab = scores.reshape(-1), labels.reshape(-1)
+    # remove low scoring boxes
+    keep = s > settings.score_thresh
+    # remove boxes collapsed by clipping
+    keep &= bx.valid_mask(b, MIN_BOX_SIDE)
+    b, s, lab = b[keep], s[keep], lab[keep]
+    # non-maximum suppression, independently per class
+    idx = batched_nms(torch.from_numpy(b), torch.from_numpy(s.astype(np.float32)),
+                      torch.from_numpy(lab.astype(np.int64)), settings.nms_iou).numpy()
+    # keep only the best detections
+    idx = idx[: settings.max_per_image]
+    return b[idx], s[idx].astype(np.float32), lab[idx].astype(np.int64)
+
+
+def detect_image(image: NDArray[np.uint8], model, extractor,
+                 settings: DetectSettings) -> dict[str, Any]:
+    """Detections of one image (uint8 (H, W, 3) RGB) with a loaded model bundle.
+
+    Returns a dict with ``boxes`` (M, 4) float32, ``scores`` (M,) float32, ``labels`` (M,)
+    int64 and ``times`` (seconds per step).
+    """
+    size = image.shape[:2]
+    t0 = time.perf_counter()
+    # 1. proposals, with the settings the model was trained with
+    props, _ = compute_proposals(image, model.proposal_settings)
+    props = props[: model.extract_settings.get("max_proposals", len(props))]
+    t1 = time.perf_counter()
+    # 2. one feature vector per proposal
+    feats = extractor.extract(image, props)
+    t2 = time.perf_counter()
+    # 3. class scores from the per-class linear SVMs (untrained classes never fire)
+    scores = svm_score(feats, model.svm_weights, model.svm_biases, model.feat_scale)
+    scores[:, ~model.svm_trained] = -np.inf
+    # 4. per-class box regression (R-CNN applies it once), else the proposal itself
+    if settings.bbox_regression and model.regressors is not None:
+        deltas = predict_deltas(feats, model.regressors, model.feat_scale)  # (N, K, 4)
+        k = deltas.shape[1]
+        boxes = bx.decode(np.repeat(props, k, axis=0), deltas.reshape(-1, 4)).reshape(-1, k, 4)
+    else:
+        boxes = np.repeat(props[:, None, :], scores.shape[1], axis=1)
+    # 5. clip, threshold, per-class NMS, cap
+    b, s, lab = postprocess(boxes, scores, size, settings)
+    t3 = time.perf_counter()
+    return {"boxes": b, "scores": s, "labels": lab,
+            "times": {"proposals": t1 - t0, "features": t2 - t1, "scoring": t3 - t2}}
+
+
+# ------------------------------------------------------------------ folders
+_MODELS: dict[str, Any] = {}
+
+
+def _get_model(model_dir: str):
+    from rcnn_cli.model import load_model
+
+    if model_dir not in _MODELS:
+        _MODELS.clear()
+        _MODELS[model_dir] = load_model(model_dir)
+    return _MODELS[model_dir]
+
+
+def model_extractor_kwargs(model, model_dir: str | Path, device: str) -> dict[str, Any]:
+    """FeatureExtractor arguments the model was trained with (weights inside the bundle are
+    resolved against its folder, so a bundle can move between machines)."""
+    kw = dict(model.extract_settings["extractor"], device=device)
+    w = kw.get("weights")
+    if w and w != "random" and not Path(w).is_absolute():
+        kw["weights"] = str(Path(model_dir) / w)
+    return kw
+
+
+def model_key(model_dir: str | Path) -> str:
+    """Content hash of a bundle's files (detect caches are keyed by it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def detect_one(item: ImageItem, store: StageStore, model_dir: str,
+               extractor_kwargs: Mapping[str, Any], settings: DetectSettings,
+               vis_dir: str | None) -> dict:
+    """Per-image work of `rcnn detect` (one process loads model and backbone once)."""
+    t0 = time.perf_counter()
+    img = read_image(item.path)
+    model = _get_model(model_dir)
+    ext = get_extractor(extractor_kwargs)
+    t_dec = time.perf_counter() - t0
+    out = detect_image(img, model, ext, settings)
+    store.save(item.stem_rel, {"boxes": out["boxes"], "scores": out["scores"],
+                               "labels": out["labels"],
+                               "image_size": np.array(img.shape[:2], np.int64)})
+    if vis_dir is not None:
+        from rcnn_cli.visualize import draw_detections, save_image
+
+        show = out["scores"] > settings.vis_thresh
+        pic = draw_detections(img, out["boxes"][show], out["labels"][show], out["scores"][show],
+                              model.classes)
+        save_image(Path(vis_dir) / f"{item.stem_rel}.jpg", pic)
+    return {"times": {"decode": t_dec, **out["times"]}}
+
+
+def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Path,
+                  cfg: Mapping[str, Any], split: str | Path | None = None,
+                  save_vis: bool = False, formats: list[str] | None = None,
+                  overwrite: bool = False) -> Report:
+    """Detect objects in folders of images with a model bundle; write all outputs to ``out``.
+
+    Per-image results stream to ``out/per_image`` (a killed run resumes); the summary files
+    are written at the end from those.
+    """
+    from rcnn_cli.stages import get_extractor as _ge
+
+    model = _get_model(str(model_dir))
+    d = cfg["detect"]
+    settings = DetectSettings(nms_iou=d["nms_iou"], score_thresh=d["score_thresh"],
+                              max_per_image=d["max_per_image"],
+                              bbox_regression=d["bbox_regression"], vis_thresh=d["vis_thresh"])
+    kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
+    ext = _ge(kwargs)  # load once here: fails early on missing weights
+    store = StageStore(Path(out) / "per_image", "detect",
+                       {"model": model_key(model_dir), "proposals": model.proposal_settings,
+                        "features": ext.settings(),
+                        "post": {k: v for k, v in settings.__dict__.items() if k != "vis_thresh"}},
+                       format_version=DETECT_FORMAT, overwrite=overwrite)
+    cfgmod.write_resolved(out, cfg, ["common", "detect"])
+    items = list_images(inputs, split=split)
+    vis_dir = str(Path(out) / "vis") if save_vis else None
+    fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
+                           extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir)
+    report = run_stage(fn, items, is_done=lambda it: store.is_done(it.stem_rel),
+                       desc="detect", **execution(cfg, ext.device.type))
+    write_outputs(out, store, items, model.classes, formats or d["formats"])
+    return report
+
+
+def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
+                  classes: list[str], formats: list[str]) -> list[Path]:
+    """Summary files of a detect run from its per-image results (images that failed are
+    left out)."""
+    from rcnn_cli import evaluate as ev
+
+    dets, sizes = {}, {}
+    for it in items:
+        if not store.is_done(it.stem_rel):
+            continue
+        r = store.load(it.stem_rel)
+        dets[it.rel] = ev.Detections(r["boxes"], r["scores"], r["labels"])
+        sizes[it.rel] = tuple(int(v) for v in r["image_size"])
+    out = Path(out)
+    written = []
+    unknown = set(formats) - {"csv", "coco", "voc", "yolo"}
+    if unknown:
+        raise ValueError(f"formats: unknown {sorted(unknown)} (choose csv, coco, voc, yolo)")
+    if "csv" in formats:
+        written.append(ev.write_detections_csv(out / "detections.csv", dets, classes))
+    if "coco" in formats:
+        written += ev.write_coco_results(out, dets, sizes, classes)
+    if "voc" in formats:
+        written += ev.write_voc_results(out / "voc", dets, classes)
+    if "yolo" in formats:
+        written += ev.write_yolo_results(out / "yolo", dets, sizes)
+    n = sum(len(d) for d in dets.values())
+    (out / "summary.json").write_text(json.dumps({"images": len(dets), "detections": n,
+                                                  "classes": classes}, indent=2))
+    return written

@@ -1,0 +1,110 @@
+"""`rcnn train-svm`: from an extract folder to a model bundle.
+
+Streams the extract stage's per-image files (one image's features in memory at a time),
+trains the per-class SVMs with hard-negative mining (:mod:`rcnn_cli.svm`) and the box
+regressors (:mod:`rcnn_cli.bbox_regression`), and saves a bundle (:mod:`rcnn_cli.model`)
+that records everything `rcnn detect` needs to reproduce the features: proposal settings,
+backbone, tap, mode and weights. Fine-tuned weights are copied into the bundle, so it can be
+moved to another machine.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rcnn_cli.bbox_regression import train_bbox_regressors
+from rcnn_cli.model import Model, save_model
+from rcnn_cli.store import open_upstream
+from rcnn_cli.svm import train_svms
+
+log = logging.getLogger("rcnn_cli.train")
+
+BUNDLE_WEIGHTS = "backbone.safetensors"
+
+
+def records_factory(features_dir: str | Path):
+    """A factory of fresh iterators over the extract records of a folder (sorted order)."""
+    store = open_upstream(features_dir, "extract")
+    stems = store.done_stems()
+    if not stems:
+        raise FileNotFoundError(f"{features_dir}: no finished images (run `rcnn extract`)")
+
+    def factory():
+        for s in stems:
+            yield store.load(s)
+
+    return factory, store, len(stems)
+
+
+def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any],
+                classes: Sequence[str] | None = None, overwrite: bool = False) -> Model:
+    """Train SVMs (+ regressors) on an extract folder and save the bundle to ``out``.
+
+    Args:
+        features_dir: output folder of `rcnn extract` run with ``--annotations``.
+        out: bundle folder (refused if it holds a bundle, unless ``overwrite``).
+        cfg: resolved config ([train_svm], [detect] defaults are recorded in the bundle).
+        classes: restrict training to these class names (others stay untrained).
+    """
+    t = cfg["train_svm"]
+    factory, store, n_images = records_factory(features_dir)
+    all_classes = list(store.settings.get("classes") or [])
+    if not all_classes:
+        raise ValueError(f"{features_dir}: features were extracted without --annotations; "
+                         "training needs ground truth")
+    todo = None
+    if classes:
+        unknown = [c for c in classes if c not in all_classes]
+        if unknown:
+            raise ValueError(f"--classes: unknown class(es) {unknown}; the features know "
+                             f"{all_classes}")
+        todo = [all_classes.index(c) for c in classes]
+    log.info("training %d class(es) on %d images", len(todo or all_classes), n_images)
+    svm = train_svms(factory, len(all_classes), todo, c=t["C"], pos_weight=t["pos_weight"],
+                     bias_mult=t["bias_mult"], neg_overlap=t["neg_overlap"],
+                     hard_thresh=t["hard_thresh"], evict_thresh=t["evict_thresh"],
+                     retrain_limit=t["retrain_limit"], solver=t["solver"], seed=t["seed"],
+                     class_names=all_classes,
+                     feat_scale=None)
+    reg = None
+    if t["bbox_regression"]:
+        reg = train_bbox_regressors(factory, len(all_classes), svm.feat_scale, todo,
+                                    min_overlap=t["bbox_min_overlap"], lam=t["bbox_lambda"],
+                                    class_names=all_classes)
+    feat = store.settings["features"]
+    extractor, weights_file = _bundle_extractor(store.settings["extractor"])
+    d = cfg["detect"]
+    model = Model(
+        classes=all_classes, svm_weights=svm.weights, svm_biases=svm.biases,
+        feat_scale=float(svm.feat_scale), svm_trained=svm.trained,
+        regressors=None if reg is None else reg.regressors,
+        regressor_trained=None if reg is None else reg.trained,
+        backbone=feat["backbone"], weights_source={"id": feat["weights"],
+                                                   "file": extractor.get("weights")},
+        feature_tap=feat["tap"],
+        extract_settings={**feat, "extractor": extractor,
+                          "max_proposals": store.settings.get("max_proposals", 2000)},
+        proposal_settings=dict(store.settings["proposals"]),
+        nms_iou=d["nms_iou"], score_threshold=d["score_thresh"],
+        max_detections=d["max_per_image"],
+        training_stats={"images": n_images, "train_svm": dict(t),
+                        "svm": [s.__dict__ for s in svm.stats]})
+    save_model(out, model, overwrite=overwrite)
+    if weights_file is not None:
+        shutil.copyfile(weights_file, Path(out) / BUNDLE_WEIGHTS)
+    return model
+
+
+def _bundle_extractor(extractor: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """FeatureExtractor kwargs to store in the bundle, and the weights file to copy into it
+    (a local weights file travels with the bundle under a bundle-relative name)."""
+    kw = dict(extractor)
+    w = kw.get("weights")
+    if w and w != "random":
+        if not Path(w).is_file():
+            raise FileNotFoundError(f"{w}: the weights the features were extracted with are gone")
+        kw["weights"] = BUNDLE_WEIGHTS
+        return kw, w
+    return kw, None

@@ -1,0 +1,144 @@
+"""detect: post-processing against a reference NMS, and the whole chain end to end."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rcnn_cli.cli import cli
+from rcnn_cli.detect import DetectSettings, postprocess
+
+
+def _plain_nms(boxes, scores, thresh):
+    """Reference: greedy NMS in plain Python (suppress IoU > thresh)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    keep = []
+    for i in order:
+        ok = True
+        for j in keep:
+            x1, y1 = max(boxes[i][0], boxes[j][0]), max(boxes[i][1], boxes[j][1])
+            x2, y2 = min(boxes[i][2], boxes[j][2]), min(boxes[i][3], boxes[j][3])
+            inter = max(0, x2 - x1) * max(0, y2 - y1)
+            a = (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1])
+            b = (boxes[j][2] - boxes[j][0]) * (boxes[j][3] - boxes[j][1])
+            if inter / (a + b - inter) > thresh:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def test_postprocess_nms_either_side_of_threshold():
+    # box 1 overlaps box 0 with IoU just above 0.3, box 2 just below
+    b0 = [0, 0, 100, 100]
+    b1 = [0, 0, 100, 47]     # IoU 0.47... > 0.3
+    b2 = [0, 0, 100, 29.9]   # IoU 0.299 < 0.3
+    boxes = np.array([b0, b1, b2], np.float32)[:, None, :]  # (N, K=1, 4)
+    scores = np.array([[0.9], [0.8], [0.7]], np.float32)
+    b, s, lab = postprocess(boxes, scores, (200, 200), DetectSettings(nms_iou=0.3))
+    ref = _plain_nms(boxes[:, 0].tolist(), scores[:, 0].tolist(), 0.3)
+    assert ref == [0, 2]
+    np.testing.assert_array_equal(b, boxes[ref, 0])
+    np.testing.assert_array_equal(s, np.float32([0.9, 0.7]))
+
+
+def test_postprocess_per_class_threshold_clip_and_cap():
+    rng = np.random.default_rng(0)
+    n, k = 50, 3
+    xy = rng.uniform(-20, 150, (n, k, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 80, (n, k, 2))], 2).astype(np.float32)
+    scores = rng.normal(0, 1, (n, k)).astype(np.float32)
+    st = DetectSettings(nms_iou=0.5, score_thresh=0.0, max_per_image=1000)
+    b, s, lab = postprocess(boxes, scores, (120, 160), st)
+    assert (s > 0).all() and np.all(np.diff(s) <= 0)
+    assert b[:, 0].min() >= 0 and b[:, 2].max() <= 160 and b[:, 3].max() <= 120
+    for c in range(k):  # the same as the reference NMS run per class on clipped boxes
+        cb = np.clip(boxes[:, c], 0, [160, 120, 160, 120])
+        m = (scores[:, c] > 0) & (cb[:, 2] - cb[:, 0] > 0.01) & (cb[:, 3] - cb[:, 1] > 0.01)
+        ref = _plain_nms(cb[m].tolist(), scores[m, c].tolist(), 0.5)
+        np.testing.assert_allclose(np.sort(s[lab == c]), np.sort(scores[m, c][ref]))
+    b2, s2, _ = postprocess(boxes, scores, (120, 160), DetectSettings(0.5, 0.0, 3))
+    assert len(s2) == 3 and np.array_equal(s2, s[:3])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A tiny synthetic dataset through propose -> extract -> train-svm (ImageNet weights
+    when installed, which `make test` does; else skipped)."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    from rcnn_cli.weights import WeightsError, require_cached_weights
+
+    try:
+        require_cached_weights(MobileNet_V2_Weights.IMAGENET1K_V1.url)
+    except WeightsError:
+        pytest.skip("ImageNet mobilenet_v2 weights not installed (make setup)")
+    from rcnn_cli.demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("chain")
+    data = make_demo_dataset(root / "data", n_train=8, n_test=4, seed=1)
+    r = CliRunner()
+    args = ["--top-k", "300"]
+    res = r.invoke(cli, ["propose", str(data / "images"), "-o", str(root / "props"), *args])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli, ["extract", str(data / "images"), "--proposals", str(root / "props"),
+                         "--annotations", str(data), "--split", str(data / "train.txt"),
+                         "-o", str(root / "feats")])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli, ["train-svm", "--features", str(root / "feats"), "-o",
+                         str(root / "model")])
+    assert res.exit_code == 0, res.output
+    return root, data
+
+
+def test_end_to_end_finds_planted_objects(chain):
+    root, data = chain
+    r = CliRunner()
+    out = root / "det"
+    res = r.invoke(cli, ["detect", str(data / "images"), "--split", str(data / "test.txt"),
+                         "--model", str(root / "model"), "-o", str(out), "--save-vis",
+                         "--formats", "csv,coco,voc,yolo"])
+    assert res.exit_code == 0, res.output
+    with open(out / "detections.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "class", "score", "x1", "y1", "x2", "y2"]
+    images = json.loads((out / "images.json").read_text())
+    assert sorted(i["file_name"] for i in images) == [f"test_{i:03d}.jpg" for i in range(8, 12)]
+    dets = json.loads((out / "detections.json").read_text())
+    assert {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
+    assert len(list((out / "vis").glob("*.jpg"))) == 4
+    assert (out / "voc").is_dir() and (out / "yolo").is_dir()
+    res = r.invoke(cli, ["evaluate", "--annotations", str(data), "--split",
+                         str(data / "test.txt"), "--detections", str(out)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mAP_voc07"] >= 0.7, m["per_class"]
+    # resume: a second run finds every image done
+    res = r.invoke(cli, ["detect", str(data / "images"), "--split", str(data / "test.txt"),
+                         "--model", str(root / "model"), "-o", str(out)])
+    assert res.exit_code == 0 and "4 already done" in res.output
+
+
+def test_detect_broken_image_goes_on_and_exits_1(chain, tmp_path):
+    root, data = chain
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(data / "images" / "test_008.jpg", imgs / "good.jpg")
+    (imgs / "broken.jpg").write_text("not an image")
+    res = CliRunner().invoke(cli, ["detect", str(imgs), "--model", str(root / "model"),
+                                   "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert "broken.jpg" in res.output and "1 failed" in res.output
+    images = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert [i["file_name"] for i in images] == ["good.jpg"]
+
+
+def test_bad_model_is_a_clear_error(tmp_path):
+    (tmp_path / "img.jpg").write_bytes(b"")
+    (tmp_path / "model").mkdir()
+    res = CliRunner().invoke(cli, ["detect", str(tmp_path / "img.jpg"), "--model",
+                                   str(tmp_path / "model"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "model.json" in res.output
