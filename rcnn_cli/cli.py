@@ -178,13 +178,66 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
 
 # ------------------------------------------------------------------ finetune
 @cli.command()
+@click.option("--annotations", required=True, type=click.Path(exists=True),
+              help="Training ground truth (VOC folder, COCO .json or .csv).")
+@click.option("--proposals", "proposals_dir", required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Output folder of `rcnn propose` for the training images.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: backbone.safetensors, classifier.safetensors, "
+                   "finetune.json, checkpoints.")
+@click.option("--split", help="Stems file (or train/test/val of the VOC folder) of the "
+                              "training images.")
+@click.option("--backbone", help="Backbone name (default mobilenet_v2).")
+@click.option("--weights", help="Starting weights (default ImageNet).")
+@click.option("--mode", type=click.Choice(["auto", "warp", "shared"]),
+              help="warp = R-CNN crops (GPU); shared = one conv pass + RoIAlign (CPU); "
+                   "auto = warp on a GPU, shared on a CPU.")
+@click.option("--iterations", type=click.IntRange(min=1), help="SGD iterations.")
+@click.option("--lr", type=float, help="Base learning rate (R-CNN: 0.001).")
+@click.option("--seed", type=int, help="Seed of the split, sampling and flips.")
 @common_options
-def finetune(config_file, common, overwrite):
-    """Fine-tune the backbone on warped or shared-feature regions of your training images.
+def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, iterations, lr,
+             seed, config_file, common, overwrite):
+    """Fine-tune the backbone on your classes, on warped proposals (R-CNN) or through
+    shared features (Fast R-CNN style): a (K+1)-way classifier replaces ImageNet's.
 
-    Example: rcnn finetune data/images --annotations data --proposals runs/props -o runs/ft
+    Writes OUT/backbone.safetensors (use it as `rcnn extract --weights`), the classifier,
+    finetune.json (the recipe and validation metrics) and resumable checkpoints.
+
+    Example: rcnn finetune --annotations data --split data/train.txt --proposals runs/props -o runs/ft
     """
-    _not_implemented("finetune")
+    from rcnn_cli.datasets import load_dataset
+    from rcnn_cli.finetune import finetune as run_finetune
+    from rcnn_cli.finetune import proposals_from_dir
+
+    cfg = load_config(config_file, common=common, extract=dict(backbone=backbone,
+                      weights=weights, mode=mode), finetune=dict(iterations=iterations, lr=lr,
+                                                                 seed=seed))
+    f, e = cfg["finetune"], cfg["extract"]
+    ds = load_dataset(annotations, split=split)
+    device = cfg["common"]["device"]
+    m = e["mode"]
+    if m == "auto":
+        import torch
+
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        m = "warp" if cuda else "shared"
+        click.echo(f"finetune: mode auto -> {m}", err=True)
+    try:
+        res = run_finetune(
+            ds, proposals_from_dir(proposals_dir), out, backbone=e["backbone"],
+            weights=e["weights"] or None, tap=e["tap"] or None, mode=m, device=device,
+            iterations=f["iterations"], batch_size=f["batch_size"],
+            fg_per_batch=f["fg_per_batch"], images_per_batch=f["images_per_batch"],
+            fg_iou=f["fg_iou"], lr=f["lr"], new_layer_lr_mult=f["new_layer_lr_mult"],
+            momentum=f["momentum"], weight_decay=f["weight_decay"], step_size=f["step_size"],
+            val_fraction=f["val_fraction"], seed=f["seed"], padding=e["padding"],
+            max_proposals=e["max_proposals"], overwrite=overwrite)
+    except FileExistsError as exc:
+        raise click.UsageError(str(exc)) from None
+    cfgmod.write_resolved(out, cfg, ["common", "extract", "finetune"])
+    click.echo(str(res.weights_path))
 
 
 # ------------------------------------------------------------------ train-svm
