@@ -11,7 +11,7 @@ DEMO_OUT ?= runs/demo
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,dask,ray]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/rcnn demo -o $(DEMO_OUT)
 
 test: setup
-	$(PY) -m pytest -n 2 -p no:cacheprovider
+	$(PY) -m pytest -n 2 --dist loadgroup -p no:cacheprovider
 
 lint: setup
 	$(VENV)/bin/ruff check rcnn_cli tests scripts

@@ -16,9 +16,7 @@ Other formats are converted only here:
 from __future__ import annotations
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike, NDArray
-from torchvision.ops import box_iou as _tv_box_iou
 
 #: R-CNN clamps predicted log-scale deltas (Fast R-CNN / torchvision use log(1000/16)).
 BBOX_XFORM_CLIP = float(np.log(1000.0 / 16))
@@ -48,10 +46,13 @@ def area(boxes: ArrayLike) -> NDArray[np.float32]:
 
 def box_iou(a: ArrayLike, b: ArrayLike) -> NDArray[np.float32]:
     """IoU matrix (N, M) between boxes a (N, 4) and b (M, 4), both x1y1x2y2 (torchvision.ops)."""
+    import torch  # imported here: proposal workers need no torch for anything else
+    from torchvision.ops import box_iou as tv_box_iou
+
     a, b = as_boxes(a), as_boxes(b)
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), np.float32)
-    return _tv_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    return tv_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 def clip(boxes: ArrayLike, size: tuple[int, int]) -> NDArray[np.float32]:

@@ -6,6 +6,7 @@ failed, or a missing file) or 2 (bad usage).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -48,6 +49,18 @@ def common_options(f):
     return wrapper
 
 
+def _check_shard(ctx, param, value):
+    if value is None:
+        return None
+    from rcnn_cli.runner import shard_items
+
+    try:
+        shard_items([], value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def cluster_options(f):
     """--executor, --address, --shard: where the per-image work of a stage runs."""
     @click.option("--executor", type=click.Choice(["local", "dask", "ray"]), default=None,
@@ -55,13 +68,28 @@ def cluster_options(f):
     @click.option("--address", default=None,
                   help="Cluster address (dask: tcp://host:8786; ray: auto or "
                        "ray://host:10001); without it a local cluster is started.")
-    @click.option("--shard", default=None, metavar="I/N",
+    @click.option("--shard", default=None, metavar="I/N", callback=_check_shard,
                   help="Process only slice I of N of the images (0-based), e.g. 0/4.")
     @functools.wraps(f)
     def wrapper(*args, executor, address, shard, common, **kw):
         common = dict(common, executor=executor, address=address, shard=shard)
         return f(*args, common=common, **kw)
     return wrapper
+
+
+@contextlib.contextmanager
+def cluster_errors():
+    """Executor problems (missing extra, unreachable cluster, bad --shard) and stale output
+    folders are usage errors (exit 2) with their one-line message."""
+    from rcnn_cli.executors import ExecutorError
+    from rcnn_cli.store import StaleStoreError
+
+    try:
+        yield
+    except (ExecutorError, StaleStoreError) as e:
+        raise click.UsageError(str(e)) from None
+    except FileNotFoundError as e:
+        raise click.FileError(getattr(e, "filename", None) or "input", hint=str(e)) from None
 
 
 def load_config(config_file, **sections):
@@ -135,7 +163,8 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
-    report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
+    with cluster_errors():
+        report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
     click.echo(str(Path(out)))
     finish(report)
 
@@ -170,8 +199,9 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
 
     cfg = load_config(config_file, common=common, extract=dict(
         backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype))
-    report = extract_folder(list(images), proposals_dir, out, cfg, annotations=annotations,
-                            split=split, overwrite=overwrite)
+    with cluster_errors():
+        report = extract_folder(list(images), proposals_dir, out, cfg,
+                                annotations=annotations, split=split, overwrite=overwrite)
     click.echo(str(Path(out)))
     finish(report)
 
@@ -316,8 +346,9 @@ def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thre
         nms_iou=nms_iou, score_thresh=score_thresh, max_per_image=max_per_image,
         bbox_regression=False if no_bbox_regression else None, formats=fmts))
     try:
-        report = detect_folder(list(images), model_dir, out, cfg, split=split,
-                               save_vis=save_vis, overwrite=overwrite)
+        with cluster_errors():
+            report = detect_folder(list(images), model_dir, out, cfg, split=split,
+                                   save_vis=save_vis, overwrite=overwrite)
     except ModelError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

@@ -70,9 +70,17 @@ def atomic_write_json(path: str | Path, obj: Any, overwrite: bool = True) -> Non
 
 
 def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write arrays to an ``.npz`` atomically (uncompressed: fast to write and to read)."""
+    """Write arrays to an ``.npz`` atomically (uncompressed: fast to write and to read).
+
+    Same layout as ``np.savez``, but every zip entry carries a fixed date, so the same
+    arrays give the same bytes on every run and machine (outputs can be compared whole).
+    """
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for k, v in arrays.items():
+            info = zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -41,3 +41,30 @@ def test_unknown_config_key_is_usage_error(tmp_path):
 def test_missing_input_exits_2(tmp_path):
     r = CliRunner().invoke(cli, ["propose", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_bad_shard_is_usage_error(tmp_path):
+    r = CliRunner().invoke(cli, ["propose", str(tmp_path), "-o", str(tmp_path / "o"),
+                                 "--shard", "3/2"])
+    assert r.exit_code == 2 and "0 <= i < n" in r.output
+
+
+def test_propose_then_changed_setting_is_refused(tmp_path, rect_image):
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(rect_image[0]).save(img / "a.png")
+    (img / "bad.jpg").write_bytes(b"")
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(out), "--top-k", "50"])
+    assert r.exit_code == 1 and "bad.jpg" in r.output and "1 failed" in r.output
+    z = np.load(out / "a.npz")
+    assert z["boxes"].dtype == np.float32 and z["boxes"].shape[1] == 4
+    assert 0 < len(z["boxes"]) <= 50 and len(z["scores"]) == len(z["boxes"])
+    assert (out / "config.toml").is_file() and (out / "manifest.json").is_file()
+    r = CliRunner().invoke(cli, ["propose", str(img / "a.png"), "-o", str(out), "--top-k", "50"])
+    assert r.exit_code == 0 and "1 already done" in r.output
+    r = CliRunner().invoke(cli, ["propose", str(img / "a.png"), "-o", str(out), "--top-k", "60"])
+    assert r.exit_code == 2 and "other settings" in r.output
+    r = CliRunner().invoke(cli, ["propose", str(img / "a.png"), "-o", str(out), "--top-k", "60",
+                                 "--overwrite"])
+    assert r.exit_code == 0 and "1 done" in r.output

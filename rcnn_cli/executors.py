@@ -1,0 +1,443 @@
+"""Run a stage's per-image function on a Dask or Ray cluster (``--executor dask|ray``).
+
+The work of one image is the same picklable ``fn(item) -> dict | None`` the local process pool
+runs (:func:`rcnn_cli.runner.map_images`); it writes its own output atomically into the stage
+folder, so the folder must be on a filesystem every worker shares with the driver. Nothing is
+sent back but a small dict, so a lost worker loses only the images it was working on; they are
+retried, and finished images are skipped on the next run.
+
+* Dask: ``distributed.Client(address)`` (or ``DASK_SCHEDULER_ADDRESS``), else a
+  ``LocalCluster`` of ``workers`` one-thread processes started for the run. One task per image.
+  Dask workers are long-lived processes, so the CNN stages' per-process model cache
+  (:func:`rcnn_cli.stages.get_extractor`) loads the backbone once per worker.
+* Ray: ``ray.init(address)`` (or ``RAY_ADDRESS``), else a local instance with ``workers`` CPUs.
+  CPU stages (propose) run as stateless tasks; CNN stages (extract, detect) on a pool of
+  ``workers`` long-lived actors that keep the model loaded (a share of the GPUs each when the
+  cluster has GPUs).
+
+Retries (bounded, by the engines themselves): an :class:`~rcnn_cli.images.ImageError` (a
+corrupt file stays corrupt) is reported at once; any other exception is retried
+:data:`RETRIES` times, then reported as a one-line reason like a local failure. A worker
+process that dies has its images rescheduled (Dask ``allowed-failures``; Ray ``max_retries`` /
+``max_restarts``). At most a window of images is in flight, so a folder of millions of images
+never becomes millions of futures on the scheduler.
+
+Neither engine is a dependency of the base install: they are imported here, lazily, and a
+missing one raises :class:`ExecutorError` naming the extra to install.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from rcnn_cli.images import ImageError, ImageItem
+from rcnn_cli.runner import _limit_threads, progress
+
+log = logging.getLogger("rcnn_cli.executors")
+
+EXECUTORS = ("local", "dask", "ray")
+RETRIES = 2  # attempts after the first, for a failure other than an undecodable image
+WINDOW_PER_WORKER = 8  # images in flight per worker slot (and at least MIN_WINDOW)
+MIN_WINDOW = 64
+
+# Per-image functions that load a CNN: on Ray they run on long-lived actors.
+MODEL_STAGES = {"rcnn_cli.stages.extract_one", "rcnn_cli.detect.detect_one"}
+
+Result = tuple[ImageItem, "dict | None", "str | None"]
+
+
+class ExecutorError(RuntimeError):
+    """The executor cannot run: unknown name, missing extra, unreachable cluster, or workers
+    that cannot see the files (a usage problem: the CLI exits 2)."""
+
+
+class TaskError(RuntimeError):
+    """One image failed with an exception other than ImageError; ``str()`` is the one-line
+    reason. Raised in the worker so that the engine retries it (always picklable)."""
+
+
+# ------------------------------------------------------------------ the worker side
+_THREADS_LIMITED = False
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process (the per-worker throughput summary groups by it)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Task:
+    """Picklable wrapper run on a worker: ``task(item) -> (item, result, reason, worker, s)``.
+
+    Limits numeric libraries to one thread (once per process), adds ``"worker"`` to the
+    result dict (its ``"times"`` entry is kept), returns an ImageError as a reason, and raises
+    :class:`TaskError` for any other exception so that the engine retries the image.
+    """
+
+    def __init__(self, fn: Callable[[ImageItem], dict | None]):
+        self.fn = fn
+
+    def __call__(self, item: ImageItem):
+        global _THREADS_LIMITED
+        if not _THREADS_LIMITED:
+            _limit_threads()
+            _THREADS_LIMITED = True
+        t0 = time.perf_counter()
+        try:
+            result = self.fn(item)
+        except ImageError as e:
+            return item, None, e.reason, worker_id(), time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - becomes a retry, then a reported failure
+            raise TaskError(_one_line(f"{type(e).__name__}: {e}")) from None
+        out = dict(result) if isinstance(result, dict) else {}
+        out["worker"] = worker_id()
+        return item, out, None, out["worker"], time.perf_counter() - t0
+
+
+def _one_line(text: str) -> str:
+    lines = [s for s in str(text).strip().splitlines() if s.strip()]
+    return lines[0].strip() if lines else "unknown error"
+
+
+def _reason(exc: BaseException) -> str:
+    """One-line reason for an exception that came back from the engine."""
+    exc = getattr(exc, "cause", None) or exc  # Ray wraps the worker's exception
+    if isinstance(exc, TaskError):
+        return _one_line(str(exc))
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _paths_visible(paths: Sequence[str]) -> list[str]:
+    """The paths of ``paths`` this (worker) process cannot see."""
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def _probe_paths(fn: Callable, items: Sequence[ImageItem]) -> list[str]:
+    """The stage's output folder and the first image: both must be visible to every worker."""
+    paths = [str(items[0].path.resolve())] if items else []
+    store = getattr(fn, "keywords", {}).get("store")
+    if store is not None and getattr(store, "root", None) is not None:
+        paths.append(str(store.root.resolve()))
+    return paths
+
+
+def _shared_fs_error(missing: dict[str, list[str]]) -> ExecutorError:
+    who, paths = next(iter(missing.items()))
+    return ExecutorError(
+        f"worker {who} cannot see {', '.join(paths)}: the images and the output folder must be "
+        "on a filesystem shared by every worker, under the same paths")
+
+
+def _cannot_run(e: BaseException) -> ExecutorError:
+    return ExecutorError(f"the workers cannot run rcnn_cli ({_reason(e)}): install the same "
+                         "rcnn_cli version (and its dependencies) on every worker")
+
+
+def loads_model(fn: Callable) -> bool:
+    """True if ``fn`` (or the function a ``functools.partial`` wraps) loads a CNN."""
+    base = fn.func if isinstance(fn, functools.partial) else fn
+    return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', '')}" in MODEL_STAGES
+
+
+# ------------------------------------------------------------------ the driver side
+def _missing_extra(name: str, module: str, e: ImportError) -> ExecutorError:
+    return ExecutorError(
+        f"--executor {name} needs the '{module}' package, which is not installed ({e}); "
+        f"install the extra: pip install 'rcnn_cli[{name}]'")
+
+
+def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
+                  items: Sequence[ImageItem], workers: int = 1, address: str | None = None,
+                  desc: str = "images") -> Iterator[Result]:
+    """Yield ``(item, result, error)`` for each item, in completion order, from a cluster.
+
+    Args:
+        executor: "dask" or "ray" ("local" is :func:`rcnn_cli.runner.map_images`).
+        fn: picklable per-image function; it writes its own output (shared filesystem).
+        items: the images to process.
+        workers: processes of the local cluster started when ``address`` is None (Ray: also
+            the number of model-holding actors of the CNN stages on any cluster).
+        address: scheduler to connect to (dask ``tcp://host:8786``; ray ``auto`` or
+            ``ray://host:10001``); None: the engine's environment variable
+            (``DASK_SCHEDULER_ADDRESS`` / ``RAY_ADDRESS``), else a local cluster for the run.
+        desc: progress bar label.
+
+    Returns:
+        An iterator like :func:`rcnn_cli.runner.map_images`: ``result`` is the dict ``fn``
+        returned plus ``"worker"`` (``host:pid``), ``error`` a one-line reason or None.
+
+    Raises:
+        ExecutorError: unknown executor, its extra not installed, the cluster unreachable, or
+            workers that cannot see the images / output folder. Raised at the call, before
+            any image is processed.
+    """
+    items = list(items)
+    if executor == "local":
+        from rcnn_cli.runner import map_images
+
+        return map_images(fn, items, workers, desc)
+    if executor == "dask":
+        try:
+            import distributed  # noqa: F401
+        except ImportError as e:
+            raise _missing_extra("dask", "distributed", e) from None
+        if not items:
+            return iter(())
+        session = _DaskSession(workers, address)
+    elif executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise _missing_extra("ray", "ray", e) from None
+        if not items:
+            return iter(())
+        session = _RaySession(workers, address, actors=loads_model(fn))
+    else:
+        raise ExecutorError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    try:
+        session.check_paths(_probe_paths(fn, items))
+    except BaseException:
+        session.close()
+        raise
+    return _run(session, _Task(fn), items, desc)
+
+
+def _run(session, task: _Task, items: list[ImageItem], desc: str) -> Iterator[Result]:
+    """Drive ``session`` over ``items`` with a bar; log the per-worker summary at the end."""
+    t0 = time.perf_counter()
+    per_worker: Counter[str] = Counter()
+    busy: dict[str, float] = defaultdict(float)
+    n = failed = 0
+    try:
+        for item, result, err, worker, seconds in progress(session.map(task, items),
+                                                           len(items), desc):
+            n += 1
+            failed += err is not None
+            if worker is not None:
+                per_worker[worker] += 1
+                busy[worker] += seconds
+            yield item, result, err
+    finally:
+        session.close()
+        wall = time.perf_counter() - t0
+        if n:
+            log.info("%s", throughput_summary(session.name, n, failed, wall, per_worker, busy))
+
+
+def throughput_summary(engine: str, n: int, failed: int, wall: float,
+                       per_worker: Counter, busy: dict[str, float]) -> str:
+    """One line: images, wall time, images/s overall and per worker (images, images/s, busy)."""
+    rate = n / wall if wall > 0 else float("inf")
+    head = (f"{engine}: {n} images ({failed} failed) on {len(per_worker)} workers in "
+            f"{wall:.1f} s, {rate:.2f} images/s")
+    parts = [f"{w} {c} images {c / wall:.2f}/s busy {100 * busy[w] / wall:.0f}%"
+             for w, c in sorted(per_worker.items())] if wall > 0 else []
+    return head + ("; " + ", ".join(parts) if parts else "")
+
+
+def _windowed(submit: Callable[[ImageItem], Any], wait_one: Callable[[], Any],
+              items: list[ImageItem], window: int) -> Iterator[Any]:
+    """Keep at most ``window`` submissions in flight; yield each finished one."""
+    it = iter(items)
+    inflight = 0
+    for item in it:
+        submit(item)
+        inflight += 1
+        if inflight >= window:
+            break
+    while inflight:
+        done = wait_one()
+        inflight -= 1
+        nxt = next(it, None)
+        if nxt is not None:
+            submit(nxt)
+            inflight += 1
+        yield done
+
+
+# ------------------------------------------------------------------ Dask
+class _DaskSession:
+    name = "dask"
+
+    def __init__(self, workers: int, address: str | None):
+        from distributed import Client, LocalCluster
+
+        address = address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+        self.cluster = None
+        try:
+            if address:
+                self.client = Client(address, timeout="30s")
+            else:
+                self.cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1,
+                                            processes=True, dashboard_address=":0")
+                self.client = Client(self.cluster)
+        except (OSError, TimeoutError, ValueError) as e:
+            if self.cluster is not None:
+                self.cluster.close()
+            raise ExecutorError(f"cannot connect to the Dask scheduler at {address}: "
+                                f"{_one_line(str(e))}") from None
+        where = address or "a local cluster"
+        log.info("dask: %s, %d workers", where, len(self.client.scheduler_info()["workers"]))
+
+    def check_paths(self, paths: list[str]) -> None:
+        if not paths:
+            return
+        try:
+            seen = self.client.run(_paths_visible, paths)
+        except Exception as e:  # noqa: BLE001 - e.g. rcnn_cli not installed on the workers
+            raise _cannot_run(e) from None
+        missing = {w: m for w, m in seen.items() if m}
+        if missing:
+            raise _shared_fs_error(missing)
+
+    def map(self, task: _Task, items: list[ImageItem]) -> Iterator:
+        from distributed import as_completed
+
+        threads = sum(self.client.nthreads().values()) or 1
+        pending = as_completed()
+        owner: dict[str, ImageItem] = {}
+
+        def submit(item: ImageItem) -> None:
+            fut = self.client.submit(task, item, pure=False, retries=RETRIES)
+            owner[fut.key] = item
+            pending.add(fut)
+
+        def wait_one():
+            fut = next(pending)
+            item = owner.pop(fut.key)
+            if fut.status == "finished":
+                out = fut.result()
+            else:  # error after the retries, or a worker that died too often (KilledWorker)
+                try:
+                    exc = fut.exception()
+                except BaseException as e:  # noqa: BLE001 - cancelled: the reason is this
+                    exc = e
+                out = (item, None, _reason(exc), None, 0.0)
+            fut.release()
+            return out
+
+        yield from _windowed(submit, wait_one, items,
+                             max(MIN_WINDOW, WINDOW_PER_WORKER * threads))
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+# ------------------------------------------------------------------ Ray
+def _ray_remote_fn(ray):
+    @ray.remote(max_retries=RETRIES, retry_exceptions=[TaskError])
+    def run_one(task: _Task, item: ImageItem):
+        return task(item)
+
+    return run_one
+
+
+def _ray_actor_cls(ray, num_gpus: float):
+    @ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=RETRIES,
+                max_task_retries=RETRIES)
+    class StageWorker:
+        """Long-lived worker: the per-process model cache of ``fn`` stays loaded."""
+
+        def __init__(self, task: _Task):
+            self.task = task
+
+        @ray.method(retry_exceptions=[TaskError])
+        def run(self, item: ImageItem):
+            return self.task(item)
+
+    return StageWorker
+
+
+class _RaySession:
+    name = "ray"
+
+    def __init__(self, workers: int, address: str | None, actors: bool):
+        import ray
+
+        self.ray = ray
+        self.workers = max(1, workers)
+        self.actors = actors
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        self.started = not ray.is_initialized()
+        if self.started:
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "configure_logging": False}
+            if address is None:
+                kw["num_cpus"] = self.workers  # a local instance for this run
+            try:
+                ray.init(address=address, **kw)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ExecutorError(f"cannot start or connect to Ray at {address or 'local'}: "
+                                    f"{_one_line(str(e))}") from None
+        res = ray.cluster_resources()
+        where = address or ("a local instance" if self.started else "the running instance")
+        log.info("ray: %s, %d CPUs, %d GPUs", where,
+                 int(res.get("CPU", 0)), int(res.get("GPU", 0)))
+        self.cpus = int(res.get("CPU", 1)) or 1
+        if actors and self.workers > self.cpus:  # an actor holds a CPU: more would never start
+            log.warning("ray: %d actors asked for, the cluster has %d CPUs; using %d",
+                        self.workers, self.cpus, self.cpus)
+            self.workers = self.cpus
+        self.num_gpus = min(1.0, res.get("GPU", 0) / self.workers) if actors else 0.0
+
+    def check_paths(self, paths: list[str]) -> None:
+        if not paths:
+            return
+        probe = self.ray.remote(num_cpus=0)(_paths_visible)
+        try:
+            missing = self.ray.get(probe.remote(paths))
+        except Exception as e:  # noqa: BLE001 - e.g. rcnn_cli not installed on the workers
+            raise _cannot_run(e) from None
+        if missing:
+            raise _shared_fs_error({"(a ray worker)": missing})
+
+    def map(self, task: _Task, items: list[ImageItem]) -> Iterator:
+        ray = self.ray
+        owner: dict[Any, tuple[ImageItem, Any]] = {}
+        if self.actors:
+            cls = _ray_actor_cls(ray, self.num_gpus)
+            pool = [cls.remote(task) for _ in range(self.workers)]
+            load = {id(a): 0 for a in pool}
+            slots = self.workers
+        else:
+            run_one = _ray_remote_fn(ray)
+            task_ref = ray.put(task)
+            slots = self.cpus
+
+        def submit(item: ImageItem) -> None:
+            if self.actors:
+                actor = min(pool, key=lambda a: load[id(a)])  # least busy actor
+                load[id(actor)] += 1
+                ref = actor.run.remote(item)
+            else:
+                actor, ref = None, run_one.remote(task_ref, item)
+            owner[ref] = (item, actor)
+
+        def wait_one():
+            [ref], _ = ray.wait(list(owner), num_returns=1)
+            item, actor = owner.pop(ref)
+            if actor is not None:
+                load[id(actor)] -= 1
+            try:
+                return ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - task failed after retries, actor died
+                return item, None, _reason(e), None, 0.0
+
+        try:
+            yield from _windowed(submit, wait_one, items,
+                                 max(MIN_WINDOW, WINDOW_PER_WORKER * slots))
+        finally:
+            if self.actors:
+                for a in pool:
+                    ray.kill(a)
+
+    def close(self) -> None:
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()

@@ -1,0 +1,284 @@
+"""Cluster executors: a real local Dask cluster (and Ray, when installed) must give the same
+stage outputs as the local executor, report failures like it, resume and shard."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rcnn_cli import config, executors
+from rcnn_cli.images import ImageItem
+from rcnn_cli.runner import run_stage
+from rcnn_cli.stages import propose_folder
+
+N_IMAGES = 4
+# One xdist worker runs the whole module (with `-n 2 --dist loadgroup`): its clusters and the
+# local reference are built once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("executors")
+needs_dask = pytest.mark.skipif(importlib.util.find_spec("distributed") is None,
+                                reason="needs the dask extra: pip install 'rcnn_cli[dask]'")
+
+
+def synthetic_folder(root: Path, n: int = N_IMAGES, seed: int = 0) -> Path:
+    """``n`` small PNGs (64-120 px) of flat rectangles on a flat background, plus noise."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(64, 121, 2))
+        img = np.full((h, w, 3), (40, 90, 40), np.uint8)
+        for _ in range(3):
+            x1, y1 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+            x2, y2 = x1 + int(rng.integers(12, 40)), y1 + int(rng.integers(12, 40))
+            img[y1:y2, x1:x2] = rng.integers(0, 256, 3)
+        img += rng.integers(0, 6, img.shape, dtype=np.uint8)
+        Image.fromarray(img).save(root / f"img{i}.png")
+    return root
+
+
+def cfg_for(executor: str = "local", workers: int = 1, address: str = "", shard: str = ""):
+    return config.load(overrides={"common": {"executor": executor, "workers": workers,
+                                             "address": address, "shard": shard}})
+
+
+def bytes_without_zip_times(path: Path) -> bytes:
+    """The file's bytes with the zip members' modification times zeroed: ``np.savez`` stamps
+    each member with the write time, everything else must match byte for byte."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        infos, pos = z.infolist(), z.start_dir
+    for info in infos:
+        data[info.header_offset + 10:info.header_offset + 14] = bytes(4)  # local header
+    for _ in infos:
+        assert data[pos:pos + 4] == b"PK\x01\x02"
+        data[pos + 12:pos + 16] = bytes(4)  # central directory entry
+        n, m, k = struct.unpack("<HHH", data[pos + 28:pos + 34])
+        pos += 46 + n + m + k
+    return bytes(data)
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    files = sorted(p.name for p in a.glob("*.npz"))
+    assert files and files == sorted(p.name for p in b.glob("*.npz"))
+    for name in files:
+        za, zb = np.load(a / name), np.load(b / name)
+        assert za.files == zb.files
+        for k in za.files:
+            assert za[k].dtype == zb[k].dtype
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{name}:{k}")
+        assert bytes_without_zip_times(a / name) == bytes_without_zip_times(b / name), name
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return synthetic_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def local_out(images, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "props"
+    report = propose_folder([images], out, cfg_for("local"))
+    assert report.done == N_IMAGES and not report.failures
+    return out
+
+
+@pytest.fixture(scope="module")
+def dask_address():
+    """One real local Dask cluster (2 one-thread worker processes) for the module."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address
+
+
+def flaky(item: ImageItem, marks: str, fail_times: int, how: str = "raise") -> dict:
+    """Fail the first ``fail_times`` attempts at ``item`` (attempts counted as files in
+    ``marks``): raise a two-line ValueError, or kill the worker process (``how="exit"``)."""
+    n = len(list(Path(marks).glob(f"{item.stem_rel}.*")))
+    Path(marks, f"{item.stem_rel}.{n}").touch()
+    if n < fail_times:
+        if how == "exit":
+            os._exit(1)
+        raise ValueError(f"attempt {n} failed\nsecond line")
+    return {"times": {"work": 0.001}, "attempt": n}
+
+
+def fake_items(root: Path, names: list[str]) -> list[ImageItem]:
+    root.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (root / n).touch()
+    return [ImageItem(root / n, n) for n in names]
+
+
+# ------------------------------------------------------------------ Dask
+def test_dask_matches_local_byte_for_byte(images, local_out, dask_address, tmp_path):
+    out = tmp_path / "props"
+    report = propose_folder([images], out, cfg_for("dask", workers=2, address=dask_address))
+    assert (report.done, report.skipped, report.failures) == (N_IMAGES, 0, [])
+    assert set(report.stage_seconds) == {"decode", "propose"}  # "times" survive the wrapper
+    assert_same_outputs(local_out, out)
+
+
+def test_cli_propose_on_a_dask_cluster(images, local_out, dask_address, tmp_path):
+    from click.testing import CliRunner
+
+    from rcnn_cli.cli import cli
+
+    out = tmp_path / "props"
+    r = CliRunner().invoke(cli, ["propose", str(images), "-o", str(out), "--executor", "dask",
+                                 "--address", dask_address, "--shard", "1/2"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.glob("*.npz")) == ["img1.npz", "img3.npz"]
+    assert "executor = \"dask\"" in (out / "config.toml").read_text()
+
+
+@needs_dask
+def test_dask_without_address_runs_its_own_cluster(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    caplog.set_level("INFO", logger="rcnn_cli.executors")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    items = fake_items(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    fn = functools.partial(flaky, marks=str(marks), fail_times=0)
+    got = list(executors.map_images_on("dask", fn, items, workers=2))
+    assert sorted(it.rel for it, _, _ in got) == ["a.png", "b.png", "c.png"]
+    assert all(err is None and res["worker"] for _, res, err in got)
+    summary = [r.message for r in caplog.records if r.message.startswith("dask:")][-1]
+    assert "3 images (0 failed) on" in summary and "images/s" in summary
+
+
+def test_dask_corrupt_image_is_a_failure_not_a_crash(images, dask_address, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.png").write_bytes((images / "img0.png").read_bytes())
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 10)
+    report = propose_folder([folder], tmp_path / "props", cfg_for("dask", 2, dask_address))
+    assert report.done == 1 and report.exit_code == 1
+    [(path, reason)] = report.failures
+    assert path.endswith("bad.jpg") and "\n" not in reason and reason
+
+
+def test_dask_shards_cover_all_images_and_resume(images, local_out, dask_address, tmp_path):
+    out = tmp_path / "props"
+    r0 = propose_folder([images], out, cfg_for("dask", 2, dask_address, shard="0/2"))
+    assert (r0.done, r0.skipped) == (N_IMAGES // 2, 0)
+    r1 = propose_folder([images], out, cfg_for("dask", 2, dask_address, shard="1/2"))
+    assert (r1.done, r1.skipped) == (N_IMAGES - N_IMAGES // 2, 0)
+    assert_same_outputs(local_out, out)
+    # an interrupted run (one output missing) resumes: only that image is recomputed
+    (out / "img1.npz").unlink()
+    r2 = propose_folder([images], out, cfg_for("dask", 2, dask_address))
+    assert (r2.done, r2.skipped, r2.failed) == (1, N_IMAGES - 1, 0)
+    assert_same_outputs(local_out, out)
+    # a mixed local rerun finds everything done
+    r3 = propose_folder([images], out, cfg_for("local"))
+    assert (r3.done, r3.skipped) == (0, N_IMAGES)
+
+
+def test_dask_retries_are_bounded_and_failures_are_one_line(dask_address, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    items = fake_items(tmp_path / "in", ["ok.png", "twice.png", "always.png"])
+    fails = {"ok.png": 0, "twice.png": executors.RETRIES, "always.png": 99}
+    got = {}
+    for it in items:  # one call per item: each has its own failure count
+        fn = functools.partial(flaky, marks=str(marks), fail_times=fails[it.rel])
+        [(item, result, err)] = executors.map_images_on("dask", fn, [it], workers=2,
+                                                        address=dask_address)
+        got[item.rel] = (result, err)
+    assert got["ok.png"][1] is None and got["ok.png"][0]["attempt"] == 0
+    assert ":" in got["ok.png"][0]["worker"] and got["ok.png"][0]["times"] == {"work": 0.001}
+    assert got["twice.png"][1] is None and got["twice.png"][0]["attempt"] == executors.RETRIES
+    assert got["always.png"] == (None, f"ValueError: attempt {executors.RETRIES} failed")
+    assert len(list(marks.glob("always.*"))) == 1 + executors.RETRIES
+
+
+def test_dask_lost_worker_is_retried_and_keeps_finished_outputs(dask_address, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    items = fake_items(tmp_path / "in", [f"{i}.png" for i in range(4)])
+    fn = functools.partial(flaky, marks=str(marks), fail_times=0)
+    killer = functools.partial(flaky, marks=str(marks), fail_times=1, how="exit")
+    first = list(executors.map_images_on("dask", fn, items[:3], address=dask_address))
+    assert all(err is None for _, _, err in first)
+    [(_, result, err)] = executors.map_images_on("dask", killer, items[3:],
+                                                    address=dask_address)
+    assert err is None and result["attempt"] == 1  # its worker died; rerun elsewhere
+    assert sorted(p.name for p in marks.iterdir()) == ["0.0", "1.0", "2.0", "3.0", "3.1"]
+
+
+@needs_dask
+def test_run_stage_with_nothing_to_do_starts_no_cluster(monkeypatch, tmp_path):
+    items = fake_items(tmp_path, ["a.png"])
+    monkeypatch.setattr(executors, "_DaskSession", None)  # would fail if used
+    report = run_stage(lambda it: {}, items, is_done=lambda it: True, executor="dask")
+    assert (report.done, report.skipped) == (0, 1)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("name,module", [("dask", "distributed"), ("ray", "ray")])
+def test_missing_extra_names_the_extra(monkeypatch, tmp_path, name, module):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    items = fake_items(tmp_path, ["a.png"])
+    with pytest.raises(executors.ExecutorError, match=rf"pip install 'rcnn_cli\[{name}\]'"):
+        run_stage(lambda it: {}, items, executor=name)
+
+
+def test_unknown_executor_is_refused(tmp_path):
+    with pytest.raises(executors.ExecutorError, match="local, dask, ray; got 'spark'"):
+        executors.map_images_on("spark", lambda it: {}, fake_items(tmp_path, ["a.png"]))
+
+
+def test_workers_that_cannot_see_the_files_are_refused(dask_address, tmp_path):
+    items = [ImageItem(tmp_path / "nowhere" / "a.png", "a.png")]
+    with pytest.raises(executors.ExecutorError, match="shared by every worker"):
+        executors.map_images_on("dask", lambda it: {}, items, address=dask_address)
+
+
+def test_base_install_does_not_import_the_engines():
+    code = ("import sys, rcnn_cli.cli, rcnn_cli.stages, rcnn_cli.executors; "
+            "print(sorted({'distributed', 'dask', 'ray'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------ Ray
+def test_ray_tasks_and_actors(images, local_out, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # One instance for both halves (a start costs ~15 s on 2 cores); map_images_on then
+    # leaves it running. Without one, it starts and stops its own (bench_distributed.py).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        # CPU stage: stateless tasks
+        out = tmp_path / "props"
+        report = propose_folder([images], out, cfg_for("ray", workers=2))
+        assert (report.done, report.failures) == (N_IMAGES, [])
+        assert_same_outputs(local_out, out)
+        assert ray.is_initialized()  # not ours to stop
+        # a CNN stage (here a stand-in) runs on long-lived actors, with the same retries
+        monkeypatch.setattr(executors, "MODEL_STAGES", {f"{__name__}.flaky"})
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        items = fake_items(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png"])
+        fn = functools.partial(flaky, marks=str(marks), fail_times=1)
+        assert executors.loads_model(fn)
+        got = {it.rel: (res, err) for it, res, err in
+               executors.map_images_on("ray", fn, items, workers=2)}
+        assert all(err is None and res["attempt"] == 1 for res, err in got.values())
+        assert len({res["worker"] for res, _ in got.values()}) <= 2  # two actors
+        bad = functools.partial(flaky, marks=str(marks), fail_times=99)
+        [(_, res, err)] = executors.map_images_on("ray", bad, items[:1], workers=1)
+        assert res is None and err.startswith("ValueError: attempt ") and "\n" not in err
+    finally:
+        ray.shutdown()
