@@ -78,7 +78,7 @@ def cluster_options(f):
 
 
 @contextlib.contextmanager
-def cluster_errors():
+def usage_errors():
     """Executor problems (missing extra, unreachable cluster, bad --shard) and stale output
     folders are usage errors (exit 2) with their one-line message."""
     from rcnn_cli.executors import ExecutorError
@@ -86,7 +86,7 @@ def cluster_errors():
 
     try:
         yield
-    except (ExecutorError, StaleStoreError) as e:
+    except (ExecutorError, StaleStoreError, FileExistsError) as e:
         raise click.UsageError(str(e)) from None
     except FileNotFoundError as e:
         raise click.FileError(getattr(e, "filename", None) or "input", hint=str(e)) from None
@@ -163,7 +163,7 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
-    with cluster_errors():
+    with usage_errors():
         report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
     click.echo(str(Path(out)))
     finish(report)
@@ -199,7 +199,7 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
 
     cfg = load_config(config_file, common=common, extract=dict(
         backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype))
-    with cluster_errors():
+    with usage_errors():
         report = extract_folder(list(images), proposals_dir, out, cfg,
                                 annotations=annotations, split=split, overwrite=overwrite)
     click.echo(str(Path(out)))
@@ -254,7 +254,7 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         m = "warp" if cuda else "shared"
         click.echo(f"finetune: mode auto -> {m}", err=True)
-    try:
+    with usage_errors():
         res = run_finetune(
             ds, proposals_from_dir(proposals_dir), out, backbone=e["backbone"],
             weights=e["weights"] or None, tap=e["tap"] or None, mode=m, device=device,
@@ -264,8 +264,6 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
             momentum=f["momentum"], weight_decay=f["weight_decay"], step_size=f["step_size"],
             val_fraction=f["val_fraction"], seed=f["seed"], padding=e["padding"],
             max_proposals=e["max_proposals"], overwrite=overwrite)
-    except FileExistsError as exc:
-        raise click.UsageError(str(exc)) from None
     cfgmod.write_resolved(out, cfg, ["common", "extract", "finetune"])
     click.echo(str(res.weights_path))
 
@@ -346,7 +344,7 @@ def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thre
         nms_iou=nms_iou, score_thresh=score_thresh, max_per_image=max_per_image,
         bbox_regression=False if no_bbox_regression else None, formats=fmts))
     try:
-        with cluster_errors():
+        with usage_errors():
             report = detect_folder(list(images), model_dir, out, cfg, split=split,
                                    save_vis=save_vis, overwrite=overwrite)
     except ModelError as e:
