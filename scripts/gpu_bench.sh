@@ -4,60 +4,72 @@
 #   bash scripts/gpu_bench.sh DATA_DIR RESULTS_DIR [ITERATIONS]
 #
 # On a VOC folder with train.txt/test.txt (raccoon): selective search for every image,
-# R-CNN warp-mode fine-tuning of the ImageNet mobilenet_v2 on the GPU, then for frozen and
-# fine-tuned features: warp-mode extract -> train-svm -> detect -> evaluate (AP50 VOC07,
-# all-point, COCO AP), and the extract throughput bench. One JSON line per step goes to
-# RESULTS_DIR/gpu_results.jsonl; the fine-tuned backbone is copied there too.
+# R-CNN warp-mode fine-tuning of the ImageNet mobilenet_v2 on the GPU, then for fine-tuned
+# and frozen features: warp-mode extract -> train-svm -> detect -> evaluate (AP50 VOC07,
+# all-point, COCO AP; with and without box regression), and the extract throughput bench.
+# Most important first, so a run cut short still reports the main numbers. One JSON line per
+# step goes to RESULTS_DIR/gpu_results.jsonl; the fine-tuned backbone is copied there too.
+# Env: PY (python), DEV (cuda), CFG (an override config file), WORK (scratch folder).
 set -uo pipefail
 D=${1:?data dir}
 R=${2:?results dir}
 ITERS=${3:-2000}
 W=${WORK:-/tmp/rcnn_gpu}
+PY=${PY:-python3}
+DEV=${DEV:-cuda}
 mkdir -p "$R" "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-DEV=${DEV:-cuda}
-RC="python3 -m rcnn_cli"
+RC="$PY -m rcnn_cli"
 C=(); [ -n "${CFG:-}" ] && C=(--config "$CFG")
 J="$R/gpu_results.jsonl"
 NP=$(nproc)
+T0=$(date +%s)
 step() {  # step NAME CMD...: time a command, log a JSON line
   local name=$1; shift
-  local t0=$(date +%s.%N)
+  local t0; t0=$(date +%s.%N)
   "$@" > "$W/$name.out" 2> "$W/$name.err"; local rc=$?
-  local dt=$(python3 -c "import time;print(round(time.time()-$t0,1))")
-  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $dt}" | tee -a "$J"
+  local dt; dt=$($PY -c "import time;print(round(time.time()-$t0,1))")
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $dt, \"elapsed\": $(( $(date +%s) - T0 ))}" | tee -a "$J"
   [ $rc -eq 0 ] || tail -5 "$W/$name.err"
   return $rc
 }
-python3 - <<'EOF' | tee -a "$J"
-import json, torch; print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}))
-EOF
-step propose $RC propose "${C[@]}" "$D/images" -o "$W/props" --workers "$NP" -q
-step finetune $RC finetune "${C[@]}" --annotations "$D" --split "$D/train.txt" --proposals "$W/props" \
-  -o "$W/ft" --mode warp --device "$DEV" --iterations "$ITERS" -q
-cp "$W/ft/finetune.json" "$R/" 2>/dev/null
-cp "$W/ft/backbone.safetensors" "$R/backbone_warp_ft.safetensors" 2>/dev/null
-for tag in frozen finetuned; do
-  wopt=()
-  [ $tag = finetuned ] && wopt=(--weights "$W/ft/backbone.safetensors")
-  step "extract_$tag" $RC extract "${C[@]}" "$D/images" --split "$D/train.txt" --proposals "$W/props" \
-    --annotations "$D" -o "$W/feats_$tag" --mode warp --device "$DEV" "${wopt[@]}" -q || continue
-  step "train_svm_$tag" $RC train-svm "${C[@]}" --features "$W/feats_$tag" -o "$W/model_$tag" -q || continue
-  step "detect_$tag" $RC detect "${C[@]}" "$D/images" --split "$D/test.txt" --model "$W/model_$tag" \
-    -o "$W/det_$tag" --device "$DEV" -q || continue
-  for reg in "" "--no-bbox-regression"; do
-    name=det_${tag}${reg:+_noreg}
-    [ -n "$reg" ] && $RC detect "${C[@]}" "$D/images" --split "$D/test.txt" --model "$W/model_$tag" \
-      -o "$W/$name" --device "$DEV" $reg -q > /dev/null 2>&1
-    $RC evaluate --annotations "$D" --split "$D/test.txt" --detections "$W/$name" -q >/dev/null 2>&1
-    python3 - "$W/$name/metrics.json" "$name" <<'EOF' | tee -a "$J"
+score() {  # score DET_DIR NAME: evaluate and log AP
+  $RC evaluate --annotations "$D" --split "$D/test.txt" --detections "$1" -q >/dev/null 2>&1
+  $PY - "$1/metrics.json" "$2" <<'EOF' | tee -a "$J"
 import json, sys
 m = json.load(open(sys.argv[1]))
 print(json.dumps({"eval": sys.argv[2], "ap50_voc07": round(m["mAP_voc07"], 4),
                   "ap50_allpoint": round(m["mAP_voc"], 4), "coco_ap": round(m["coco"]["AP"], 4)}))
 EOF
-  done
-done
+}
+chain() {  # chain TAG [extract options...]: extract -> train-svm -> detect -> evaluate
+  local tag=$1; shift
+  step "extract_$tag" $RC extract "${C[@]}" "$D/images" --split "$D/train.txt" \
+    --proposals "$W/props" --annotations "$D" -o "$W/feats_$tag" --mode warp --device "$DEV" \
+    "$@" -q || return
+  step "train_svm_$tag" timeout 240 $RC train-svm "${C[@]}" --features "$W/feats_$tag" \
+    -o "$W/model_$tag" -v || return
+  grep -h "rcnn_cli.svm" "$W/train_svm_$tag.err" | tail -3
+  step "detect_$tag" $RC detect "${C[@]}" "$D/images" --split "$D/test.txt" \
+    --model "$W/model_$tag" -o "$W/det_$tag" --device "$DEV" || return
+  tail -1 "$W/detect_$tag.err"
+  score "$W/det_$tag" "$tag"
+  step "detect_${tag}_noreg" $RC detect "${C[@]}" "$D/images" --split "$D/test.txt" \
+    --model "$W/model_$tag" -o "$W/det_${tag}_noreg" --device "$DEV" --no-bbox-regression &&
+    score "$W/det_${tag}_noreg" "${tag}_noreg"
+}
+$PY - <<'EOF' | tee -a "$J"
+import json, torch
+print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                  "torch": torch.__version__}))
+EOF
+step propose $RC propose "${C[@]}" "$D/images" -o "$W/props" --workers "$NP" -q
+step finetune $RC finetune "${C[@]}" --annotations "$D" --split "$D/train.txt" \
+  --proposals "$W/props" -o "$W/ft" --mode warp --device "$DEV" --iterations "$ITERS" -q
+cp "$W/ft/finetune.json" "$R/" 2>/dev/null
+cp "$W/ft/backbone.safetensors" "$R/backbone_warp_ft.safetensors" 2>/dev/null
+chain finetuned --weights "$W/ft/backbone.safetensors"
 cp "$W/det_finetuned/detections.csv" "$R/" 2>/dev/null
-step bench_extract python3 scripts/bench_extract.py --device "$DEV" --images 2
+step bench_extract $PY scripts/bench_extract.py --device "$DEV" --images 2
 cat "$W/bench_extract.out" >> "$J"
+chain frozen

@@ -1,0 +1,425 @@
+"""Tests of rcnn_cli.proposals: selective search, its cores, OpenCV's, sliding windows, metrics."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rcnn_cli import boxes as box_ops
+from rcnn_cli.proposals import (
+    STRATEGIES,
+    felzenszwalb,
+    opencv_selective_search,
+    plot_recall_curve,
+    proposal_recall,
+    propose,
+    selective_search,
+    sliding_windows,
+)
+from rcnn_cli.proposals._grouping import adjacency, hierarchical_grouping, region_features
+
+# ---------------------------------------------------------------- synthetic images
+BG = (30, 110, 40)
+RECTS = [  # (x1, y1, x2, y2) continuous pixels, colour
+    ((20, 30, 70, 90), (230, 40, 40)),
+    ((100, 20, 150, 60), (40, 60, 220)),
+    ((90, 80, 140, 110), (240, 240, 60)),
+]
+
+
+def rect_image(h: int = 120, w: int = 160, rects=RECTS) -> np.ndarray:
+    """Flat coloured rectangles on a flat background, uint8 (h, w, 3)."""
+    im = np.empty((h, w, 3), np.uint8)
+    im[:] = BG
+    for (x1, y1, x2, y2), colour in rects:
+        im[y1:y2, x1:x2] = colour
+    return im
+
+
+def textured_image(h: int = 90, w: int = 120, seed: int = 3) -> np.ndarray:
+    """Blobs and smooth noise: a small image with many segments."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    im = np.zeros((h, w, 3), np.float64)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 30)
+        im[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    im += rng.normal(0, 12, im.shape)
+    return np.clip(im, 0, 255).astype(np.uint8)
+
+
+def found(proposals: np.ndarray, box, tol: float) -> bool:
+    """Is there a proposal whose every coordinate is within ``tol`` of ``box``?"""
+    return bool((np.abs(proposals - np.asarray(box, np.float32)).max(axis=1) <= tol).any())
+
+
+def check_properties(b: np.ndarray, s: np.ndarray, size, min_size: int, top_k: int | None):
+    h, w = size
+    assert b.dtype == np.float32 and s.dtype == np.float32
+    assert b.ndim == 2 and b.shape[1] == 4 and s.shape == (len(b),)
+    assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all()
+    assert (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+    assert (b[:, 2] - b[:, 0] >= min_size).all() and (b[:, 3] - b[:, 1] >= min_size).all()
+    assert len(np.unique(b, axis=0)) == len(b)
+    assert (np.diff(s) <= 0).all()
+    if top_k:
+        assert len(b) <= top_k
+
+
+# ---------------------------------------------------------------- Felzenszwalb
+def test_felzenszwalb_four_quadrants_give_four_segments():
+    img = np.zeros((20, 21, 3), np.uint8)
+    img[:10, 10:] = 50
+    img[10:, :10] = 100
+    img[10:, 10:] = 150
+    labels, n = felzenszwalb(img, scale=100, sigma=0, min_size=1)
+    assert n == 4 and labels.shape == (20, 21) and labels.dtype == np.int32
+    for quad in (labels[:10, :10], labels[:10, 10:], labels[10:, :10], labels[10:, 10:]):
+        assert len(np.unique(quad)) == 1
+    assert len({labels[0, 0], labels[0, 20], labels[19, 0], labels[19, 20]}) == 4
+    assert labels[0, 0] == 0  # numbered in raster order
+
+
+def test_felzenszwalb_min_size_absorbs_small_segments_and_scale_merges():
+    img = np.zeros((30, 30), np.uint8)
+    img[5:8, 5:8] = 200  # a 9-pixel speck
+    _, n_small = felzenszwalb(img, scale=1, sigma=0, min_size=1)
+    _, n_absorbed = felzenszwalb(img, scale=1, sigma=0, min_size=10)
+    assert n_small == 2 and n_absorbed == 1
+    # a low-contrast step joins at a large scale k and stays apart at a small one
+    step = np.zeros((20, 40), np.uint8)
+    step[:, 20:] = 6
+    assert felzenszwalb(step, scale=1, sigma=0, min_size=1)[1] == 2
+    assert felzenszwalb(step, scale=5000, sigma=0, min_size=1)[1] == 1  # 5000/400 > 6
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((2, 3, 4, 5), np.uint8), r"image.*\(2, 3, 4, 5\)"),
+    (np.zeros((0, 5), np.uint8), r"image.*\(0, 5\)"),
+    (np.zeros((4, 4), np.complex64), r"image.*complex64"),
+])
+def test_felzenszwalb_rejects_bad_images(bad, match):
+    with pytest.raises(ValueError, match=match):
+        felzenszwalb(bad)
+
+
+def test_felzenszwalb_rejects_bad_scale():
+    with pytest.raises(ValueError, match="scale"):
+        felzenszwalb(np.zeros((4, 4), np.uint8), scale=0)
+
+
+# ---------------------------------------------------------------- grouping core
+def test_texture_bins_of_a_vertical_step_edge():
+    from rcnn_cli.proposals.selective_search import _texture
+
+    img = np.zeros((20, 20, 1), np.uint8)
+    img[:, 10:] = 200  # dark -> bright from left to right: d/dx > 0, d/dy = 0
+    tb = _texture(img)
+    assert tb.shape == (20, 20, 1, 8) and tb.dtype == np.uint8
+    assert tb[:, :, 0, 0].max() == 9 and (tb[:, 8:12, 0, 0] > 0).all()  # 0 degrees fires
+    assert (tb[:, :6, 0, 0] == 0).all() and (tb[:, 14:, 0, 0] == 0).all()  # flat: nothing
+    for o in (2, 4, 6):  # 90, 180, 270 degrees: no response
+        assert (tb[:, :, 0, o] == 0).all(), o
+    assert tb[:, :, 0, 1].max() > 0 and tb[:, :, 0, 7].max() > 0  # +-45 degrees see it too
+    assert (tb[:, :, 0, 3] == 0).all() and (tb[:, :, 0, 5] == 0).all()
+
+
+def test_grouping_merges_most_similar_pair_first():
+    # three 10x10 regions in a row: A (0) and B (1) nearly the same red, C (2) blue
+    labels = np.repeat(np.repeat(np.array([[0, 1, 2]], np.int32), 10, 0), 10, 1)
+    img = np.zeros((10, 30, 3), np.uint8)
+    img[:, :10] = (200, 10, 10)
+    img[:, 10:20] = (205, 10, 10)
+    img[:, 20:] = (10, 10, 200)
+    tb = np.zeros((10, 30, 3, 8), np.uint8)
+    sizes, rboxes, colour, texture = region_features(labels, 3, img, tb, True, True)
+    assert sizes.tolist() == [100, 100, 100]
+    assert rboxes.tolist() == [[0, 0, 9, 9], [10, 0, 19, 9], [20, 0, 29, 9]]
+    np.testing.assert_allclose(colour.sum(1), 1, rtol=1e-6)
+    np.testing.assert_allclose(texture.sum(1), 1, rtol=1e-6)
+    pairs = adjacency(labels, 3)
+    assert pairs.tolist() == [[0, 1], [1, 2]]
+    out = hierarchical_grouping(sizes, rboxes, colour, texture, pairs, True, False, False, False)
+    # creation order: A, B, C, then A+B (colour-similar), then everything
+    assert out.tolist() == [[0, 0, 9, 9], [10, 0, 19, 9], [20, 0, 29, 9],
+                            [0, 0, 19, 9], [0, 0, 29, 9]]
+
+
+def test_grouping_size_similarity_prefers_small_regions():
+    # A (40 px) | B (10 px) | C (10 px): by size alone B+C merge first
+    labels = np.zeros((10, 6), np.int32)
+    labels[:, 4] = 1
+    labels[:, 5] = 2
+    img = np.zeros((10, 6, 3), np.uint8)
+    tb = np.zeros((10, 6, 3, 8), np.uint8)
+    sizes, rboxes, colour, texture = region_features(labels, 3, img, tb, False, False)
+    pairs = adjacency(labels, 3)
+    out = hierarchical_grouping(sizes, rboxes, colour, texture, pairs, False, False, True, False)
+    assert out[3].tolist() == [4, 0, 5, 9]
+    assert out[4].tolist() == [0, 0, 5, 9]
+
+
+# ---------------------------------------------------------------- selective search
+@pytest.mark.parametrize("strategy", ["single", "fast"])
+def test_selective_search_finds_flat_rectangles(strategy):
+    im = rect_image()
+    b, s = selective_search(im, strategy, max_side=None, top_k=None)
+    for box, _ in RECTS:
+        assert found(b, box, tol=1.0), box
+    assert found(b, (0, 0, 160, 120), tol=0)  # the root region is the whole image
+    check_properties(b, s, im.shape[:2], 20, None)
+
+
+def test_selective_search_maps_resized_boxes_back():
+    im = rect_image()
+    # halved for segmentation (160 -> 80): within one resized pixel (2 px)
+    b, _ = selective_search(im, "single", max_side=80, top_k=None)
+    for box, _ in RECTS:
+        assert found(b, box, tol=2.0), box
+    np.testing.assert_array_equal(b % 2, 0)  # every resized pixel edge maps to an even one
+    # doubled (upscaled) works too
+    b2, _ = selective_search(im, "single", max_side=320, top_k=None)
+    for box, _ in RECTS:
+        assert found(b2, box, tol=1.0), box
+
+
+def test_selective_search_properties_and_caps():
+    im = textured_image()
+    b, s = selective_search(im, "fast", max_side=120, min_size=10, top_k=None)
+    check_properties(b, s, im.shape[:2], 10, None)
+    assert len(b) > 50
+    b2, s2 = selective_search(im, "fast", max_side=120, min_size=10, top_k=25)
+    assert len(b2) == 25
+    np.testing.assert_array_equal(b2, b[:25])
+    np.testing.assert_array_equal(s2, s[:25])
+    b3, _ = selective_search(im, "fast", max_side=120, min_size=30, top_k=None)
+    np.testing.assert_array_equal(b3, b[box_ops.valid_mask(b, 30)])
+
+
+def test_selective_search_quality_is_a_superset_in_spirit():
+    im = textured_image()
+    bf, _ = selective_search(im, "fast", max_side=120, min_size=5, top_k=None)
+    bq, sq = selective_search(im, "quality", max_side=120, min_size=5, top_k=None)
+    check_properties(bq, sq, im.shape[:2], 5, None)
+    assert len(bq) > len(bf)
+    assert len(STRATEGIES["quality"][0]) * len(STRATEGIES["quality"][1]) * 4 == 80
+
+
+def test_selective_search_is_deterministic_and_seeded():
+    im = textured_image()
+    b1, s1 = selective_search(im, "fast", max_side=120, top_k=None, seed=0)
+    b2, s2 = selective_search(im.copy(), "fast", max_side=120, top_k=None, seed=0)
+    np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(s1, s2)
+    b3, _ = selective_search(im, "fast", max_side=120, top_k=None, seed=1)
+    assert not np.array_equal(b1, b3)  # another ranking ...
+    # ... of the same set of boxes
+    assert {tuple(r) for r in b1.tolist()} == {tuple(r) for r in b3.tolist()}
+
+
+def test_selective_search_grey_and_rgba_inputs():
+    rgb = rect_image()
+    grey = rgb.mean(axis=2).astype(np.uint8)
+    ref = selective_search(np.repeat(grey[:, :, None], 3, axis=2), "single", max_side=None)
+    for variant in (grey, grey[:, :, None]):
+        out = selective_search(variant, "single", max_side=None)
+        np.testing.assert_array_equal(out[0], ref[0])
+        np.testing.assert_array_equal(out[1], ref[1])
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, np.uint8)], axis=2)
+    np.testing.assert_array_equal(selective_search(rgba, "single", max_side=None)[0],
+                                  selective_search(rgb, "single", max_side=None)[0])
+    # a greyscale photo still yields its flat rectangles
+    for box, _ in RECTS:
+        assert found(ref[0], box, tol=1.0), box
+
+
+def test_selective_search_tiny_and_huge_images():
+    b, s = selective_search(np.zeros((10, 12, 3), np.uint8))
+    assert b.shape == (0, 4) and s.shape == (0,)
+    b, s = selective_search(np.full((1, 1, 3), 9, np.uint8), min_size=0)
+    np.testing.assert_array_equal(b, [[0, 0, 1, 1]])
+    b, s = selective_search(textured_image(8, 6), "single", min_size=2, max_side=None)
+    check_properties(b, s, (8, 6), 2, None)
+    b, _ = selective_search(np.zeros((1, 300, 3), np.uint8), "single", min_size=0)
+    assert len(b) >= 1 and (b[:, 3] <= 1).all()
+    # 12 MP: segmentation runs at max_side, boxes come back in original pixels
+    big = np.empty((3000, 4000, 3), np.uint8)
+    big[:] = BG
+    big[1000:2000, 500:1500] = (230, 40, 40)
+    b, _ = selective_search(big, "single", max_side=200)
+    assert found(b, (500, 1000, 1500, 2000), tol=20)  # one resized pixel is 20 px
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((20, 20, 3), np.float32), r"image.*uint8.*float32"),
+    (np.zeros((20, 20, 2), np.uint8), r"image.*\(20, 20, 2\)"),
+    (np.zeros((2, 20, 20, 3), np.uint8), r"image.*\(2, 20, 20, 3\)"),
+    (np.zeros((0, 20, 3), np.uint8), r"image.*\(0, 20, 3\)"),
+    ([[1, 2], [3, 4]], r"image.*numpy array"),
+])
+def test_selective_search_rejects_bad_images(image, match):
+    with pytest.raises(ValueError, match=match):
+        selective_search(image)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"strategy": "slow"}, "strategy"),
+    ({"top_k": -1}, "top_k"),
+    ({"max_side": -5}, "max_side"),
+    ({"min_size": -1}, "min_size"),
+])
+def test_selective_search_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        selective_search(rect_image(), **kwargs)
+
+
+# ---------------------------------------------------------------- OpenCV peer
+def test_opencv_selective_search_is_reproducible():
+    im = textured_image()
+    b1, s1 = opencv_selective_search(im, "single", max_side=120, min_size=5, top_k=None, seed=3)
+    b2, s2 = opencv_selective_search(im, "single", max_side=120, min_size=5, top_k=None, seed=3)
+    np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(s1, s2)
+    check_properties(b1, s1, im.shape[:2], 5, None)
+    b3, _ = opencv_selective_search(im, "single", max_side=120, min_size=5, top_k=None, seed=4)
+    assert {tuple(r) for r in b1.tolist()} == {tuple(r) for r in b3.tolist()}
+    assert not np.array_equal(b1, b3)
+    b4, _ = opencv_selective_search(im, "single", max_side=120, min_size=5, top_k=7, seed=3)
+    np.testing.assert_array_equal(b4, b1[:7])
+
+
+def test_opencv_selective_search_finds_rectangles_and_checks_input():
+    b, _ = opencv_selective_search(rect_image(), "single", max_side=None, top_k=None)
+    for box, _ in RECTS:
+        assert found(b, box, tol=1.0), box
+    with pytest.raises(ValueError, match="mode"):
+        opencv_selective_search(rect_image(), mode="fastest")
+    with pytest.raises(ValueError, match=r"image.*\(5, 5, 5\)"):
+        opencv_selective_search(np.zeros((5, 5, 5), np.uint8))
+
+
+# ---------------------------------------------------------------- sliding windows
+def test_sliding_windows_geometry():
+    b, s = sliding_windows((100, 200), scales=(0.5,), aspect_ratios=(1.0,), stride_frac=0.5,
+                           min_size=0, top_k=None)
+    # 50 x 50 windows, stride 25: x in 0, 25, ..., 150 (7), y in 0, 25, 50 (3)
+    assert len(b) == 21
+    assert set(b[:, 0].tolist()) == {0, 25, 50, 75, 100, 125, 150}
+    assert set(b[:, 1].tolist()) == {0, 25, 50}
+    np.testing.assert_array_equal(b[:, 2:] - b[:, :2], np.full((21, 2), 50, np.float32))
+    np.testing.assert_allclose(s, 0.125)
+    # the border is covered: a window flush with the bottom-right corner exists
+    assert found(b, (150, 50, 200, 100), tol=0)
+
+
+def test_sliding_windows_aspect_clipping_order_and_caps():
+    b, s = sliding_windows((100, 200), scales=(0.3, 1.0), aspect_ratios=(0.5, 2.0),
+                           stride_frac=0.25, min_size=0, top_k=None)
+    check_properties(b, s, (100, 200), 0, None)
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    small = np.isclose(w * h, 900, atol=1)  # scale 0.3: 30 x 30 px area, two shapes
+    assert small.any() and set(np.round(w[small] / h[small], 1).tolist()) == {0.5, 2.0}
+    assert s[0] == s.max() and (w[0] * h[0]) > 900  # larger windows first
+    b2, _ = sliding_windows((100, 200), scales=(0.3, 1.0), aspect_ratios=(0.5, 2.0),
+                            min_size=25, top_k=5)
+    assert len(b2) == 5 and (b2[:, 2:] - b2[:, :2] >= 25).all()
+    with pytest.raises(ValueError, match="stride_frac"):
+        sliding_windows((10, 10), stride_frac=0)
+    with pytest.raises(ValueError, match="size"):
+        sliding_windows((10,))
+
+
+# ---------------------------------------------------------------- dispatcher
+def test_propose_dispatches_and_rejects_unknown():
+    im = rect_image()
+    ref = selective_search(im, "single", max_side=None)
+    got = propose(im, "selective_search", strategy="single", max_side=None)
+    np.testing.assert_array_equal(got[0], ref[0])
+    bs, _ = propose(im, "sliding", scales=(1.0,), aspect_ratios=(1.0,))
+    # 120 x 120 windows over the 120 x 160 image, stride 30, the last flush right
+    np.testing.assert_array_equal(bs, [[0, 0, 120, 120], [30, 0, 150, 120], [40, 0, 160, 120]])
+    with pytest.raises(ValueError, match="method"):
+        propose(im, "edge_boxes")
+    with pytest.raises(ValueError, match="strategy_name"):
+        propose(im, "selective_search", strategy_name="fast")
+
+
+# ---------------------------------------------------------------- metrics
+def test_proposal_recall_hand_computed():
+    props = [np.array([[0, 0, 10, 10]]),
+             np.array([[0, 0, 10, 6], [0, 0, 10, 8]]),
+             np.array([[0, 0, 5, 5]])]
+    gts = [np.array([[0, 0, 10, 10]]),
+           np.array([[0, 0, 10, 10], [20, 20, 30, 30]]),
+           np.zeros((0, 4))]
+    labels = [np.array([0]), np.array([1, 0]), np.zeros(0, np.int64)]
+    r = proposal_recall(props, gts, num_boxes=(1, 2), labels=labels, class_names=["a", "b"])
+    # best overlaps with all proposals: 1.0, 0.8, 0.0
+    assert r["num_images"] == 3 and r["num_gt"] == 3
+    assert r["boxes_per_image"] == pytest.approx(4 / 3)
+    assert r["recall@0.5"] == pytest.approx(2 / 3)
+    assert r["recall@0.7"] == pytest.approx(2 / 3)
+    assert r["ar"] == pytest.approx(17 / 30)  # 1.0 passes 10 thresholds, 0.8 passes 7
+    assert r["abo"] == pytest.approx(0.6)
+    assert r["mabo"] == pytest.approx((0.5 + 0.8) / 2)  # class a: 1.0, 0.0; class b: 0.8
+    assert r["per_class"]["a"] == {"num_gt": 2, "abo": pytest.approx(0.5), "recall@0.5": 0.5}
+    assert r["per_class"]["b"]["abo"] == pytest.approx(0.8)
+    # first proposal only: 1.0, 0.6, 0.0
+    assert r["curve"]["num_boxes"] == [1, 2]
+    assert r["curve"]["recall@0.5"] == pytest.approx([2 / 3, 2 / 3])
+    assert r["curve"]["recall@0.7"] == pytest.approx([1 / 3, 2 / 3])
+    assert r["curve"]["abo"] == pytest.approx([1.6 / 3, 0.6])
+    # without labels MABO is ABO
+    assert proposal_recall(props, gts)["mabo"] == pytest.approx(0.6)
+
+
+def test_proposal_recall_errors_and_empty():
+    with pytest.raises(ValueError, match="same images"):
+        proposal_recall([np.zeros((0, 4))], [])
+    r = proposal_recall([np.zeros((0, 4))], [np.zeros((0, 4))])
+    assert r["num_gt"] == 0 and np.isnan(r["recall@0.5"])
+    r = proposal_recall([np.zeros((0, 4))], [np.array([[0, 0, 5, 5]])])
+    assert r["recall@0.5"] == 0 and r["abo"] == 0
+
+
+def test_plot_recall_curve_writes_png(tmp_path):
+    path = tmp_path / "recall.png"
+    plot_recall_curve({"ours": ([1, 10, 100], [0.2, 0.6, 0.9]),
+                       "opencv": ([1, 10, 100], [0.1, 0.5, 0.8])}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- real photos
+def _raccoon_dir() -> Path | None:
+    here = Path(__file__).resolve().parents[1]
+    for cand in (Path("/work/shared/data/raccoon"), here.parent / "shared" / "data" / "raccoon",
+                 here / "../shared/data/raccoon"):
+        if (cand / "annotations").is_dir() and (cand / "images").is_dir():
+            return cand
+    return None
+
+
+@pytest.mark.slow
+def test_selective_search_recall_on_real_photos():
+    root = _raccoon_dir()
+    if root is None:
+        pytest.skip("raccoon data set not present")
+    import xml.etree.ElementTree as ET
+
+    import cv2
+
+    props, gts = [], []
+    for stem in ("raccoon-5", "raccoon-14"):
+        im = cv2.imread(str(root / "images" / f"{stem}.jpg"), cv2.IMREAD_COLOR)
+        if im is None:
+            pytest.skip(f"{stem}.jpg not readable")
+        xml = ET.parse(root / "annotations" / f"{stem}.xml").getroot()
+        gt = [[float(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+              for o in xml.iter("object")]
+        b, s = selective_search(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), "fast")
+        check_properties(b, s, im.shape[:2], 20, 2000)
+        props.append(b)
+        gts.append(box_ops.from_voc(np.array(gt, np.float32)))
+    r = proposal_recall(props, gts)
+    assert r["recall@0.5"] == 1.0 and r["abo"] > 0.75
