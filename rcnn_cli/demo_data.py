@@ -118,6 +118,8 @@ def make_demo_dataset(out: str | Path, n_train: int = 32, n_test: int = 16,
         stem = f"{split}_{i:03d}"
         img, boxes, labels = make_image(rng, objs, bgs)
         ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        if not ok:
+            raise RuntimeError(f"could not encode demo image {stem}")
         atomic_write_bytes(out / "images" / f"{stem}.jpg", buf.tobytes())
         rec = ImageRecord(f"{stem}.jpg", img.shape[0], img.shape[1], boxes,
                           np.array(labels, np.int64), np.zeros(len(labels), bool))

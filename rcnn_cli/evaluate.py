@@ -647,51 +647,50 @@ def read_detections(out_dir: str | Path, classes: Sequence[str] | None = None
 # ---------------------------------------------------------------- proposals
 #: IoU thresholds of average recall (Hosang et al., "What makes for effective detection
 #: proposals?", TPAMI 2016: AR = mean recall over IoU 0.5:0.05:0.95).
-AR_IOUS = tuple(np.round(np.arange(0.5, 0.951, 0.05), 2))
-
-
 def evaluate_proposals(dataset_or_gts: Any, proposals: Mapping[str, ArrayLike],
                        classes: Sequence[str] | None = None) -> dict[str, Any]:
     """Recall and ABO of proposal boxes against ground truth (difficult objects left out).
 
+    The numbers come from :func:`rcnn_cli.proposals.metrics.proposal_recall` (recall at IoU
+    0.5/0.7, AR over 0.5:0.05:0.95, per-class ABO and MABO, and the recall-vs-#boxes curve);
+    this function attaches proposals to ground-truth images by name.
+
     Args:
         dataset_or_gts: a ``datasets.Dataset`` or a dict file_name -> ground truth.
-        proposals: image name -> boxes (N, 4); names matched by :func:`match_image_names`.
-            Ground-truth images without proposals count with best IoU 0.
+        proposals: image name -> boxes (N, 4) best first; names matched by
+            :func:`match_image_names`. Ground-truth images without proposals count with
+            best IoU 0.
 
     Returns:
         {"num_images", "num_objects", "mean_proposals" per image with proposals,
-        "missing_images" (no proposals), "recall@0.5", "recall@0.7", "average_recall"
-        (:data:`AR_IOUS`), "ABO" per class (mean best IoU of its objects, selective search
-        paper), "MABO" (mean of the defined class ABOs), "summary"}.
+        "missing_images" (no proposals), "recall@0.5", "recall@0.7", "average_recall",
+        "ABO" per class, "MABO", "curve", "summary"}.
     """
+    from rcnn_cli.proposals.metrics import proposal_recall
+
     gts, _, classes = _unpack_ground_truth(dataset_or_gts, classes)
     name_map = match_image_names(proposals.keys(), gts.keys())
     props = {name_map[k]: as_boxes(v) for k, v in proposals.items() if k in name_map}
-    best, lab = [], []
+    plist, glist, llist = [], [], []
     for k, g in gts.items():
         b, labels, d = _as_gt(g)
-        iou = box_iou(b[~d], props.get(k, np.zeros((0, 4), np.float32)))
-        best.append(iou.max(1) if iou.shape[1] else np.zeros(len(iou)))
-        lab.append(labels[~d])
-    best = np.concatenate(best) if best else np.zeros(0)
-    lab = np.concatenate(lab) if lab else np.zeros(0, np.int64)
-    n = max(len(best), 1)
-    abo = {name: (float(best[lab == c].mean()) if (lab == c).any() else math.nan)
-           for c, name in enumerate(classes)}
-    m = {"num_images": len(gts), "num_objects": len(best),
+        plist.append(props.get(k, np.zeros((0, 4), np.float32)))
+        glist.append(b[~d])
+        llist.append(labels[~d])
+    r = proposal_recall(plist, glist, labels=llist, class_names=list(classes))
+    abo = {name: float(r["per_class"].get(name, {}).get("abo", math.nan)) for name in classes}
+    m = {"num_images": len(gts), "num_objects": int(r["num_gt"]),
          "mean_proposals": float(np.mean([len(v) for v in props.values()])) if props else 0.0,
          "missing_images": sorted(set(gts) - set(props)),
-         "recall@0.5": float((best >= 0.5).sum() / n), "recall@0.7": float((best >= 0.7).sum() / n),
-         "average_recall": float(np.mean([(best >= t).sum() / n for t in AR_IOUS])),
-         "ABO": abo, "MABO": _nanmean(abo.values())}
+         "recall@0.5": float(r["recall@0.5"]), "recall@0.7": float(r["recall@0.7"]),
+         "average_recall": float(r["ar"]), "ABO": abo, "MABO": _nanmean(abo.values()),
+         "curve": r["curve"]}
     m["summary"] = (f"recall@0.5 {m['recall@0.5']:.4f}, recall@0.7 {m['recall@0.7']:.4f}, "
                     f"AR {m['average_recall']:.4f}, MABO {m['MABO']:.4f} ({m['num_objects']} "
                     f"objects, {m['mean_proposals']:.0f} proposals per image)")
     return m
 
 
-# ---------------------------------------------------------------- folders (the CLI's entry)
 def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
                     proposals_dir: str | Path | None, split: str | Path | None,
                     out: str | Path | None, cfg: Mapping[str, Any]
@@ -720,9 +719,16 @@ def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
         iou = float(cfg.get("evaluate", {}).get("iou", VOC_IOU_THRESH))
         metrics, _ = evaluate_detections(ds, dets, out_dir=out, iou_thresh=iou)
         return metrics, out / "metrics.json"
+    from rcnn_cli.proposals.metrics import plot_recall_curve
+
     metrics = evaluate_proposals(ds, read_proposals(proposals_dir))
     path = out / "metrics.json"
     atomic_write_bytes(path, json.dumps(_nan_to_none(metrics), indent=2).encode())
+    c = metrics["curve"]
+    plot_recall_curve({"recall@0.5": (c["num_boxes"], c["recall@0.5"]),
+                       "recall@0.7": (c["num_boxes"], c["recall@0.7"]),
+                       "AR": (c["num_boxes"], c["ar"])}, out / "recall_vs_boxes.png",
+                      ylabel="recall")
     return metrics, path
 
 

@@ -13,9 +13,10 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -52,8 +53,8 @@ class Report:
 
     def summary(self, what: str = "images") -> str:
         n = self.done + self.skipped + self.failed
-        parts = [f"{n} {what}: {self.done} done, {self.skipped} already done (resumed), "
-                 f"{self.failed} failed"]
+        parts = [(f"{n} {what}: {self.done} done, {self.skipped} already done (resumed), "
+                  f"{self.failed} failed")]
         if self.done:
             per = ", ".join(f"{k} {v / self.done:.3f}" for k, v in self.stage_seconds.items())
             parts.append(f"{self.seconds:.1f} s" + (f" (s/image: {per})" if per else ""))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from rcnn_cli.bbox_regression import train_bbox_regressors
 from rcnn_cli.model import Model, save_model
