@@ -107,9 +107,12 @@ def map_images(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem
     ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                              initializer=_limit_threads) as pool:
-        futs = [pool.submit(_call, fn, it) for it in items]
+        futs = {pool.submit(_call, fn, it): it for it in items}
         for f in progress(as_completed(futs), len(futs), desc):
-            yield f.result()
+            try:
+                yield f.result()
+            except Exception as e:  # noqa: BLE001 - a dead worker (killed, out of memory)
+                yield futs[f], None, f"worker process died ({type(e).__name__}: {e})"
 
 
 def shard_items(items: Sequence[ImageItem], shard: str | None) -> list[ImageItem]:

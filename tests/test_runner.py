@@ -1,0 +1,59 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from rcnn_cli.images import ImageError, ImageItem
+from rcnn_cli.runner import Report, run_stage, shard_items
+
+
+def _work(item: ImageItem) -> dict:
+    name = item.path.name
+    if name.startswith("bad"):
+        raise ImageError(item.path, "not a decodable image")
+    if name.startswith("boom"):
+        raise ZeroDivisionError("division by zero")
+    if name.startswith("die"):
+        os._exit(3)  # a worker killed mid-image (e.g. out of memory)
+    return {"times": {"work": 1.0}}
+
+
+def _items(*names):
+    return [ImageItem(Path(n), n) for n in names]
+
+
+def test_failures_are_reported_and_the_batch_goes_on():
+    rep = run_stage(_work, _items("a.jpg", "bad.jpg", "boom.jpg", "b.jpg"))
+    assert rep.done == 2 and rep.failed == 2 and rep.exit_code == 1
+    reasons = dict(rep.failures)
+    assert reasons["bad.jpg"] == "not a decodable image"
+    assert reasons["boom.jpg"] == "ZeroDivisionError: division by zero"
+    assert rep.stage_seconds == {"work": 2.0}
+    assert "4 images: 2 done, 0 already done (resumed), 2 failed" in rep.summary()
+
+
+def test_resume_skips_done_items():
+    rep = run_stage(_work, _items("a.jpg", "b.jpg"), is_done=lambda it: it.rel == "a.jpg")
+    assert rep.done == 1 and rep.skipped == 1 and rep.exit_code == 0
+
+
+def test_dead_worker_is_a_failure_not_a_crash():
+    rep = run_stage(_work, _items("a.jpg", "die.jpg", "b.jpg"), workers=2)
+    assert ("die.jpg", ) == tuple(p for p, _ in rep.failures if p == "die.jpg")
+    assert "worker process died" in dict(rep.failures)["die.jpg"]
+    assert rep.exit_code == 1
+
+
+def test_shards_partition_the_items():
+    items = _items(*[f"{i}.jpg" for i in range(7)])
+    parts = [shard_items(items, f"{i}/3") for i in range(3)]
+    assert sorted(sum(parts, []), key=lambda it: it.rel) == sorted(items, key=lambda it: it.rel)
+    assert [it.rel for it in parts[1]] == ["1.jpg", "4.jpg"]
+    assert shard_items(items, None) == items
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError):
+            shard_items(items, bad)
+
+
+def test_report_exit_code_clean():
+    assert Report().exit_code == 0
