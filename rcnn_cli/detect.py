@@ -46,7 +46,7 @@ class DetectSettings:
     score_thresh: float = -1.0      # SVM margin units
     max_per_image: int = 100
     bbox_regression: bool = True
-    vis_thresh: float = 0.0         # pictures show detections scoring above this
+    vis_thresh: float = -0.8        # pictures show detections scoring above this
 
 
 def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
