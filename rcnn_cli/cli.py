@@ -340,13 +340,18 @@ def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thre
     from rcnn_cli.model import ModelError
 
     fmts = [f.strip() for f in formats.split(",")] if formats else None
-    cfg = load_config(config_file, common=common, detect=dict(
-        nms_iou=nms_iou, score_thresh=score_thresh, max_per_image=max_per_image,
-        bbox_regression=False if no_bbox_regression else None, formats=fmts))
+    flags = dict(nms_iou=nms_iou, score_thresh=score_thresh, max_per_image=max_per_image,
+                 bbox_regression=False if no_bbox_regression else None, formats=fmts)
+    cfg = load_config(config_file, common=common, detect=flags)
+    # thresholds stored in the model apply unless the user set them (config file or flag)
+    explicit = cfgmod.explicit_keys(config_file, "detect")
+    explicit.update({k: v for k, v in flags.items() if v is not None})
+    overrides = {k: cfg["detect"][k] for k in explicit}
     try:
         with usage_errors():
             report = detect_folder(list(images), model_dir, out, cfg, split=split,
-                                   save_vis=save_vis, overwrite=overwrite)
+                                   save_vis=save_vis, overwrite=overwrite,
+                                   overrides=overrides)
     except ModelError as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:

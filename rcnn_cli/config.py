@@ -89,6 +89,16 @@ def load(path: str | Path | None = None,
     return cfg
 
 
+def explicit_keys(path: str | Path | None, section: str) -> dict[str, Any]:
+    """The keys of ``section`` that a config file sets itself (not inherited defaults)."""
+    if path is None:
+        return {}
+    try:
+        return dict(tomllib.loads(Path(path).read_text()).get(section, {}))
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

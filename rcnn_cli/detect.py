@@ -43,7 +43,7 @@ class DetectSettings:
     """Post-processing thresholds (defaults live in the model bundle, flags override)."""
 
     nms_iou: float = 0.3            # R-CNN's per-class NMS overlap
-    score_thresh: float = -1.0      # SVM margin units
+    score_thresh: float = -2.0      # SVM margin units
     max_per_image: int = 100
     bbox_regression: bool = True
     vis_thresh: float = -0.8        # pictures show detections scoring above this
@@ -165,22 +165,43 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
     return {"times": {"decode": t_dec, **out["times"]}}
 
 
+def model_detect_settings(model, cfg: Mapping[str, Any],
+                          overrides: Mapping[str, Any] | None = None) -> DetectSettings:
+    """Post-processing settings: the model bundle's thresholds (NMS IoU, score threshold,
+    detections per image), then ``overrides`` (what the user set in a config file or with
+    flags); the rest from ``cfg["detect"]``. ``overrides=None`` means: take everything from
+    ``cfg`` (library callers that resolved settings themselves)."""
+    d = cfg["detect"]
+    if overrides is None:
+        base = {k: d[k] for k in ("nms_iou", "score_thresh", "max_per_image")}
+    else:
+        base = {"nms_iou": model.nms_iou, "score_thresh": model.score_threshold,
+                "max_per_image": model.max_detections}
+        base.update({k: v for k, v in overrides.items() if k in base})
+    extra = dict(d) if overrides is None else {**d, **overrides}
+    return DetectSettings(nms_iou=float(base["nms_iou"]), score_thresh=float(base["score_thresh"]),
+                          max_per_image=int(base["max_per_image"]),
+                          bbox_regression=bool(extra["bbox_regression"]),
+                          vis_thresh=float(extra["vis_thresh"]))
+
+
 def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Path,
                   cfg: Mapping[str, Any], split: str | Path | None = None,
                   save_vis: bool = False, formats: list[str] | None = None,
-                  overwrite: bool = False) -> Report:
+                  overwrite: bool = False,
+                  overrides: Mapping[str, Any] | None = None) -> Report:
     """Detect objects in folders of images with a model bundle; write all outputs to ``out``.
 
-    Per-image results stream to ``out/per_image`` (a killed run resumes); the summary files
-    are written at the end from those.
+    Thresholds come from the model bundle unless ``overrides`` (the user's explicit
+    [detect] settings) change them; see :func:`model_detect_settings`. Per-image results
+    stream to ``out/per_image`` (a killed run resumes); the summary files are written at
+    the end from those.
     """
     from rcnn_cli.stages import get_extractor as _ge
 
     model = _get_model(str(model_dir))
     d = cfg["detect"]
-    settings = DetectSettings(nms_iou=d["nms_iou"], score_thresh=d["score_thresh"],
-                              max_per_image=d["max_per_image"],
-                              bbox_regression=d["bbox_regression"], vis_thresh=d["vis_thresh"])
+    settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
     ext = _ge(kwargs)  # load once here: fails early on missing weights
     store = StageStore(Path(out) / "per_image", "detect",

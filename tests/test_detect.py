@@ -38,7 +38,7 @@ def test_postprocess_nms_either_side_of_threshold():
     b2 = [0, 0, 100, 29.9]   # IoU 0.299 < 0.3
     boxes = np.array([b0, b1, b2], np.float32)[:, None, :]  # (N, K=1, 4)
     scores = np.array([[0.9], [0.8], [0.7]], np.float32)
-    b, s, lab = postprocess(boxes, scores, (200, 200), DetectSettings(nms_iou=0.3))
+    b, s, _ = postprocess(boxes, scores, (200, 200), DetectSettings(nms_iou=0.3))
     ref = _plain_nms(boxes[:, 0].tolist(), scores[:, 0].tolist(), 0.3)
     assert ref == [0, 2]
     np.testing.assert_array_equal(b, boxes[ref, 0])
@@ -60,7 +60,7 @@ def test_postprocess_per_class_threshold_clip_and_cap():
         m = (scores[:, c] > 0) & (cb[:, 2] - cb[:, 0] > 0.01) & (cb[:, 3] - cb[:, 1] > 0.01)
         ref = _plain_nms(cb[m].tolist(), scores[m, c].tolist(), 0.5)
         np.testing.assert_allclose(np.sort(s[lab == c]), np.sort(scores[m, c][ref]))
-    b2, s2, _ = postprocess(boxes, scores, (120, 160), DetectSettings(0.5, 0.0, 3))
+    _, s2, _ = postprocess(boxes, scores, (120, 160), DetectSettings(0.5, 0.0, 3))
     assert len(s2) == 3 and np.array_equal(s2, s[:3])
 
 
@@ -142,3 +142,19 @@ def test_bad_model_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(cli, ["detect", str(tmp_path / "img.jpg"), "--model",
                                    str(tmp_path / "model"), "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and "model.json" in res.output
+
+
+def test_model_thresholds_apply_unless_overridden():
+    from types import SimpleNamespace
+
+    from rcnn_cli import config
+    from rcnn_cli.detect import model_detect_settings
+
+    model = SimpleNamespace(nms_iou=0.45, score_threshold=-0.5, max_detections=7)
+    cfg = config.load()
+    s = model_detect_settings(model, cfg, overrides={})
+    assert (s.nms_iou, s.score_thresh, s.max_per_image) == (0.45, -0.5, 7)
+    s = model_detect_settings(model, cfg, overrides={"nms_iou": 0.6, "bbox_regression": False})
+    assert (s.nms_iou, s.score_thresh, s.bbox_regression) == (0.6, -0.5, False)
+    s = model_detect_settings(model, cfg, overrides=None)  # library callers: the config wins
+    assert (s.nms_iou, s.score_thresh) == (cfg["detect"]["nms_iou"], cfg["detect"]["score_thresh"])
