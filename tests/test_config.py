@@ -47,3 +47,11 @@ def test_dump_roundtrip(tmp_path):
     cfg = C.load()
     p = C.write_resolved(tmp_path, cfg)
     assert C.load(p) == cfg
+
+
+def test_shipped_override_files_load():
+    from pathlib import Path
+
+    for p in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")):
+        cfg = C.load(p)
+        assert set(cfg) == set(C.defaults())
