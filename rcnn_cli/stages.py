@@ -127,7 +127,7 @@ def extract_one(item: ImageItem, store: StageStore, upstream: StageStore,
     t0 = time.perf_counter()
     img = read_image(item.path)
     props = upstream.load(item.stem_rel)["boxes"][:max_proposals]
-    rec = gt.get(item.rel) if gt is not None else None
+    rec = (gt.get(item.rel) or gt.get(Path(item.rel).stem)) if gt is not None else None
     if rec is not None:
         gtb, gtl, gtd = rec.boxes, rec.labels, rec.difficult
     else:
@@ -154,7 +154,7 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     upstream = open_upstream(proposals_dir, "propose")
     kwargs = extractor_kwargs(e, cfg["common"]["device"])
     ext = get_extractor(kwargs)
-    kwargs["mode"] = ext.mode  # "auto" resolved: the key names what was computed
+    kwargs["mode"], kwargs["tap"] = ext.mode, ext.tap  # resolved: the key names what ran
     settings = {"features": ext.settings(), "dtype": e["dtype"],
                 "max_proposals": e["max_proposals"], "proposals": dict(upstream.settings),
                 "extractor": {k: v for k, v in kwargs.items()
@@ -162,7 +162,10 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     gt = None
     if annotations is not None:
         ds = load_dataset(annotations, split=split)
+        # match images to annotations by relative path, else by file stem (the images may
+        # be given as the dataset's root or its images/ folder)
         gt = {r.file_name: r for r in ds.records}
+        gt.update({Path(r.file_name).stem: r for r in ds.records})
         settings.update(classes=ds.classes, annotations=dataset_fingerprint(ds.records))
     store = StageStore(out, "extract", settings, upstream_key=upstream.key,
                        format_version=EXTRACT_FORMAT, overwrite=overwrite)
