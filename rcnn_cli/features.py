@@ -375,11 +375,14 @@ class RoIPooler(nn.Module):
                 c, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2 * self.context
                 b = torch.cat([c - half, c + half], 1)
             rois.append(torch.cat([b.new_full((len(b), 1), i), b], 1))
-        r = torch.cat(rois).to(fmap.dtype)
+        # RoIs stay float32: in bf16 a coordinate near x = 500 rounds by 2-4 pixels
+        r = torch.cat(rois)
+        f32 = fmap.float()
         if self.mode == "max":
-            x = roi_align(fmap, r, 2 * self.output_size, 1.0 / self.stride, 1, True)
-            return nn.functional.max_pool2d(x, 2)
-        return roi_align(fmap, r, self.output_size, 1.0 / self.stride, self.sampling_ratio, True)
+            x = roi_align(f32, r, 2 * self.output_size, 1.0 / self.stride, 1, True)
+            return nn.functional.max_pool2d(x, 2).to(fmap.dtype)
+        return roi_align(f32, r, self.output_size, 1.0 / self.stride, self.sampling_ratio,
+                         True).to(fmap.dtype)
 
 
 class SharedHead(nn.Module):
@@ -425,9 +428,9 @@ def roi_area_pool(fmap: torch.Tensor, boxes: torch.Tensor, cells: int,
     """
     f = fmap[0] if fmap.dim() == 4 else fmap
     c, h, w = f.shape
-    b = boxes.to(f.dtype) * spatial_scale
-    wy = _cell_weights(b[:, 1], b[:, 3], cells, h)
-    wx = _cell_weights(b[:, 0], b[:, 2], cells, w)
+    b = boxes.float() * spatial_scale  # weights from float32 coordinates, even for a bf16 map
+    wy = _cell_weights(b[:, 1], b[:, 3], cells, h).to(f.dtype)
+    wx = _cell_weights(b[:, 0], b[:, 2], cells, w).to(f.dtype)
     if cells == 1:  # one weight image per box: (N, HW) @ (HW, C)
         wgt = (wy[:, 0, :, None] * wx[:, 0, None, :]).reshape(len(b), h * w)
         return (wgt @ f.reshape(c, h * w).T)[:, :, None, None]
