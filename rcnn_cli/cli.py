@@ -389,8 +389,9 @@ def evaluate(annotations, detections_dir, proposals_dir, split, out, config_file
     if (detections_dir is None) == (proposals_dir is None):
         raise click.UsageError("give exactly one of --detections or --proposals")
     cfg = load_config(config_file, common=common)
-    metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split, out,
-                                    cfg)
+    with usage_errors():
+        metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split, out,
+                                        cfg)
     click.echo(str(path))
     click.echo(metrics["summary"], err=True)
 

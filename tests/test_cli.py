@@ -67,3 +67,15 @@ def test_propose_then_changed_setting_is_refused(tmp_path, rect_image):
     r = CliRunner().invoke(cli, ["propose", str(img / "a.png"), "-o", str(out), "--top-k", "60",
                                  "--overwrite"])
     assert r.exit_code == 0 and "1 done" in r.output
+
+
+def test_evaluate_missing_detections_is_a_file_error(tmp_path):
+    from rcnn_cli.datasets import Dataset, ImageRecord, write_csv
+
+    ann = tmp_path / "ann.csv"
+    write_csv(ann, Dataset([ImageRecord("a.jpg", 10, 10, np.array([[0, 0, 5, 5]], np.float32),
+                                        np.array([0]), np.array([False]))], ["x"], tmp_path))
+    (tmp_path / "det").mkdir()
+    r = CliRunner().invoke(cli, ["evaluate", "--annotations", str(ann), "--detections",
+                                 str(tmp_path / "det")])
+    assert r.exit_code == 1 and "detections.csv" in r.output
