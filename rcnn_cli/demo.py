@@ -48,7 +48,7 @@ def run_demo(out: str | Path, cfg: Mapping[str, Any], data: str | Path | None = 
     from rcnn_cli.detect import detect_folder
     from rcnn_cli.evaluate import evaluate_folder
     from rcnn_cli.stages import extract_folder, propose_folder
-    from rcnn_cli.train import train_model
+    from rcnn_cli.train import is_trained, train_model
 
     out = Path(out)
     times: dict[str, float] = {}
@@ -76,7 +76,8 @@ def run_demo(out: str | Path, cfg: Mapping[str, Any], data: str | Path | None = 
                          split=train_split, overwrite=overwrite), "extract")
     times["extract"] = time.perf_counter() - t
     t = time.perf_counter()
-    train_model(out / "features", out / "model", cfg, overwrite=True)
+    if not is_trained(out / "features", out / "model", cfg):  # a rerun resumes
+        train_model(out / "features", out / "model", cfg, overwrite=True)
     times["train_svm"] = time.perf_counter() - t
     t = time.perf_counter()
     check(detect_folder(images, out / "model", out / "detections", cfg, split=test_split,

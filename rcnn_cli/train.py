@@ -90,12 +90,25 @@ def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any
         proposal_settings=dict(store.settings["proposals"]),
         nms_iou=d["nms_iou"], score_threshold=d["score_thresh"],
         max_detections=d["max_per_image"],
-        training_stats={"images": n_images, "train_svm": dict(t),
+        training_stats={"images": n_images, "train_svm": dict(t), "features_key": store.key,
                         "svm": [s.__dict__ for s in svm.stats]})
     save_model(out, model, overwrite=overwrite)
     if weights_file is not None:
         shutil.copyfile(weights_file, Path(out) / BUNDLE_WEIGHTS)
     return model
+
+
+def is_trained(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any]) -> bool:
+    """True if ``out`` holds a bundle trained on exactly these features with these settings
+    (so a rerun of a pipeline can skip training)."""
+    from rcnn_cli.model import ModelError, load_model
+
+    try:
+        stats = load_model(out).training_stats
+        key = open_upstream(features_dir, "extract").key
+    except (ModelError, FileNotFoundError):
+        return False
+    return stats.get("features_key") == key and stats.get("train_svm") == dict(cfg["train_svm"])
 
 
 def _bundle_extractor(extractor: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:

@@ -158,3 +158,15 @@ def test_model_thresholds_apply_unless_overridden():
     assert (s.nms_iou, s.score_thresh, s.bbox_regression) == (0.6, -0.5, False)
     s = model_detect_settings(model, cfg, overrides=None)  # library callers: the config wins
     assert (s.nms_iou, s.score_thresh) == (cfg["detect"]["nms_iou"], cfg["detect"]["score_thresh"])
+
+
+def test_is_trained_knows_its_features_and_settings(chain):
+    from rcnn_cli import config
+    from rcnn_cli.train import is_trained
+
+    root, _ = chain
+    cfg = config.load()
+    assert is_trained(root / "feats", root / "model", cfg)
+    cfg["train_svm"]["C"] = 0.01
+    assert not is_trained(root / "feats", root / "model", cfg)
+    assert not is_trained(root / "feats", root / "nope", config.load())
