@@ -8,6 +8,7 @@ function its subcommand calls, in one output folder::
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -68,25 +69,27 @@ def run_demo(out: str | Path, cfg: Mapping[str, Any], data: str | Path | None = 
             raise RuntimeError(f"{stage}: {report.failed} image(s) failed, e.g. "
                                f"{report.failures[0][0]}: {report.failures[0][1]}")
 
-    t = time.perf_counter()
-    check(propose_folder(images, out / "proposals", cfg, overwrite=overwrite), "propose")
-    times["propose"] = time.perf_counter() - t
-    t = time.perf_counter()
-    check(extract_folder(images, out / "proposals", out / "features", cfg, annotations=data,
-                         split=train_split, overwrite=overwrite), "extract")
-    times["extract"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if not is_trained(out / "features", out / "model", cfg):  # a rerun resumes
-        train_model(out / "features", out / "model", cfg, overwrite=True)
-    times["train_svm"] = time.perf_counter() - t
-    t = time.perf_counter()
-    check(detect_folder(images, out / "model", out / "detections", cfg, split=test_split,
-                        save_vis=save_vis, overwrite=True), "detect")
-    times["detect"] = time.perf_counter() - t
-    t = time.perf_counter()
-    metrics, mpath = evaluate_folder(data, out / "detections", None, test_split,
-                                     out / "detections", cfg)
-    times["evaluate"] = time.perf_counter() - t
+    @contextlib.contextmanager
+    def timed(stage):
+        t0 = time.perf_counter()
+        yield
+        times[stage] = time.perf_counter() - t0
+
+    with timed("propose"):
+        check(propose_folder(images, out / "proposals", cfg, overwrite=overwrite), "propose")
+    with timed("extract"):
+        check(extract_folder(images, out / "proposals", out / "features", cfg,
+                             annotations=data, split=train_split, overwrite=overwrite),
+              "extract")
+    with timed("train_svm"):
+        if not is_trained(out / "features", out / "model", cfg):  # a rerun resumes
+            train_model(out / "features", out / "model", cfg, overwrite=True)
+    with timed("detect"):
+        check(detect_folder(images, out / "model", out / "detections", cfg, split=test_split,
+                            save_vis=save_vis, overwrite=True), "detect")
+    with timed("evaluate"):
+        metrics, mpath = evaluate_folder(data, out / "detections", None, test_split,
+                                         out / "detections", cfg)
     vis = sorted((out / "detections" / "vis").rglob("*.jpg")) if save_vis else []
     return {"data": str(data), "metrics": str(mpath), "mAP_voc07": metrics["mAP_voc07"],
             "mAP_voc": metrics["mAP_voc"], "coco_AP": metrics["coco"].get("AP"),

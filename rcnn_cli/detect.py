@@ -197,13 +197,11 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     stream to ``out/per_image`` (a killed run resumes); the summary files are written at
     the end from those.
     """
-    from rcnn_cli.stages import get_extractor as _ge
-
     model = _get_model(str(model_dir))
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
-    ext = _ge(kwargs)  # load once here: fails early on missing weights
+    ext = get_extractor(kwargs)  # load once here: fails early on missing weights
     store = StageStore(Path(out) / "per_image", "detect",
                        {"model": model_key(model_dir), "proposals": model.proposal_settings,
                         "features": ext.settings(),

@@ -21,11 +21,9 @@ from .selective_search import (
     DEFAULT_MAX_SIDE,
     DEFAULT_MIN_SIZE,
     DEFAULT_TOP_K,
-    _check_settings,
     _empty,
     _finish,
-    as_rgb,
-    resize_max_side,
+    prepare_input,
 )
 
 #: OpenCV's own strategies: switchToSingleStrategy (k=200 by default),
@@ -67,12 +65,10 @@ def opencv_selective_search(image: NDArray[np.uint8], mode: str = "fast",
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    _check_settings(max_side, min_size, top_k)
-    rgb = as_rgb(image)
-    h, w = rgb.shape[:2]
-    if h < min_size or w < min_size:
+    prepared = prepare_input(image, max_side, min_size, top_k)
+    if prepared is None:
         return _empty()
-    small = resize_max_side(rgb, max_side)
+    (h, w), small = prepared
     sh, sw = small.shape[:2]
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(np.ascontiguousarray(small[:, :, ::-1]))  # OpenCV wants BGR

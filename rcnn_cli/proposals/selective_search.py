@@ -74,12 +74,10 @@ def selective_search(image: NDArray[np.uint8], strategy: str = "fast",
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-    _check_settings(max_side, min_size, top_k)
-    rgb = as_rgb(image)
-    h, w = rgb.shape[:2]
-    if h < min_size or w < min_size:
+    prepared = prepare_input(image, max_side, min_size, top_k)
+    if prepared is None:
         return _empty()
-    small = resize_max_side(rgb, max_side)
+    (h, w), small = prepared
     sh, sw = small.shape[:2]
 
     spaces, scales, sims = STRATEGIES[strategy]
@@ -207,6 +205,18 @@ def _texture(cimg: NDArray[np.uint8]) -> NDArray[np.uint8]:
     # |cos gx + sin gy| <= sqrt(2) * 255 * sum|dg| for uint8 input
     bound = float(np.sqrt(2) * 255 * np.abs(dg).sum()) * 1.001
     return texture_bins(gx, gy, bound)
+
+
+def prepare_input(image: NDArray, max_side: int | None, min_size: int, top_k: int | None
+                  ) -> tuple[tuple[int, int], NDArray[np.uint8]] | None:
+    """Check settings, convert to RGB and resize: ((h, w) of the original, the resized RGB),
+    or None for an image smaller than ``min_size`` (no box can be kept)."""
+    _check_settings(max_side, min_size, top_k)
+    rgb = as_rgb(image)
+    h, w = rgb.shape[:2]
+    if h < min_size or w < min_size:
+        return None
+    return (h, w), resize_max_side(rgb, max_side)
 
 
 def _check_settings(max_side, min_size, top_k) -> None:
