@@ -280,10 +280,17 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
               help="SVM solver: liblinear (reference) or torch (same objective).")
 @click.option("--no-bbox-regression", is_flag=True, default=None,
               help="Do not train the box regressors.")
+@click.option("--head", type=click.Choice(["auto", "fc", "none"]),
+              help="Fine-tune fc6/fc7 on the cached features and train the SVMs on fc7 "
+                   "(auto: for conv-map taps such as mobilenet_v2's shared `grid`).")
 @common_options
-def train_svm(features_dir, out, classes, solver, no_bbox_regression, config_file, common,
-              overwrite):
+def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, config_file,
+              common, overwrite):
     """Train one linear SVM per class (hard-negative mining) and the box regressors.
+
+    With a head (default for mobilenet_v2's shared features) R-CNN's fc6/fc7 are first
+    fine-tuned on the cached features (softmax over the classes and background) and the SVMs
+    read fc7, as R-CNN's SVMs read its fine-tuned fc7; the regressors read the features.
 
     Prints the bundle folder; per-class statistics go to the log.
 
@@ -292,7 +299,7 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, config_fil
     from rcnn_cli.train import train_model
 
     cfg = load_config(config_file, common=common, train_svm=dict(
-        solver=solver, bbox_regression=False if no_bbox_regression else None))
+        solver=solver, bbox_regression=False if no_bbox_regression else None, head=head))
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     try:
         model = train_model(features_dir, out, cfg, classes=names, overwrite=overwrite)

@@ -24,12 +24,10 @@ from torchvision.ops import batched_nms
 
 from rcnn_cli import boxes as bx
 from rcnn_cli import config as cfgmod
-from rcnn_cli.bbox_regression import predict_deltas
 from rcnn_cli.images import ImageItem, list_images, read_image
 from rcnn_cli.runner import Report, run_stage
 from rcnn_cli.stages import compute_proposals, execution, get_extractor
 from rcnn_cli.store import StageStore
-from rcnn_cli.svm import score as svm_score
 
 log = logging.getLogger("rcnn_cli.detect")
 
@@ -90,12 +88,13 @@ def detect_image(image: NDArray[np.uint8], model, extractor,
     # 2. one feature vector per proposal
     feats = extractor.extract(image, props)
     t2 = time.perf_counter()
-    # 3. class scores from the per-class linear SVMs (untrained classes never fire)
-    scores = svm_score(feats, model.svm_weights, model.svm_biases, model.feat_scale)
+    # 3. class scores from the per-class linear SVMs (on the fc head's fc7 when the model has
+    #    one; untrained classes never fire)
+    scores = model.score(feats)
     scores[:, ~model.svm_trained] = -np.inf
     # 4. per-class box regression (R-CNN applies it once), else the proposal itself
     if settings.bbox_regression and model.regressors is not None:
-        deltas = predict_deltas(feats, model.regressors, model.feat_scale)  # (N, K, 4)
+        deltas = model.deltas(feats)  # (N, K, 4)
         k = deltas.shape[1]
         boxes = bx.decode(np.repeat(props, k, axis=0), deltas.reshape(-1, 4)).reshape(-1, k, 4)
     else:

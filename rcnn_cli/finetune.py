@@ -154,10 +154,24 @@ def label_windows(gt_boxes: ArrayLike, gt_labels: ArrayLike, proposals: ArrayLik
     props = box_ops.as_boxes(proposals)
     props = props[box_ops.valid_mask(props)]
     windows = np.concatenate([gt[~diff], props]).astype(np.float32)
+    labels, iou_out = window_labels(windows, gt, gl, fg_iou, diff)
+    return windows, labels, iou_out
+
+
+def window_labels(windows: ArrayLike, gt_boxes: ArrayLike, gt_labels: ArrayLike,
+                  fg_iou: float = FG_IOU, gt_difficult: ArrayLike | None = None
+                  ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Labels (M,) (0 background, k + 1 class k, -1 ignored) and best IoU (M,) with a
+    non-difficult ground truth of given windows (M, 4); the rules of :func:`label_windows`."""
+    windows = box_ops.as_boxes(windows)
+    gt = box_ops.as_boxes(gt_boxes)
+    gl = np.asarray(gt_labels, np.int64).reshape(-1)
+    diff = (np.zeros(len(gt), bool) if gt_difficult is None
+            else np.asarray(gt_difficult, bool).reshape(-1))
     labels = np.zeros(len(windows), np.int64)
     iou_out = np.zeros(len(windows), np.float32)
     if len(gt) == 0 or len(windows) == 0:
-        return windows, labels, iou_out
+        return labels, iou_out
     iou = box_ops.box_iou(windows, gt)  # (M, G)
     easy = iou[:, ~diff]
     if easy.shape[1]:
@@ -167,7 +181,7 @@ def label_windows(gt_boxes: ArrayLike, gt_labels: ArrayLike, proposals: ArrayLik
         labels[fg] = gl[~diff][best[fg]] + 1
     if diff.any():
         labels[(labels == 0) & (iou[:, diff].max(1) >= fg_iou)] = -1
-    return windows, labels, iou_out
+    return labels, iou_out
 
 
 def sample_rois(labels: ArrayLike, batch_size: int, fg_per_batch: int,

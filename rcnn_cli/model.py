@@ -8,9 +8,14 @@
     target_mean_norm}, detection {nms_iou, score_threshold, max_detections},
     training_stats, arrays {file, sha256, shapes}
 
-``model.npz`` (no pickle; read with ``allow_pickle=False``): ``svm_weights`` (K, D) float32,
+``model.npz`` (no pickle; read with ``allow_pickle=False``): ``svm_weights`` (K, S) float32,
 ``svm_biases`` (K,) float32, ``svm_trained`` (K,) bool and, when box regression was
-trained, ``regressors`` (K, 4, D+1) float32 and ``regressor_trained`` (K,) bool.
+trained, ``regressors`` (K, 4, D+1) float32 and ``regressor_trained`` (K,) bool. With a
+fine-tuned fc head (:mod:`rcnn_cli.head`) also ``head_mean``, ``head_std`` (D,),
+``head_fc6_w`` (H, D), ``head_fc6_b``, ``head_fc7_w`` (H, H), ``head_fc7_b``, ``head_cls_w``
+(K + 1, H), ``head_cls_b``: the SVMs then read the head's fc7 (S = H) and the regressors the
+extracted features (D); without a head S = D. ``feature_scaling`` holds ``feat_scale`` (SVM
+inputs) and ``reg_feat_scale`` (regressor inputs).
 
 Both files are written to temporary names in the folder and moved into place with
 ``os.replace``, arrays first; ``model.json`` records the arrays' sha256, so a bundle left
@@ -29,7 +34,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from rcnn_cli import __version__
-from rcnn_cli.bbox_regression import apply_regression
+from rcnn_cli.bbox_regression import apply_regression, predict_deltas
+from rcnn_cli.head import ARRAY_NAMES as HEAD_ARRAYS
+from rcnn_cli.head import Head
 from rcnn_cli.store import atomic_write_bytes, atomic_write_text, npz_bytes, sha256_file
 from rcnn_cli.svm import FEAT_NORM_TARGET, score
 
@@ -47,10 +54,12 @@ class ModelError(ValueError):
 
 @dataclass
 class Model:
-    """Everything ``detect`` needs. Arrays act on raw features (scaled by ``feat_scale``)."""
+    """Everything ``detect`` needs. Arrays act on raw features: the SVMs on ``head.fc7`` of
+    them when there is a head (scaled by ``feat_scale``), the regressors on them directly
+    (scaled by ``reg_feat_scale``)."""
 
     classes: list[str]
-    svm_weights: NDArray[np.float32]  # (K, D)
+    svm_weights: NDArray[np.float32]  # (K, S): S = head width, or D without a head
     svm_biases: NDArray[np.float32]  # (K,)
     feat_scale: float
     svm_trained: NDArray[np.bool_]  # (K,)
@@ -66,6 +75,8 @@ class Model:
     max_detections: int = MAX_DETECTIONS
     training_stats: dict[str, Any] = field(default_factory=dict)
     package_version: str = __version__
+    head: Head | None = None
+    reg_feat_scale: float | None = None  # None: feat_scale (no head)
 
     @property
     def num_classes(self) -> int:
@@ -73,11 +84,27 @@ class Model:
 
     @property
     def dim(self) -> int:
-        return int(np.shape(self.svm_weights)[1])
+        """D, the dimension of the extracted features the model reads."""
+        return self.head.in_dim if self.head is not None else int(np.shape(self.svm_weights)[1])
+
+    @property
+    def regression_scale(self) -> float:
+        return float(self.feat_scale if self.reg_feat_scale is None else self.reg_feat_scale)
+
+    def svm_features(self, features: ArrayLike) -> NDArray[np.float32]:
+        """What the SVMs read: the head's fc7 of raw features (N, D), or the features."""
+        if self.head is None:
+            return np.asarray(features, np.float32)
+        return self.head.fc7(features)
 
     def score(self, features: ArrayLike) -> NDArray[np.float32]:
         """SVM scores (N, K) of raw features (N, D)."""
-        return score(features, self.svm_weights, self.svm_biases, self.feat_scale)
+        return score(self.svm_features(features), self.svm_weights, self.svm_biases,
+                     self.feat_scale)
+
+    def deltas(self, features: ArrayLike) -> NDArray[np.float32]:
+        """Per-class regression deltas (N, K, 4) of raw features (N, D)."""
+        return predict_deltas(features, self.regressors, self.regression_scale)
 
     def score_and_refine(self, features: ArrayLike, boxes: ArrayLike,
                          image_size: tuple[int, int]
@@ -91,8 +118,8 @@ class Model:
         if self.regressors is None:
             b = np.asarray(boxes, np.float32).reshape(-1, 4)
             return scores, np.repeat(b[:, None], self.num_classes, axis=1)
-        refined = apply_regression(boxes, features, None, self.regressors, self.feat_scale,
-                                   image_size)
+        refined = apply_regression(boxes, features, None, self.regressors,
+                                   self.regression_scale, image_size)
         return scores, refined
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -102,6 +129,8 @@ class Model:
             out["regressors"] = self.regressors
             out["regressor_trained"] = (self.regressor_trained if self.regressor_trained
                                         is not None else np.ones(self.num_classes, bool))
+        if self.head is not None:
+            out.update(self.head.arrays())
         return {k: np.asarray(v) for k, v in out.items()}
 
     def to_json(self) -> dict[str, Any]:
@@ -116,7 +145,10 @@ class Model:
             "extract_settings": self.extract_settings,
             "proposal_settings": self.proposal_settings,
             "feature_scaling": {"feat_scale": float(self.feat_scale),
+                                "reg_feat_scale": self.regression_scale,
                                 "target_mean_norm": FEAT_NORM_TARGET},
+            "head": None if self.head is None else {"in_dim": self.head.in_dim,
+                                                    "hidden": self.head.out_dim},
             "detection": {"nms_iou": float(self.nms_iou),
                           "score_threshold": float(self.score_threshold),
                           "max_detections": int(self.max_detections)},
@@ -178,6 +210,7 @@ def load_model(directory: str | Path) -> Model:
         raise ModelError(f"{apath}: unreadable arrays ({e})") from None
     _validate(meta, arrays, apath)
     det, fs = meta["detection"], meta["feature_scaling"]
+    head = Head.from_arrays(arrays) if "head_fc6_w" in arrays else None
     return Model(
         classes=list(meta["classes"]), svm_weights=arrays["svm_weights"],
         svm_biases=arrays["svm_biases"], feat_scale=float(fs["feat_scale"]),
@@ -187,7 +220,8 @@ def load_model(directory: str | Path) -> Model:
         extract_settings=meta["extract_settings"], proposal_settings=meta["proposal_settings"],
         nms_iou=float(det["nms_iou"]), score_threshold=float(det["score_threshold"]),
         max_detections=int(det["max_detections"]), training_stats=meta["training_stats"],
-        package_version=str(meta["package_version"]))
+        package_version=str(meta["package_version"]), head=head,
+        reg_feat_scale=float(fs.get("reg_feat_scale", fs["feat_scale"])))
 
 
 # ---------------------------------------------------------------- helpers
@@ -212,9 +246,10 @@ def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -
         fail("'classes' must be a non-empty list of names")
     if len(set(classes)) != len(classes):
         fail(f"duplicate class names in {classes}")
-    scale = meta["feature_scaling"].get("feat_scale")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        fail(f"feature_scaling.feat_scale must be a positive number, got {scale!r}")
+    for key in ("feat_scale", "reg_feat_scale"):
+        scale = meta["feature_scaling"].get(key, 1.0 if key == "reg_feat_scale" else None)
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            fail(f"feature_scaling.{key} must be a positive number, got {scale!r}")
     det = meta["detection"]
     for key in ("nms_iou", "score_threshold", "max_detections"):
         if not isinstance(det.get(key), (int, float)):
@@ -226,16 +261,29 @@ def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -
     w = arrays["svm_weights"]
     if w.ndim != 2 or w.shape[0] != k:
         fail(f"svm_weights has shape {w.shape}, expected ({k}, D) for {k} classes")
-    dim = w.shape[1]
+    dim = in_dim = w.shape[1]
     expected = {"svm_biases": (k,), "svm_trained": (k,)}
+    head_names = ["head_" + n for n in HEAD_ARRAYS]
+    if any(n in arrays for n in head_names):
+        missing = [n for n in head_names if n not in arrays]
+        if missing:
+            fail(f"missing array(s) {missing} of the fc head")
+        try:
+            head = Head.from_arrays(arrays)
+            head.check(k)
+        except ValueError as e:
+            fail(str(e))
+        if head.out_dim != dim:
+            fail(f"svm_weights has D={dim} but the head's fc7 has {head.out_dim} outputs")
+        in_dim = head.in_dim
     if "regressors" in arrays or "regressor_trained" in arrays:
-        expected.update({"regressors": (k, 4, dim + 1), "regressor_trained": (k,)})
+        expected.update({"regressors": (k, 4, in_dim + 1), "regressor_trained": (k,)})
     for name, shape in expected.items():
         if name not in arrays:
             fail(f"missing array {name!r}")
         if arrays[name].shape != shape:
             fail(f"{name} has shape {arrays[name].shape}, expected {shape} "
-                 f"({k} classes, D={dim} from svm_weights)")
+                 f"({k} classes, D={in_dim} features)")
     for name, a in arrays.items():
         if name.endswith("trained"):
             if a.dtype != np.bool_:
@@ -245,8 +293,8 @@ def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -
         elif not np.isfinite(a).all():
             fail(f"{name} holds NaN or infinite values")
     ext_dim = meta["extract_settings"].get("dim")
-    if ext_dim is not None and ext_dim != dim:
-        fail(f"extract_settings.dim is {ext_dim} but the SVM weights have D={dim}")
+    if ext_dim is not None and ext_dim != in_dim:
+        fail(f"extract_settings.dim is {ext_dim} but the model reads D={in_dim}")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,10 +1,12 @@
 """Detection quality and CPU speed on a VOC folder, against torchvision's Faster R-CNN.
 
 Trains on train.txt and scores on test.txt (default ../shared/data/raccoon) with the
-toolkit's CPU configuration (selective search fast + shared-mode features + SVMs + box
-regression), once with frozen ImageNet mobilenet_v2 features and, with ``--weights``, once
-with fine-tuned weights (e.g. the warp-mode fine-tuning of scripts/gpu_bench.sh). Reports
-AP50 (VOC07 11-point and all-point) and COCO AP with and without box regression, seconds
+toolkit's CPU configuration (selective search fast + shared-mode features + fc head + SVMs
++ box regression), once with frozen ImageNet mobilenet_v2 features and, with ``--weights``,
+once with fine-tuned weights (e.g. the warp-mode fine-tuning of scripts/gpu_bench.sh); each
+with the fc head (``train_svm.head = auto``, the default) and without it (SVMs on the
+features, R-CNN on pool5-like features). Reports AP50 (VOC07 11-point and all-point) and
+COCO AP with and without box regression, seconds
 per image per detect stage, and the peer's CPU inference time on the same test images in
 the same run (torchvision Faster R-CNN, mobilenet_v2 ImageNet backbone, tutorial
 configuration, default 800 px resize). Prints one JSON line.
@@ -59,33 +61,41 @@ def peer_seconds_per_image(paths: list[Path], threads: int) -> float:
     return (time.perf_counter() - t0) / len(ims)
 
 
-def run_variant(tag: str, data: Path, work: Path, cfg: dict, weights: str | None) -> dict:
+def run_variant(tag: str, data: Path, work: Path, cfg: dict, weights: str | None,
+                heads: tuple[str, ...] = ("auto", "none")) -> dict:
+    """Extract the training features once, then for each ``train_svm.head`` setting train a
+    model and detect / evaluate on the test split with and without box regression."""
     cfg = json.loads(json.dumps(cfg))
     cfg["extract"]["weights"] = weights or ""
     images = [str(data / "images")]
     t0 = time.perf_counter()
     rep = extract_folder(images, work / "props", work / f"feats_{tag}", cfg, annotations=data,
                          split=data / "train.txt", overwrite=True)
-    t_extract = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    train_model(work / f"feats_{tag}", work / f"model_{tag}", cfg, overwrite=True)
-    t_train = time.perf_counter() - t0
-    out = {"extract_train_s_per_image": round(t_extract / max(rep.done, 1), 3),
-           "train_svm_s": round(t_train, 1)}
-    for reg in (True, False):
-        cfg["detect"]["bbox_regression"] = reg
-        name = f"det_{tag}" + ("" if reg else "_noreg")
-        shutil.rmtree(work / name, ignore_errors=True)
-        rep = detect_folder(images, work / f"model_{tag}", work / name, cfg,
-                            split=data / "test.txt")
-        m, _ = evaluate_folder(data, work / name, None, data / "test.txt", None, cfg)
-        key = "bbox_reg" if reg else "no_bbox_reg"
-        out[key] = {"ap50_voc07": round(m["mAP_voc07"], 4), "ap50_allpoint": round(m["mAP_voc"], 4),
-                    "coco_ap": round(m["coco"]["AP"], 4)}
-        if reg:
-            n = max(rep.done, 1)
-            out["detect_s_per_image"] = {k: round(v / n, 3) for k, v in rep.stage_seconds.items()}
-            out["detect_s_per_image"]["total"] = round(rep.seconds / n, 3)
+    out: dict = {"extract_train_s_per_image": round((time.perf_counter() - t0)
+                                                    / max(rep.done, 1), 3)}
+    for head in heads:
+        cfg["train_svm"]["head"] = head
+        model_dir = work / f"model_{tag}_{head}"
+        t0 = time.perf_counter()
+        model = train_model(work / f"feats_{tag}", model_dir, cfg, overwrite=True)
+        res: dict = {"train_svm_s": round(time.perf_counter() - t0, 1),
+                     "fc_head": model.head is not None}
+        for reg in (True, False):
+            cfg["detect"]["bbox_regression"] = reg
+            name = f"det_{tag}_{head}" + ("" if reg else "_noreg")
+            shutil.rmtree(work / name, ignore_errors=True)
+            rep = detect_folder(images, model_dir, work / name, cfg, split=data / "test.txt")
+            m, _ = evaluate_folder(data, work / name, None, data / "test.txt", None, cfg)
+            key = "bbox_reg" if reg else "no_bbox_reg"
+            res[key] = {"ap50_voc07": round(m["mAP_voc07"], 4),
+                        "ap50_allpoint": round(m["mAP_voc"], 4),
+                        "coco_ap": round(m["coco"]["AP"], 4)}
+            if reg:
+                n = max(rep.done, 1)
+                res["detect_s_per_image"] = {k: round(v / n, 3)
+                                             for k, v in rep.stage_seconds.items()}
+                res["detect_s_per_image"]["total"] = round(rep.seconds / n, 3)
+        out[f"head_{head}"] = res
     return out
 
 
@@ -115,7 +125,8 @@ def main() -> None:
         test = load_dataset(data, split=data / "test.txt")
         paths = [test.image_path(r) for r in test.records]
         res["peer_fasterrcnn_cpu_s_per_image"] = round(peer_seconds_per_image(paths, a.threads), 3)
-        res["ours_detect_s_per_image"] = res["frozen_shared"]["detect_s_per_image"]["total"]
+        res["ours_detect_s_per_image"] = (
+            res["frozen_shared"]["head_auto"]["detect_s_per_image"]["total"])
         res["speed_ratio_peer_over_ours"] = round(
             res["peer_fasterrcnn_cpu_s_per_image"] / res["ours_detect_s_per_image"], 2)
     print(json.dumps(res), flush=True)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from rcnn_cli.cli import cli
 from rcnn_cli.detect import DetectSettings, postprocess
+from rcnn_cli.model import load_model
 
 
 def _plain_nms(boxes, scores, thresh):
@@ -88,8 +89,10 @@ def chain(tmp_path_factory):
                          "--annotations", str(data), "--split", str(data / "train.txt"),
                          "-o", str(root / "feats")])
     assert res.exit_code == 0, res.output
+    # the default fc head (mobilenet_v2 grid features), smaller and shorter than the default
+    (root / "head.toml").write_text("[train_svm]\nhead_hidden = 64\nhead_iterations = 300\n")
     res = r.invoke(cli, ["train-svm", "--features", str(root / "feats"), "-o",
-                         str(root / "model")])
+                         str(root / "model"), "--config", str(root / "head.toml")])
     assert res.exit_code == 0, res.output
     return root, data
 
@@ -116,6 +119,7 @@ def test_end_to_end_finds_planted_objects(chain):
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["mAP_voc07"] >= 0.7, m["per_class"]
+    assert load_model(root / "model").head is not None  # the default path: SVMs on fc7
     # resume: a second run finds every image done
     res = r.invoke(cli, ["detect", str(data / "images"), "--split", str(data / "test.txt"),
                          "--model", str(root / "model"), "-o", str(out)])

@@ -111,8 +111,8 @@ def test_wrong_shapes_and_dtypes_are_refused(tmp_path, arrays, message):
 def test_inconsistent_model_is_refused_at_save(tmp_path):
     m = _model()
     m.extract_settings["dim"] = 4096
-    with pytest.raises(ModelError, match="extract_settings.dim is 4096 but the SVM weights "
-                                         "have D=6"):
+    with pytest.raises(ModelError, match="extract_settings.dim is 4096 but the model reads "
+                                         "D=6"):
         save_model(tmp_path, m)
     m = _model()
     m.classes = ["a", "a", "b"]

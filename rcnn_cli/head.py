@@ -1,0 +1,237 @@
+"""R-CNN's fc6 / fc7 for conv-map features: a small MLP fine-tuned on cached region features.
+
+R-CNN's SVMs read ``fc7``: two fully connected layers that fine-tuning adapts to detection
+(R-CNN, Table 2: fine-tuning helps fc6/fc7 far more than pool5, and pool5 alone is
+weaker). A conv backbone such as mobilenet_v2 has no such layers: its shared-mode ``grid``
+features are a pool5 analogue. This module adds them: ``fc6`` (D -> H), ReLU, ``fc7`` (H -> H),
+ReLU, with dropout, and a (K + 1)-way softmax layer on top, trained with R-CNN's fine-tuning
+recipe on the features ``rcnn extract`` cached (so on a CPU it costs a minute, not the hours
+of fine-tuning the convolutions). ``rcnn train-svm`` then trains the per-class SVMs on the
+``fc7`` activations, exactly as R-CNN trains them on its fine-tuned fc7, and the box regressors
+on the input features (R-CNN regresses from pool5).
+
+Recipe (R-CNN ``finetuning/``, the rules :mod:`rcnn_cli.finetune` follows):
+
+* windows: every cached row of every training image (ground-truth rows and proposals);
+  a row with IoU >= ``fg_iou`` (0.5) with a ground truth takes its class, any other is
+  background; rows reaching 0.5 only with VOC *difficult* objects are ignored;
+* to bound memory on large datasets all foreground rows and at most ``bg_per_image`` random
+  background rows per image are kept (float16), seeded;
+* mini-batches of 128 windows, 32 foreground, drawn uniformly over all windows;
+* SGD, momentum 0.9, weight decay 5e-4, lr x 0.1 once at 2/3 of the run; inputs standardised
+  per dimension (mean and standard deviation of the kept windows, stored with the weights).
+
+The weights are plain float32 arrays (stored in the model bundle's ``model.npz``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+from torch import nn
+
+from rcnn_cli.boxes import as_boxes
+from rcnn_cli.finetune import window_labels
+
+log = logging.getLogger("rcnn_cli.head")
+
+# Defaults (measured on raccoon, see README "Detection quality").
+HIDDEN = 1024            # fc6 / fc7 width
+ITERATIONS = 4000        # SGD iterations
+BATCH_SIZE = 128         # windows per mini-batch (R-CNN)
+FG_PER_BATCH = 32        # foreground windows per mini-batch (R-CNN)
+LR = 0.01                # base learning rate (fresh layers: R-CNN's 0.001 x 10 for new layers)
+MOMENTUM = 0.9
+WEIGHT_DECAY = 0.0005
+DROPOUT = 0.5            # after fc6 and fc7 (R-CNN / AlexNet)
+INPUT_DROPOUT = 0.2      # on the input features (mobilenet_v2's classifier dropout)
+FG_IOU = 0.5
+BG_PER_IMAGE = 1024      # background windows kept per image (memory bound)
+STD_FLOOR = 1e-3         # added to per-dimension standard deviations
+
+ARRAY_NAMES = ("mean", "std", "fc6_w", "fc6_b", "fc7_w", "fc7_b", "cls_w", "cls_b")
+RecordsFactory = Callable[[], Iterable[Mapping[str, Any]]]
+
+
+@dataclass
+class Head:
+    """fc6/fc7 (+ softmax layer) weights as float32 arrays; acts on raw features (N, D)."""
+
+    mean: NDArray[np.float32]   # (D,)
+    std: NDArray[np.float32]    # (D,)
+    fc6_w: NDArray[np.float32]  # (H, D)
+    fc6_b: NDArray[np.float32]  # (H,)
+    fc7_w: NDArray[np.float32]  # (H, H)
+    fc7_b: NDArray[np.float32]  # (H,)
+    cls_w: NDArray[np.float32]  # (K + 1, H); row 0 = background
+    cls_b: NDArray[np.float32]  # (K + 1,)
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.fc6_w.shape[1])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.fc7_w.shape[0])
+
+    def fc7(self, features: ArrayLike) -> NDArray[np.float32]:
+        """fc7 activations (N, H) float32 (after ReLU) of raw features (N, D)."""
+        x = (np.asarray(features, np.float32) - self.mean) / self.std
+        h = np.maximum(x @ self.fc6_w.T + self.fc6_b, 0)
+        return np.maximum(h @ self.fc7_w.T + self.fc7_b, 0)
+
+    def logits(self, features: ArrayLike) -> NDArray[np.float32]:
+        """Softmax-layer inputs (N, K + 1) of raw features; column 0 is background."""
+        return self.fc7(features) @ self.cls_w.T + self.cls_b
+
+    def arrays(self, prefix: str = "head_") -> dict[str, NDArray[np.float32]]:
+        return {prefix + n: np.asarray(getattr(self, n), np.float32) for n in ARRAY_NAMES}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "head_") -> Head:
+        return cls(**{n: np.asarray(arrays[prefix + n], np.float32) for n in ARRAY_NAMES})
+
+    def check(self, num_classes: int | None = None) -> None:
+        """Raise ValueError unless the shapes chain: (D,) (D,) (H, D) (H,) (H, H) (H,)
+        (K + 1, H) (K + 1,)."""
+        d, h = self.in_dim, self.out_dim
+        k1 = self.cls_w.shape[0]
+        want = {"mean": (d,), "std": (d,), "fc6_w": (h, d), "fc6_b": (h,), "fc7_w": (h, h),
+                "fc7_b": (h,), "cls_w": (k1, h), "cls_b": (k1,)}
+        for n, shape in want.items():
+            if getattr(self, n).shape != shape:
+                raise ValueError(f"head {n} has shape {getattr(self, n).shape}, expected {shape}")
+        if num_classes is not None and k1 != num_classes + 1:
+            raise ValueError(f"head has {k1 - 1} classes, the model {num_classes}")
+        if not (self.std > 0).all():
+            raise ValueError("head std must be positive")
+
+
+@dataclass
+class HeadResult:
+    head: Head
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class _Net(nn.Module):
+    def __init__(self, dim: int, hidden: int, num_classes: int, dropout: float,
+                 input_dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Dropout(input_dropout), nn.Linear(dim, hidden), nn.ReLU(),
+                                nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(),
+                                nn.Dropout(dropout))
+        self.cls = nn.Linear(hidden, num_classes + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls(self.fc(x))
+
+
+def collect_windows(records_factory: RecordsFactory, num_classes: int, fg_iou: float = FG_IOU,
+                    bg_per_image: int = BG_PER_IMAGE, seed: int = 0
+                    ) -> tuple[NDArray[np.float16], NDArray[np.int64], int]:
+    """Labelled training windows of all records: (features (M, D) float16, labels (M,) with
+    0 = background and k + 1 = class k, number of images). Every foreground row is kept and
+    at most ``bg_per_image`` background rows per image (seeded choice); ignored rows never."""
+    rng = np.random.default_rng(seed)
+    feats, labels, n = [], [], 0
+    for n, rec in enumerate(records_factory(), 1):
+        boxes = as_boxes(rec["boxes"])
+        f = np.asarray(rec["features"])
+        if f.ndim != 2 or len(f) != len(boxes):
+            raise ValueError(f"record {n - 1}: features {f.shape} and boxes {boxes.shape} "
+                             "must have the same rows")
+        lab, _ = window_labels(boxes, rec["gt_boxes"], rec["gt_labels"], fg_iou,
+                               rec.get("gt_difficult"))
+        if lab.size and lab.max() > num_classes:
+            raise ValueError(f"record {n - 1}: class index {lab.max() - 1} >= {num_classes}")
+        fg = np.flatnonzero(lab > 0)
+        bg = np.flatnonzero(lab == 0)
+        if len(bg) > bg_per_image:
+            bg = np.sort(rng.choice(bg, bg_per_image, replace=False))
+        keep = np.concatenate([fg, bg])
+        feats.append(f[keep].astype(np.float16))
+        labels.append(lab[keep])
+    if not feats:
+        raise ValueError("no training records")
+    return np.concatenate(feats), np.concatenate(labels), n
+
+
+def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int = HIDDEN,
+               iterations: int = ITERATIONS, batch_size: int = BATCH_SIZE,
+               fg_per_batch: int = FG_PER_BATCH, lr: float = LR, momentum: float = MOMENTUM,
+               weight_decay: float = WEIGHT_DECAY, dropout: float = DROPOUT,
+               input_dropout: float = INPUT_DROPOUT, fg_iou: float = FG_IOU,
+               bg_per_image: int = BG_PER_IMAGE, seed: int = 0,
+               device: str | torch.device = "cpu", progress: bool = False) -> HeadResult:
+    """Train fc6/fc7 + a (K + 1)-way softmax layer on cached features (module docstring).
+
+    Deterministic for a given seed and device (its own generators; the global RNG is not
+    touched). Returns the head and training statistics (window counts, losses, seconds).
+    """
+    if iterations < 1 or hidden < 1 or not 0 < fg_per_batch <= batch_size:
+        raise ValueError(f"need iterations >= 1, hidden >= 1 and 0 < fg_per_batch <= "
+                         f"batch_size, got {iterations}, {hidden}, {fg_per_batch}, {batch_size}")
+    t0 = time.perf_counter()
+    x16, labels, n_images = collect_windows(records_factory, num_classes, fg_iou,
+                                            bg_per_image, seed)
+    fg, bg = np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)
+    if len(fg) == 0 or len(bg) == 0:
+        raise ValueError(f"head training needs foreground and background windows, got "
+                         f"{len(fg)} and {len(bg)}")
+    dev = torch.device(device)
+    x = torch.from_numpy(x16).to(dev)
+    y = torch.from_numpy(labels).to(dev)
+    mean = x.float().mean(0)
+    std = x.float().std(0) + STD_FLOOR
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = _Net(x.shape[1], hidden, num_classes, dropout, input_dropout).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay)
+    step = max(1, (2 * iterations) // 3)
+    rng = np.random.default_rng(seed + 1)
+    n_fg = min(fg_per_batch, len(fg))
+    losses: list[float] = []
+    # dropout masks come from torch's global generator: seed it inside a forked state
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed + 2)
+        net.train()
+        it_range = range(iterations)
+        if progress:
+            from tqdm import tqdm
+            it_range = tqdm(it_range, desc="head", unit="it", leave=False)
+        for it in it_range:
+            if it == step:
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.1
+            idx = np.concatenate([rng.choice(fg, n_fg), rng.choice(bg, batch_size - n_fg)])
+            i = torch.from_numpy(idx).to(dev)
+            logits = net((x[i].float() - mean) / std)
+            loss = nn.functional.cross_entropy(logits, y[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    net.eval()
+
+    def arr(t: torch.Tensor) -> NDArray[np.float32]:
+        return t.detach().float().cpu().numpy().astype(np.float32)
+
+    head = Head(mean=arr(mean), std=arr(std), fc6_w=arr(net.fc[1].weight),
+                fc6_b=arr(net.fc[1].bias), fc7_w=arr(net.fc[4].weight),
+                fc7_b=arr(net.fc[4].bias), cls_w=arr(net.cls.weight), cls_b=arr(net.cls.bias))
+    tail = losses[-min(100, len(losses)):]
+    stats = {"images": n_images, "windows": len(labels), "foreground": len(fg),
+             "background": len(bg), "iterations": iterations,
+             "first_loss": round(losses[0], 4), "final_loss": round(float(np.mean(tail)), 4),
+             "seconds": round(time.perf_counter() - t0, 1), "device": str(dev)}
+    log.info("head: %d windows (%d fg) from %d images, loss %.3f -> %.3f in %.0f s",
+             stats["windows"], stats["foreground"], n_images, stats["first_loss"],
+             stats["final_loss"], stats["seconds"])
+    return HeadResult(head, stats)
