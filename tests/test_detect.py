@@ -169,8 +169,9 @@ def test_is_trained_knows_its_features_and_settings(chain):
     from rcnn_cli.train import is_trained
 
     root, _ = chain
-    cfg = config.load()
+    cfg = config.load(root / "head.toml")  # the settings the chain trained with
     assert is_trained(root / "feats", root / "model", cfg)
+    assert not is_trained(root / "feats", root / "model", config.load())  # head defaults
     cfg["train_svm"]["C"] = 0.01
     assert not is_trained(root / "feats", root / "model", cfg)
     assert not is_trained(root / "feats", root / "nope", config.load())
