@@ -9,7 +9,8 @@
 # all-point, COCO AP; with and without box regression), and the extract throughput bench.
 # Most important first, so a run cut short still reports the main numbers. One JSON line per
 # step goes to RESULTS_DIR/gpu_results.jsonl; the fine-tuned backbone is copied there too.
-# Env: PY (python), DEV (cuda), CFG (an override config file), WORK (scratch folder).
+# Env: PY (python), DEV (cuda), CFG (an override config file), WORK (scratch folder),
+# ONLY=extract: only the extract throughput bench (issue 4's GPU table; ~2 minutes).
 set -uo pipefail
 D=${1:?data dir}
 R=${2:?results dir}
@@ -63,6 +64,11 @@ import json, torch
 print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   "torch": torch.__version__}))
 EOF
+if [ "${ONLY:-}" = extract ]; then
+  step bench_extract $PY scripts/bench_extract.py --device "$DEV" --images 2
+  cat "$W/bench_extract.out" >> "$J"
+  exit 0
+fi
 step propose $RC propose "${C[@]}" "$D/images" -o "$W/props" --workers "$NP" -q
 step finetune $RC finetune "${C[@]}" --annotations "$D" --split "$D/train.txt" \
   --proposals "$W/props" -o "$W/ft" --mode warp --device "$DEV" --iterations "$ITERS" -q
