@@ -309,6 +309,11 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
         raise click.ClickException(str(e)) from None
     cfgmod.write_resolved(out, cfg, ["train_svm", "detect"])
     click.echo(str(Path(out)))
+    head = model.training_stats.get("head")
+    if head:
+        click.echo(f"fc head: {head['windows']} windows ({head['foreground']} foreground) from "
+                   f"{head['images']} images, loss {head['first_loss']:.3f} -> "
+                   f"{head['final_loss']:.3f} in {head['seconds']:.0f} s", err=True)
     trained = [c for c, t in zip(model.classes, model.svm_trained) if t]
     click.echo(f"trained {len(trained)}/{len(model.classes)} classes: {', '.join(trained)}",
                err=True)

@@ -94,6 +94,7 @@ def chain(tmp_path_factory):
     res = r.invoke(cli, ["train-svm", "--features", str(root / "feats"), "-o",
                          str(root / "model"), "--config", str(root / "head.toml")])
     assert res.exit_code == 0, res.output
+    assert "fc head: " in res.output and "trained 4/4 classes" in res.output
     return root, data
 
 
