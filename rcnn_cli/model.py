@@ -5,8 +5,8 @@
     format_version, package_version, classes (in order), backbone, weights_source
     (e.g. {"kind": "imagenet", "filename": ..., "sha256": ...} or {"kind": "path", "path":
     ...}), feature_tap, extract_settings, proposal_settings, feature_scaling {feat_scale,
-    target_mean_norm}, detection {nms_iou, score_threshold, max_detections},
-    training_stats, arrays {file, sha256, shapes}
+    reg_feat_scale, target_mean_norm}, head {in_dim, hidden} or null, detection {nms_iou,
+    score_threshold, max_detections}, training_stats, arrays {file, sha256, shapes}
 
 ``model.npz`` (no pickle; read with ``allow_pickle=False``): ``svm_weights`` (K, S) float32,
 ``svm_biases`` (K,) float32, ``svm_trained`` (K,) bool and, when box regression was
