@@ -28,6 +28,7 @@ missing one raises :class:`ExecutorError` naming the extra to install.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import socket
@@ -145,10 +146,14 @@ def loads_model(fn: Callable) -> bool:
 
 
 # ------------------------------------------------------------------ the driver side
-def _missing_extra(name: str, module: str, e: ImportError) -> ExecutorError:
-    return ExecutorError(
-        f"--executor {name} needs the '{module}' package, which is not installed ({e}); "
-        f"install the extra: pip install 'rcnn_cli[{name}]'")
+def _require_extra(name: str, module: str) -> None:
+    """Raise ExecutorError (how to install the extra) unless ``module`` imports."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ExecutorError(
+            f"--executor {name} needs the '{module}' package, which is not installed ({e}); "
+            f"install the extra: pip install 'rcnn_cli[{name}]'") from None
 
 
 def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
@@ -182,18 +187,12 @@ def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
 
         return map_images(fn, items, workers, desc)
     if executor == "dask":
-        try:
-            import distributed  # noqa: F401
-        except ImportError as e:
-            raise _missing_extra("dask", "distributed", e) from None
+        _require_extra("dask", "distributed")
         if not items:
             return iter(())
         session = _DaskSession(workers, address)
     elif executor == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError as e:
-            raise _missing_extra("ray", "ray", e) from None
+        _require_extra("ray", "ray")
         if not items:
             return iter(())
         session = _RaySession(workers, address, actors=loads_model(fn))

@@ -143,6 +143,17 @@ def label_windows(gt_boxes: ArrayLike, gt_labels: ArrayLike, proposals: ArrayLik
         ground-truth boxes first, then the proposals; label 0 = background, k + 1 = class k,
         -1 = ignored; ``iou`` = the largest IoU with a (non-difficult) ground truth.
     """
+    gt, gl, diff = _ground_truth(gt_boxes, gt_labels, gt_difficult)
+    props = box_ops.as_boxes(proposals)
+    props = props[box_ops.valid_mask(props)]
+    windows = np.concatenate([gt[~diff], props]).astype(np.float32)
+    labels, iou_out = window_labels(windows, gt, gl, fg_iou, diff)
+    return windows, labels, iou_out
+
+
+def _ground_truth(gt_boxes: ArrayLike, gt_labels: ArrayLike, gt_difficult: ArrayLike | None
+                  ) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.bool_]]:
+    """Validated (boxes (G, 4), labels (G,), difficult (G,)); no ``difficult`` = all False."""
     gt = box_ops.as_boxes(gt_boxes)
     gl = np.asarray(gt_labels, np.int64).reshape(-1)
     if len(gl) != len(gt):
@@ -151,11 +162,7 @@ def label_windows(gt_boxes: ArrayLike, gt_labels: ArrayLike, proposals: ArrayLik
             else np.asarray(gt_difficult, bool).reshape(-1))
     if len(diff) != len(gt):
         raise ValueError(f"gt_difficult must have shape ({len(gt)},), got {diff.shape}")
-    props = box_ops.as_boxes(proposals)
-    props = props[box_ops.valid_mask(props)]
-    windows = np.concatenate([gt[~diff], props]).astype(np.float32)
-    labels, iou_out = window_labels(windows, gt, gl, fg_iou, diff)
-    return windows, labels, iou_out
+    return gt, gl, diff
 
 
 def window_labels(windows: ArrayLike, gt_boxes: ArrayLike, gt_labels: ArrayLike,
@@ -164,10 +171,7 @@ def window_labels(windows: ArrayLike, gt_boxes: ArrayLike, gt_labels: ArrayLike,
     """Labels (M,) (0 background, k + 1 class k, -1 ignored) and best IoU (M,) with a
     non-difficult ground truth of given windows (M, 4); the rules of :func:`label_windows`."""
     windows = box_ops.as_boxes(windows)
-    gt = box_ops.as_boxes(gt_boxes)
-    gl = np.asarray(gt_labels, np.int64).reshape(-1)
-    diff = (np.zeros(len(gt), bool) if gt_difficult is None
-            else np.asarray(gt_difficult, bool).reshape(-1))
+    gt, gl, diff = _ground_truth(gt_boxes, gt_labels, gt_difficult)
     labels = np.zeros(len(windows), np.int64)
     iou_out = np.zeros(len(windows), np.float32)
     if len(gt) == 0 or len(windows) == 0:

@@ -187,8 +187,9 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     dev = torch.device(device)
     x = torch.from_numpy(x16).to(dev)
     y = torch.from_numpy(labels).to(dev)
-    mean = x.float().mean(0)
-    std = x.float().std(0) + STD_FLOOR
+    xf = x.float()  # one float32 copy for both statistics
+    mean, std = xf.mean(0), xf.std(0) + STD_FLOOR
+    del xf
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = _Net(x.shape[1], hidden, num_classes, dropout, input_dropout).to(dev)

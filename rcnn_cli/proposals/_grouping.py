@@ -212,6 +212,14 @@ def _less(hk, hi, hj, a, b):
 
 
 @njit(cache=True, nogil=True)
+def _swap(hk, hi, hj, a, b):
+    """Exchange heap items ``a`` and ``b`` (key and both region ids)."""
+    hk[a], hk[b] = hk[b], hk[a]
+    hi[a], hi[b] = hi[b], hi[a]
+    hj[a], hj[b] = hj[b], hj[a]
+
+
+@njit(cache=True, nogil=True)
 def _sift_down(hk, hi, hj, pos, size):
     """Restore the min-heap below ``pos`` (arrays hk, hi, hj of the first ``size`` items)."""
     while True:
@@ -222,9 +230,7 @@ def _sift_down(hk, hi, hj, pos, size):
             c += 1
         if not _less(hk, hi, hj, c, pos):
             return
-        hk[c], hk[pos] = hk[pos], hk[c]
-        hi[c], hi[pos] = hi[pos], hi[c]
-        hj[c], hj[pos] = hj[pos], hj[c]
+        _swap(hk, hi, hj, c, pos)
         pos = c
 
 
@@ -235,9 +241,7 @@ def _sift_up(hk, hi, hj, pos):
         parent = (pos - 1) // 2
         if not _less(hk, hi, hj, pos, parent):
             return
-        hk[parent], hk[pos] = hk[pos], hk[parent]
-        hi[parent], hi[pos] = hi[pos], hi[parent]
-        hj[parent], hj[pos] = hj[pos], hj[parent]
+        _swap(hk, hi, hj, parent, pos)
         pos = parent
 
 
