@@ -88,6 +88,22 @@ def detect_image(image: NDArray[np.uint8], model, extractor,
     # 2. one feature vector per proposal
     feats = extractor.extract(image, props)
     t2 = time.perf_counter()
+    # 3.-5. scores, box regression, post-processing
+    out = detect_from_features(props, feats, model, size, settings)
+    t3 = time.perf_counter()
+    out["times"] = {"proposals": t1 - t0, "features": t2 - t1, "scoring": t3 - t2}
+    return out
+
+
+def detect_from_features(props: NDArray[np.float32], feats: NDArray, model,
+                         image_size: tuple[int, int], settings: DetectSettings
+                         ) -> dict[str, Any]:
+    """Detections of one image from its proposals (N, 4) and their features (N, D).
+
+    The scoring half of :func:`detect_image`; cross-validation scores cached extract
+    features with it, so what it measures is what ``rcnn detect`` computes.
+    Returns a dict with ``boxes`` (M, 4) float32, ``scores`` (M,) float32, ``labels`` (M,).
+    """
     # 3. class scores from the per-class linear SVMs (on the fc head's fc7 when the model has
     #    one; untrained classes never fire)
     scores = model.score(feats)
@@ -100,10 +116,8 @@ def detect_image(image: NDArray[np.uint8], model, extractor,
     else:
         boxes = np.repeat(props[:, None, :], scores.shape[1], axis=1)
     # 5. clip, threshold, per-class NMS, cap
-    b, s, lab = postprocess(boxes, scores, size, settings)
-    t3 = time.perf_counter()
-    return {"boxes": b, "scores": s, "labels": lab,
-            "times": {"proposals": t1 - t0, "features": t2 - t1, "scoring": t3 - t2}}
+    b, s, lab = postprocess(boxes, scores, image_size, settings)
+    return {"boxes": b, "scores": s, "labels": lab}
 
 
 # ------------------------------------------------------------------ folders

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,18 @@ def use_head(head: str, tap: str) -> bool:
     return head == "fc" or (head == "auto" and tap in AUTO_HEAD_TAPS)
 
 
-def records_factory(features_dir: str | Path):
-    """A factory of fresh iterators over the extract records of a folder (sorted order)."""
+def records_factory(features_dir: str | Path, images: Collection[str] | None = None):
+    """A factory of fresh iterators over the extract records of a folder (sorted order),
+    restricted to the image ids in ``images`` when given."""
     store = open_upstream(features_dir, "extract")
     stems = store.done_stems()
+    if images is not None:
+        wanted = set(images)
+        missing = sorted(wanted.difference(stems))
+        if missing:
+            raise ValueError(f"images: {len(missing)} not finished in {features_dir}, "
+                             f"e.g. {missing[0]!r}")
+        stems = [s for s in stems if s in wanted]
     if not stems:
         raise FileNotFoundError(f"{features_dir}: no finished images (run `rcnn extract`)")
 
@@ -55,7 +63,8 @@ def records_factory(features_dir: str | Path):
 
 
 def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any],
-                classes: Sequence[str] | None = None, overwrite: bool = False) -> Model:
+                classes: Sequence[str] | None = None, overwrite: bool = False,
+                images: Collection[str] | None = None) -> Model:
     """Train SVMs (+ regressors) on an extract folder and save the bundle to ``out``.
 
     Args:
@@ -63,9 +72,10 @@ def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any
         out: bundle folder (refused if it holds a bundle, unless ``overwrite``).
         cfg: resolved config ([train_svm], [detect] defaults are recorded in the bundle).
         classes: restrict training to these class names (others stay untrained).
+        images: train on these image ids of the folder only (cross-validation folds).
     """
     t = cfg["train_svm"]
-    factory, store, n_images = records_factory(features_dir)
+    factory, store, n_images = records_factory(features_dir, images)
     all_classes = list(store.settings.get("classes") or [])
     if not all_classes:
         raise ValueError(f"{features_dir}: features were extracted without --annotations; "

@@ -12,12 +12,22 @@ the same run (torchvision Faster R-CNN, mobilenet_v2 ImageNet backbone, tutorial
 configuration, default 800 px resize). Prints one JSON line.
 
 usage: python scripts/bench_detection.py [--data DIR] [--weights FT.safetensors] [--work DIR]
+       python scripts/bench_detection.py --cv 5 [--configs default,head_seed1,...]
+
+``--cv K`` chooses settings on the training images only (the VOC rule): K folds of
+``train.txt`` (by image, seeded ``sklearn.model_selection.KFold``); the training features are
+extracted once, each configuration is trained on K-1 folds and scored on the held-out fold
+from the cached features of its proposals (exactly what ``rcnn detect`` computes for those
+images: same proposals, same extractor), for several post-processing variants at once.
+Prints one JSON line: per configuration and variant the mean, standard deviation and per-fold
+AP50 (VOC07 and all-point) and COCO AP. ``test.txt`` is never read in this mode.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +109,109 @@ def run_variant(tag: str, data: Path, work: Path, cfg: dict, weights: str | None
     return out
 
 
+# ------------------------------------------------------------------ cross-validation
+#: Training configurations compared by ``--cv`` (overrides of the resolved config).
+CV_CONFIGS: dict[str, dict] = {
+    "default": {},
+    "head_seed1": {"train_svm": {"seed": 1}},
+    "head_seed2": {"train_svm": {"seed": 2}},
+    "no_head": {"train_svm": {"head": "none"}},
+    "lambda300": {"train_svm": {"bbox_lambda": 300.0}},
+    "lambda3000": {"train_svm": {"bbox_lambda": 3000.0}},
+    "reg_iou05": {"train_svm": {"bbox_min_overlap": 0.5}},
+}
+
+#: Post-processing variants scored offline on every trained fold model.
+CV_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "no_bbox_reg": {"bbox_regression": False},
+    "nms0.4": {"nms_iou": 0.4},
+    "nms0.5": {"nms_iou": 0.5},
+}
+
+
+def _merge(cfg: dict, over: dict) -> dict:
+    out = json.loads(json.dumps(cfg))
+    for sec, kv in over.items():
+        out[sec].update(kv)
+    return out
+
+
+def _offline_detections(model, record: dict, settings) -> dict:
+    """What detect computes for one image, from its cached proposal features."""
+    from rcnn_cli.detect import detect_from_features
+
+    props = record["gt_label"] < 0
+    return detect_from_features(record["boxes"][props],
+                                record["features"][props].astype(np.float32), model,
+                                tuple(int(v) for v in record["image_size"]), settings)
+
+
+def _fold_scores(model_dir: Path, store, ids: list[str], classes: list[str], cfg: dict) -> dict:
+    """AP of every post-processing variant on the held-out images ``ids``."""
+    from rcnn_cli.detect import model_detect_settings
+    from rcnn_cli.evaluate import Detections, evaluate_detections
+    from rcnn_cli.model import load_model
+
+    model = load_model(model_dir)
+    records = {i: store.load(i) for i in ids}
+    gts = {i: (r["gt_boxes"], r["gt_labels"], r["gt_difficult"]) for i, r in records.items()}
+    out = {}
+    for name, over in CV_VARIANTS.items():
+        st = model_detect_settings(model, cfg, over)
+        dets = {}
+        for i, r in records.items():
+            d = _offline_detections(model, r, st)
+            dets[i] = Detections(d["boxes"], d["scores"], d["labels"])
+        m, _ = evaluate_detections(gts, dets, classes)
+        out[name] = {"ap50_voc07": m["mAP_voc07"], "ap50_allpoint": m["mAP_voc"],
+                     "coco_ap": m["coco"]["AP"]}
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    v = np.asarray(values, float)
+    return {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)), 4)
+            if len(v) > 1 else 0.0, "folds": [round(float(x), 4) for x in v]}
+
+
+def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: int) -> dict:
+    """K-fold cross-validation over train.txt (see the module docstring)."""
+    from sklearn.model_selection import KFold
+
+    from rcnn_cli.store import open_upstream
+
+    images = [str(data / "images")]
+    split = data / "train.txt"
+    propose_folder(images, work / "props", cfg, split=split)
+    extract_folder(images, work / "props", work / "feats_cv", cfg, annotations=data,
+                   split=split)
+    store = open_upstream(work / "feats_cv", "extract")
+    ids = store.done_ids() if hasattr(store, "done_ids") else store.done_stems()
+    classes = list(store.settings["classes"])
+    folds = list(KFold(k, shuffle=True, random_state=seed).split(ids))
+    res: dict = {"data": str(data), "k": k, "fold_seed": seed, "images": len(ids),
+                 "variants": list(CV_VARIANTS), "configs": {}}
+    for name in configs:
+        c = _merge(cfg, CV_CONFIGS[name])
+        per: dict[str, dict[str, list[float]]] = {}
+        t0 = time.perf_counter()
+        for f, (tr, te) in enumerate(folds):
+            model_dir = work / f"cv_model_{name}_{f}"
+            train_model(work / "feats_cv", model_dir, c, images=[ids[i] for i in tr],
+                        overwrite=True)
+            scores = _fold_scores(model_dir, store, [ids[i] for i in te], classes, c)
+            for var, m in scores.items():
+                for key, v in m.items():
+                    per.setdefault(var, {}).setdefault(key, []).append(v)
+        res["configs"][name] = {"seconds": round(time.perf_counter() - t0, 1),
+                                **{var: {key: _spread(v) for key, v in m.items()}
+                                   for var, m in per.items()}}
+        print(json.dumps({"config": name, **res["configs"][name]}), file=sys.stderr,
+              flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "raccoon"))
@@ -106,12 +219,25 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/rcnn_bench_detection")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--cv", type=int, default=0, metavar="K",
+                    help="K-fold cross-validation over train.txt instead of the test run")
+    ap.add_argument("--configs", default="default",
+                    help=f"--cv: comma-separated configurations of {sorted(CV_CONFIGS)}")
+    ap.add_argument("--fold-seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     data, work = Path(a.data), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg = config.load(overrides={"common": {"workers": a.threads, "device": "cpu"},
                                  "extract": {"mode": "shared"}})
+    if a.cv:
+        names = [n.strip() for n in a.configs.split(",") if n.strip()]
+        bad = [n for n in names if n not in CV_CONFIGS]
+        if bad or a.cv < 2:
+            ap.error(f"--configs: unknown {bad} (choose from {sorted(CV_CONFIGS)})" if bad
+                     else "--cv needs K >= 2")
+        print(json.dumps(run_cv(data, work, cfg, a.cv, names, a.fold_seed)), flush=True)
+        return
     t0 = time.perf_counter()
     rep = propose_folder([str(data / "images")], work / "props", cfg)
     res = {"data": str(data), "device": "cpu", "threads": a.threads,

@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,35 @@ def test_is_trained_knows_its_features_and_settings(chain):
     cfg["train_svm"]["C"] = 0.01
     assert not is_trained(root / "feats", root / "model", cfg)
     assert not is_trained(root / "feats", root / "nope", config.load())
+
+
+def test_train_on_a_subset_and_score_cached_features(chain, tmp_path):
+    """train_model(images=...) trains on those images only (cross-validation folds), and
+    detect_from_features on cached extract features gives what detect_image gives."""
+    from rcnn_cli import config
+    from rcnn_cli.detect import DetectSettings, detect_from_features, detect_image
+    from rcnn_cli.features import FeatureExtractor
+    from rcnn_cli.images import read_image
+    from rcnn_cli.store import open_upstream
+    from rcnn_cli.train import train_model
+
+    root, data = chain
+    cfg = config.load(root / "head.toml")
+    cfg["train_svm"]["head"] = "none"
+    store = open_upstream(root / "feats", "extract")
+    ids = store.done_stems()
+    model = train_model(root / "feats", tmp_path / "m", cfg, images=ids[:5])
+    assert model.training_stats["images"] == 5
+    with pytest.raises(ValueError, match="not finished"):
+        train_model(root / "feats", tmp_path / "m2", cfg, images=["nope"])
+    # cached proposal features score exactly like a fresh detect of the same image
+    rec = store.load(ids[0])
+    props = rec["gt_label"] < 0
+    st = DetectSettings(score_thresh=-1e9)
+    cached = detect_from_features(rec["boxes"][props], rec["features"][props].astype(np.float32),
+                                  model, tuple(rec["image_size"]), st)
+    ext = FeatureExtractor(**{k: v for k, v in store.settings["extractor"].items()})
+    img = read_image(next((data / "images").glob(f"{Path(ids[0]).stem}.*")))
+    fresh = detect_image(img, model, ext, st)
+    assert len(cached["scores"]) > 0
+    np.testing.assert_allclose(cached["scores"][:5], fresh["scores"][:5], atol=2e-2)
