@@ -728,8 +728,10 @@ class MatchReport:
             ``a/img.jpg`` and ``b/img.jpg``).
         taken: annotations whose image already had one ("copy.xml (a.jpg: a.xml)").
         unannotated_images: images without any annotation.
-        renamed: annotations matched although the name written inside them names another
-            file ("b.xml -> b.jpg (<filename> a.jpg)").
+        renamed: XML/label files given to the image of their own name although the name
+            written inside them names another ("b.xml -> b.jpg (<filename> a.jpg)").
+        by_filename: XML files given to the image their ``<filename>`` names, no image
+            having their own name ("label_1.xml -> IMG_1.jpg (<filename> IMG_1.jpg)").
         unreadable: matched images whose size was needed and could not be read.
     """
 
@@ -742,6 +744,7 @@ class MatchReport:
     taken: list[str] = field(default_factory=list)
     unannotated_images: list[str] = field(default_factory=list)
     renamed: list[str] = field(default_factory=list)
+    by_filename: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -759,13 +762,18 @@ class MatchReport:
             s += (f"; {len(self.unannotated_images)} image(s) without annotation "
                   f"({_first(self.unannotated_images)})")
         if self.renamed:
-            s += (f"; {len(self.renamed)} annotation(s) whose <filename>/file name names "
-                  f"another image ({_first(self.renamed)})")
+            s += (f"; {len(self.renamed)} annotation(s) used for the image of their own name "
+                  f"although their <filename> names another ({_first(self.renamed)})")
+        if self.by_filename:
+            s += (f"; {len(self.by_filename)} annotation(s) matched by <filename> as no image "
+                  f"has their own name ({_first(self.by_filename)})")
         return s
 
     @property
     def clean(self) -> bool:
-        return not (self.unmatched_records or self.unannotated_images or self.renamed)
+        """True when every image and annotation paired up under one agreed name."""
+        return not (self.unmatched_records or self.unannotated_images or self.renamed
+                    or self.by_filename or self.unreadable)
 
 
 def _first(names: list[str]) -> str:
@@ -854,13 +862,10 @@ def _pair(items: list[ImageItem], ds: Dataset, source: str) -> tuple[Dataset, Ma
             del assigned[ri]
             continue
         paths[item.rel] = item.path
-        written = PurePosixPath(rec.file_name)
-        if rec.ann_file and rec.file_name and written.stem != PurePosixPath(rec.ann_file).stem:
-            rep.renamed.append(f"{rec.ann_file} -> {item.rel} (<filename> {rec.file_name})")
-        elif rec.file_name and _parts(written.name, False) != _parts(
-                PurePosixPath(item.rel).name, False):
-            rep.renamed.append(f"{rec.display} -> {item.rel}"
-                               + (f" (<filename> {rec.file_name})" if rec.ann_file else ""))
+        own, written = (PurePosixPath(n).stem for n in (rec.ann_file, rec.file_name))
+        if rec.ann_file and rec.file_name and own != written:  # the two names disagree
+            (rep.renamed if PurePosixPath(item.rel).stem == own else rep.by_filename).append(
+                f"{rec.ann_file} -> {item.rel} (<filename> {rec.file_name})")
     rep.matched = len(records)
     rep.unmatched_records = [r.display for ri, r in enumerate(ds.records) if ri not in assigned]
     rep.ambiguous = [ds.records[ri].display for ri in sorted(ambiguous) if ri not in assigned]
@@ -932,7 +937,7 @@ def match_annotations(items: list[ImageItem], annotations: str | Path | Dataset,
         raise AnnotationError(f"{source}: no annotation matches any of the {len(items)} "
                               f"image(s) given (annotations: e.g. {ex}; images: e.g. "
                               f"{items[0].rel})")
-    if not rep.clean or rep.unreadable:
+    if not rep.clean:
         log.warning("%s", rep.summary())
     else:
         log.info("%s", rep.summary())
@@ -1005,6 +1010,6 @@ def load_dataset(path: str | Path, split: str | Path | None = None,
     if ds.records and not out.records:
         raise AnnotationError(f"{path}: no annotation matches an image in {img_dir}"
                               f" (annotations: e.g. {ds.records[0].display})")
-    if rep.unmatched_records or rep.renamed or rep.unreadable:
+    if rep.unmatched_records or rep.renamed or rep.by_filename or rep.unreadable:
         log.warning("%s", rep.summary())
     return dataclasses.replace(out, image_root=img_dir)

@@ -229,6 +229,17 @@ def test_xml_named_otherwise_matched_by_filename(tmp_path, caplog):
     assert sorted(d.by_name()) == ["IMG_0001.jpg", "IMG_0002.jpg"]
     np.testing.assert_array_equal(d.by_name()["IMG_0002.jpg"].boxes, [[0, 0, 5, 5]])
     assert rep.unmatched_records == ["copy.xml"] and "copy.xml" in caplog.text
+    assert rep.taken == ["copy.xml (IMG_0002.jpg: IMG_0002.xml)"]
+    assert rep.by_filename == ["label_1.xml -> IMG_0001.jpg (<filename> IMG_0001.jpg)"]
+    assert "matched by <filename>" in caplog.text and len(caplog.records) == 1
+
+
+def test_filename_without_extension_is_no_disagreement(tmp_path, caplog):
+    _img(tmp_path / "images" / "a.jpg")
+    _xml(tmp_path / "annots" / "a.xml", "a")  # some labelling tools write the bare stem
+    with caplog.at_level(logging.WARNING):
+        d, rep = ds.match_annotations(list_images(tmp_path / "images"), tmp_path / "annots")
+    assert rep.clean and list(d.by_name()) == ["a.jpg"] and caplog.text == ""
 
 
 def test_size_from_the_image_header_when_the_xml_has_none(tmp_path):
