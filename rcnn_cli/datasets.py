@@ -128,7 +128,7 @@ class Dataset:
 
 
 # ------------------------------------------------------------------------------- names
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:(/|$)")
 
 
 def safe_rel(name: str, where: str) -> str | None:
@@ -182,7 +182,6 @@ def sanitize_boxes(raw: NDArray, size: tuple[int, int] | None,
     record is sanitized again with the size when it is matched to its image).
     """
     b = bx.as_boxes(raw).copy()
-    h, w = size if size is not None else (np.inf, np.inf)
     keep = np.ones(len(b), bool)
     for i, box in enumerate(b):
         x1, y1, x2, y2 = (float(v) for v in box)
@@ -194,8 +193,12 @@ def sanitize_boxes(raw: NDArray, size: tuple[int, int] | None,
             log.warning("%s: box %d %s is inverted; corners swapped", where, i, box.tolist())
             x1, x2 = min(x1, x2), max(x1, x2)
             y1, y2 = min(y1, y2), max(y1, y2)
-        c = [min(max(x1, 0), w), min(max(y1, 0), h), min(max(x2, 0), w), min(max(y2, 0), h)]
-        if c != [x1, y1, x2, y2] and w > 0 and h > 0:
+        c = [x1, y1, x2, y2]
+        if size is not None:
+            h, w = size
+            c = [min(max(x1, 0), w), min(max(y1, 0), h), min(max(x2, 0), w),
+                 min(max(y2, 0), h)]
+        if c != [x1, y1, x2, y2] and size is not None and w > 0 and h > 0:
             log.warning("%s: box %d %s lies partly outside the %dx%d image; clipped",
                         where, i, [round(v, 1) for v in (x1, y1, x2, y2)], w, h)
         b[i] = c

@@ -242,13 +242,19 @@ def test_filename_without_extension_is_no_disagreement(tmp_path, caplog):
     assert rep.clean and list(d.by_name()) == ["a.jpg"] and caplog.text == ""
 
 
-def test_size_from_the_image_header_when_the_xml_has_none(tmp_path):
+def test_size_from_the_image_header_when_the_xml_has_none(tmp_path, caplog):
     _img(tmp_path / "images" / "a.jpg", size=(50, 40))
-    _xml(tmp_path / "annots" / "a.xml", "a.jpg", boxes=[(11, 21, 90, 30)], size=None)
-    d, _ = ds.match_annotations(list_images(tmp_path / "images"), tmp_path / "annots")
+    _xml(tmp_path / "annots" / "a.xml", "a.jpg", boxes=[(11, 21, 90, 30), (0, 5, 10, 15)],
+         size=None)
+    with caplog.at_level(logging.WARNING):
+        d, _ = ds.match_annotations(list_images(tmp_path / "images"), tmp_path / "annots")
     r = d.by_name()["a.jpg"]
     assert (r.height, r.width) == (40, 50)
-    np.testing.assert_array_equal(r.boxes, [[10, 20, 50, 30]])  # clipped to the real width
+    # clipped to the real size, once it is known, with the usual warning
+    np.testing.assert_array_equal(r.boxes, [[10, 20, 50, 30], [0, 4, 10, 15]])
+    assert "50x40 image; clipped" in caplog.text
+    # a file name with a colon is a name, not a drive
+    assert ds.safe_rel("a:b.jpg", "x") == "a:b.jpg" and ds.safe_rel("c:/a.jpg", "x") is None
 
 
 def test_no_match_is_an_error_naming_both_sides(tmp_path):
