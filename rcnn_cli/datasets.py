@@ -784,12 +784,16 @@ def _first(names: list[str]) -> str:
 
 
 def _parts(name: str, stem: bool) -> tuple[str, ...]:
-    """Path components of ``name``; without the extension (``stem``) or with it lower-cased."""
-    p = PurePosixPath(name)
-    if not p.parts:
+    """Path components of ``name``; without the extension (``stem``) or with it lower-cased
+    (plain string work: this runs for every image and annotation)."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts:
         return ()
-    last = p.stem if stem else p.stem + p.suffix.lower()
-    return (*p.parts[:-1], last)
+    last = parts[-1]
+    dot = last.rfind(".")
+    base, ext = (last[:dot], last[dot:]) if 0 < dot < len(last) - 1 else (last, "")
+    parts[-1] = base if stem else base + ext.lower()
+    return tuple(parts)
 
 
 def _trailing(a: tuple[str, ...], b: tuple[str, ...]) -> int:
@@ -865,9 +869,10 @@ def _pair(items: list[ImageItem], ds: Dataset, source: str) -> tuple[Dataset, Ma
             del assigned[ri]
             continue
         paths[item.rel] = item.path
-        own, written = (PurePosixPath(n).stem for n in (rec.ann_file, rec.file_name))
-        if rec.ann_file and rec.file_name and own != written:  # the two names disagree
-            (rep.renamed if PurePosixPath(item.rel).stem == own else rep.by_filename).append(
+        own, written, got = (_parts(n, True)[-1:] for n in (rec.ann_file, rec.file_name,
+                                                             item.rel))
+        if own and written and own != written:  # the two names disagree
+            (rep.renamed if got == own else rep.by_filename).append(
                 f"{rec.ann_file} -> {item.rel} (<filename> {rec.file_name})")
     rep.matched = len(records)
     rep.unmatched_records = [r.display for ri, r in enumerate(ds.records) if ri not in assigned]
