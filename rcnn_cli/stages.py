@@ -127,7 +127,7 @@ def extract_one(item: ImageItem, store: StageStore, upstream: StageStore,
     t0 = time.perf_counter()
     img = read_image(item.path)
     props = upstream.load(item.stem_rel)["boxes"][:max_proposals]
-    rec = (gt.get(item.rel) or gt.get(Path(item.rel).stem)) if gt is not None else None
+    rec = gt.get(item.rel) if gt is not None else None
     if rec is not None:
         gtb, gtl, gtd = rec.boxes, rec.labels, rec.difficult
     else:
@@ -148,9 +148,13 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
                    cfg: Mapping[str, Any], annotations: str | Path | None = None,
                    split: str | Path | None = None, overwrite: bool = False) -> Report:
     """Features of every proposal (and ground-truth box, with ``annotations``) per image."""
-    from rcnn_cli.datasets import load_dataset
+    from rcnn_cli.datasets import match_annotations
 
     e = cfg["extract"]
+    items = list_images(inputs, split=split)
+    ds = None
+    if annotations is not None:  # paired with these images up front: no match, no work
+        ds, _ = match_annotations(items, annotations, split=split)
     upstream = open_upstream(proposals_dir, "propose")
     kwargs = extractor_kwargs(e, cfg["common"]["device"])
     ext = get_extractor(kwargs)
@@ -160,17 +164,12 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
                 "extractor": {k: v for k, v in kwargs.items()
                               if k not in ("device", "batch_size")}}
     gt = None
-    if annotations is not None:
-        ds = load_dataset(annotations, split=split)
-        # match images to annotations by relative path, else by file stem (the images may
-        # be given as the dataset's root or its images/ folder)
-        gt = {r.file_name: r for r in ds.records}
-        gt.update({Path(r.file_name).stem: r for r in ds.records})
+    if ds is not None:
+        gt = ds.by_name()  # ImageItem.rel -> record
         settings.update(classes=ds.classes, annotations=dataset_fingerprint(ds.records))
     store = StageStore(out, "extract", settings, upstream_key=upstream.key,
                        format_version=EXTRACT_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract"])
-    items = list_images(inputs, split=split)
     missing = [it for it in items if not upstream.is_done(it.stem_rel)]
     fn = functools.partial(extract_one, store=store, upstream=upstream, kwargs=kwargs, gt=gt,
                            max_proposals=e["max_proposals"], dtype=e["dtype"])
