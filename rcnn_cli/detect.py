@@ -11,7 +11,6 @@ Every output names an image by its path relative to the input folder, extension 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from rcnn_cli.runner import Report, run_stage
 from rcnn_cli.stages import compute_proposals, execution, get_extractor, is_current
 from rcnn_cli.store import (
     StageStore,
+    atomic_write_json,
     check_output_folder,
     claim_folder,
     file_identity,
@@ -281,6 +281,6 @@ def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
     if "yolo" in formats:
         written += ev.write_yolo_results(out / "yolo", dets, sizes)
     n = sum(len(d) for d in dets.values())
-    (out / "summary.json").write_text(json.dumps({"images": len(dets), "detections": n,
-                                                  "classes": classes}, indent=2))
+    atomic_write_json(out / "summary.json", {"images": len(dets), "detections": n,
+                                             "classes": classes})
     return written
