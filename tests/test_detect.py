@@ -180,6 +180,23 @@ def test_is_trained_knows_its_features_and_settings(chain):
     assert not is_trained(root / "feats", root / "nope", config.load())
 
 
+def test_is_trained_sees_a_re_extracted_image(chain, tmp_path):
+    """Same settings key, but one image's record recomputed since training: not trained."""
+    from rcnn_cli import config
+    from rcnn_cli.store import open_upstream
+    from rcnn_cli.train import is_trained
+
+    root, _ = chain
+    cfg = config.load(root / "head.toml")
+    feats = tmp_path / "feats"
+    shutil.copytree(root / "feats", feats)
+    assert is_trained(feats, root / "model", cfg)
+    store = open_upstream(feats, "extract")
+    rel = store.done_rels()[0]
+    store.save(rel, store.load(rel), source=np.array([1, 2]))  # as if its image changed
+    assert not is_trained(feats, root / "model", cfg)
+
+
 def test_detect_keeps_one_identity_per_image(chain, tmp_path):
     """img.jpg and img.png in one folder, and sub/img.jpg: three images in every output;
     a replaced image is detected again."""
