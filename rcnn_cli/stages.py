@@ -21,7 +21,13 @@ import numpy as np
 from rcnn_cli import config as cfgmod
 from rcnn_cli.images import ImageItem, list_images, read_image
 from rcnn_cli.runner import Report, run_stage
-from rcnn_cli.store import StageStore, check_output_folder, file_identity, open_upstream
+from rcnn_cli.store import (
+    StageStore,
+    check_output_folder,
+    check_stage_folder,
+    file_identity,
+    open_upstream,
+)
 
 log = logging.getLogger("rcnn_cli.stages")
 
@@ -186,6 +192,7 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     e = cfg["extract"]
     check_output_folder(out, [proposals_dir], overwrite=False, what="-o, --proposals")
     check_output_folder(out, inputs, overwrite)
+    check_stage_folder(out, overwrite)  # before loading the backbone
     upstream = open_upstream(proposals_dir, "propose")
     kwargs = extractor_kwargs(e, cfg["common"]["device"])
     ext = get_extractor(kwargs)

@@ -318,6 +318,16 @@ def claim_folder(folder: str | Path, ours: bool, names: tuple[str, ...], overwri
             f"even with --overwrite (move it, or choose another output folder)")
 
 
+def check_stage_folder(root: str | Path, overwrite: bool = False) -> None:
+    """The folder checks of :class:`StageStore` alone, to run before heavy work (loading a
+    backbone): a folder holding files rcnn did not write is refused unless ``overwrite``.
+
+    Raises:
+        ForeignFolderError: see :func:`claim_folder`.
+    """
+    claim_folder(root, read_manifest(root) is not None, _STAGE_FILES, overwrite)
+
+
 class StageStore:
     """The output folder of one stage.
 
