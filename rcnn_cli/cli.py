@@ -82,11 +82,12 @@ def usage_errors():
     """Executor problems (missing extra, unreachable cluster, bad --shard) and stale output
     folders are usage errors (exit 2) with their one-line message."""
     from rcnn_cli.executors import ExecutorError
+    from rcnn_cli.images import InputError
     from rcnn_cli.store import StaleStoreError
 
     try:
         yield
-    except (ExecutorError, StaleStoreError, FileExistsError) as e:
+    except (ExecutorError, StaleStoreError, FileExistsError, InputError) as e:
         raise click.UsageError(str(e)) from None
     except FileNotFoundError as e:
         raise click.FileError(getattr(e, "filename", None) or "input", hint=str(e)) from None

@@ -2,14 +2,15 @@
 
 :func:`detect_image` is the recipe for one image (read it top to bottom, like torchvision's
 ``roi_heads.postprocess_detections``); :func:`detect_folder` streams it over folders,
-writing each image's result as it comes (``OUT/per_image/<stem>.npz``, resumable), then
-the standard outputs: ``detections.csv``, COCO ``detections.json`` + ``images.json`` +
-``categories.json``, and optionally VOC-devkit / YOLO text files and pictures.
+writing each image's result as it comes (``OUT/per_image/<image path>.npz``, e.g.
+``per_image/sub/img.jpg.npz``, resumable), then the standard outputs: ``detections.csv``,
+COCO ``detections.json`` + ``images.json`` + ``categories.json``, and optionally VOC-devkit /
+YOLO text files (:mod:`rcnn_cli.formats`) and pictures (``vis/<image path>.jpg``).
+Every output names an image by its path relative to the input folder, extension included.
 """
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -26,12 +27,23 @@ from rcnn_cli import boxes as bx
 from rcnn_cli import config as cfgmod
 from rcnn_cli.images import ImageItem, list_images, read_image
 from rcnn_cli.runner import Report, run_stage
-from rcnn_cli.stages import compute_proposals, execution, get_extractor
-from rcnn_cli.store import StageStore
+from rcnn_cli.stages import compute_proposals, execution, get_extractor, is_current
+from rcnn_cli.store import (
+    StageStore,
+    atomic_write_json,
+    check_output_folder,
+    claim_folder,
+    file_identity,
+    read_manifest,
+)
 
 log = logging.getLogger("rcnn_cli.detect")
 
-DETECT_FORMAT = 1
+#: 2: per-image files keyed by the relative path with extension, with identity entries
+DETECT_FORMAT = 2
+#: what detect writes at the top of its output folder (never over a file it did not write)
+OUTPUT_FILES = ("per_image", "vis", "voc", "yolo", "detections.csv", "detections.json",
+                "images.json", "categories.json", "summary.json", "config.toml")
 #: boxes thinner than this (pixels) after regression and clipping are dropped
 MIN_BOX_SIDE = 1e-2
 
@@ -160,22 +172,46 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
                vis_dir: str | None) -> dict:
     """Per-image work of `rcnn detect` (one process loads model and backbone once)."""
     t0 = time.perf_counter()
+    source = file_identity(item.path)
     img = read_image(item.path)
     model = _get_model(model_dir)
     ext = get_extractor(extractor_kwargs)
     t_dec = time.perf_counter() - t0
     out = detect_image(img, model, ext, settings)
-    store.save(item.stem_rel, {"boxes": out["boxes"], "scores": out["scores"],
-                               "labels": out["labels"],
-                               "image_size": np.array(img.shape[:2], np.int64)})
+    store.save(item.rel, {"boxes": out["boxes"], "scores": out["scores"],
+                          "labels": out["labels"],
+                          "image_size": np.array(img.shape[:2], np.int64)}, source=source)
     if vis_dir is not None:
         from rcnn_cli.visualize import draw_detections, save_image
 
         show = out["scores"] > settings.vis_thresh
         pic = draw_detections(img, out["boxes"][show], out["labels"][show], out["scores"][show],
                               model.classes)
-        save_image(Path(vis_dir) / f"{item.stem_rel}.jpg", pic)
+        save_image(vis_path(vis_dir, item.rel), pic)
     return {"times": {"decode": t_dec, **out["times"]}}
+
+
+def vis_path(vis_dir: str | Path, rel: str) -> Path:
+    """Picture of image ``rel``: ``vis/<rel>.jpg`` (``img.png`` -> ``vis/img.png.jpg``), so
+    ``img.jpg`` and ``img.png`` get two pictures."""
+    from rcnn_cli.store import check_rel
+
+    return Path(vis_dir) / f"{check_rel(rel)}.jpg"
+
+
+def check_detect_folder(out: str | Path, inputs: list[str | Path], model_dir: str | Path,
+                        overwrite: bool) -> None:
+    """Refuse an output folder that is (inside) an input folder or the model bundle, or that
+    holds files rcnn did not write (no ``per_image/manifest.json`` of a detect run) unless
+    ``overwrite``; even then none of :data:`OUTPUT_FILES` may exist there.
+
+    Raises:
+        ForeignFolderError: naming the folder.
+    """
+    check_output_folder(out, [model_dir], overwrite=False, what="-o, --model")
+    check_output_folder(out, inputs, overwrite)
+    m = read_manifest(Path(out) / "per_image")
+    claim_folder(out, m is not None and m.get("stage") == "detect", OUTPUT_FILES, overwrite)
 
 
 def model_detect_settings(model, cfg: Mapping[str, Any],
@@ -210,6 +246,7 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     stream to ``out/per_image`` (a killed run resumes); the summary files are written at
     the end from those.
     """
+    check_detect_folder(out, inputs, model_dir, overwrite)
     model = _get_model(str(model_dir))
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)
@@ -221,11 +258,11 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                         "post": {k: v for k, v in settings.__dict__.items() if k != "vis_thresh"}},
                        format_version=DETECT_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "detect"])
-    items = list_images(inputs, split=split)
+    items = list_images(inputs, split=split, exclude=[out])
     vis_dir = str(Path(out) / "vis") if save_vis else None
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
                            extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir)
-    report = run_stage(fn, items, is_done=lambda it: store.is_done(it.stem_rel),
+    report = run_stage(fn, items, is_done=lambda it: is_current(store, it),
                        desc="detect", **execution(cfg, ext.device.type))
     write_outputs(out, store, items, model.classes, formats or d["formats"])
     return report
@@ -233,15 +270,15 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
 
 def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
                   classes: list[str], formats: list[str]) -> list[Path]:
-    """Summary files of a detect run from its per-image results (images that failed are
-    left out)."""
+    """Summary files of a detect run from its per-image results (images that failed, or
+    changed since they were detected, are left out)."""
     from rcnn_cli import evaluate as ev
 
     dets, sizes = {}, {}
     for it in items:
-        if not store.is_done(it.stem_rel):
+        if not is_current(store, it):
             continue
-        r = store.load(it.stem_rel)
+        r = store.load(it.rel)
         dets[it.rel] = ev.Detections(r["boxes"], r["scores"], r["labels"])
         sizes[it.rel] = tuple(int(v) for v in r["image_size"])
     out = Path(out)
@@ -258,6 +295,6 @@ def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
     if "yolo" in formats:
         written += ev.write_yolo_results(out / "yolo", dets, sizes)
     n = sum(len(d) for d in dets.values())
-    (out / "summary.json").write_text(json.dumps({"images": len(dets), "detections": n,
-                                                  "classes": classes}, indent=2))
+    atomic_write_json(out / "summary.json", {"images": len(dets), "detections": n,
+                                             "classes": classes})
     return written

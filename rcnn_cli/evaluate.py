@@ -50,7 +50,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from rcnn_cli.boxes import as_boxes, box_iou, from_xywh, to_voc, to_xywh, to_yolo
+from rcnn_cli.boxes import as_boxes, box_iou, from_xywh, to_xywh
+
+# the writers of detect's result files live in rcnn_cli.formats (re-exported here)
+from rcnn_cli.formats import (  # noqa: F401  (re-exports)
+    safe_filename,
+    voc_image_id,
+    write_coco_results,
+    write_detections_csv,
+    write_voc_results,
+    write_yolo_results,
+    yolo_label_names,
+)
 from rcnn_cli.store import atomic_write_bytes, open_upstream
 
 log = logging.getLogger(__name__)
@@ -472,92 +483,6 @@ def plot_pr_curve(path: str | Path, name: str, result: Mapping[str, Any]) -> Pat
     return path
 
 
-# ---------------------------------------------------------------- writers
-def write_detections_csv(path: str | Path, dets: Mapping[str, Any], classes: Sequence[str]) -> Path:
-    """Write ``detections.csv`` (header ``image,class,score,x1,y1,x2,y2``; class by name)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_HEADER)
-    for k, det in dets.items():
-        det = as_detections(det)
-        for b, s, c in zip(det.boxes, det.scores, det.labels):
-            w.writerow([k, classes[c], *(np.format_float_positional(v, unique=True, trim="0")
-                                         for v in (s, *b))])
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue().encode())
-    return path
-
-
-def _image_list(image_sizes: Mapping[str, tuple[int, int]]) -> list[dict]:
-    return [{"id": i + 1, "file_name": k, "height": int(hw[0]), "width": int(hw[1])}
-            for i, (k, hw) in enumerate(image_sizes.items())]
-
-
-def write_coco_results(out_dir: str | Path, dets: Mapping[str, Any],
-                       image_sizes: Mapping[str, tuple[int, int]],
-                       classes: Sequence[str]) -> list[Path]:
-    """Write ``detections.json``, ``images.json`` and ``categories.json`` into ``out_dir``.
-
-    ``image_sizes`` (file_name -> (height, width)) lists every image, in order; ids are
-    1..N and every image appears in ``images.json`` even without detections. Category id =
-    class index + 1. Returns the three paths.
-    """
-    unknown = [k for k in dets if k not in image_sizes]
-    if unknown:
-        raise ValueError(f"dets: image {unknown[0]!r} is not in image_sizes")
-    images = _image_list(image_sizes)
-    ids = {im["file_name"]: im["id"] for im in images}
-    results = _coco_results({k: as_detections(v) for k, v in dets.items()}, ids)
-    cats = [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(classes)]
-    out = Path(out_dir)
-    paths = [out / "detections.json", out / "images.json", out / "categories.json"]
-    for p, obj in zip(paths, (results, images, cats)):
-        atomic_write_bytes(p, json.dumps(obj).encode())
-    return paths
-
-
-def write_voc_results(out_dir: str | Path, dets: Mapping[str, Any], classes: Sequence[str],
-                      prefix: str = VOC_DET_PREFIX) -> list[Path]:
-    """Write VOCdevkit result files ``<prefix><class>.txt``, one per class (empty if none).
-
-    Lines are ``image_id score xmin ymin xmax ymax``: image_id is the file stem, the box in VOC
-    1-based inclusive pixels via :func:`rcnn_cli.boxes.to_voc` (rounded to integers).
-    """
-    lines: dict[int, list[str]] = {c: [] for c in range(len(classes))}
-    for k, det in dets.items():
-        det = as_detections(det)
-        stem = PurePosixPath(_norm_name(k)).stem
-        for b, s, c in zip(to_voc(det.boxes), det.scores, det.labels):
-            lines[int(c)].append(f"{stem} {float(s):.6f} {b[0]} {b[1]} {b[2]} {b[3]}\n")
-    paths = []
-    for c, name in enumerate(classes):
-        p = Path(out_dir) / f"{prefix}{name}.txt"
-        atomic_write_bytes(p, "".join(lines[c]).encode())
-        paths.append(p)
-    return paths
-
-
-def write_yolo_results(out_dir: str | Path, dets: Mapping[str, Any],
-                       image_sizes: Mapping[str, tuple[int, int]]) -> list[Path]:
-    """Write one YOLO txt per image of ``image_sizes``: ``<out_dir>/<image path>.txt``.
-
-    Lines are ``class cx cy w h score`` with cx, cy, w, h normalised by the image size
-    (:func:`rcnn_cli.boxes.to_yolo`); an image without detections gets an empty file.
-    """
-    unknown = [k for k in dets if k not in image_sizes]
-    if unknown:
-        raise ValueError(f"dets: image {unknown[0]!r} is not in image_sizes")
-    paths = []
-    for k, hw in image_sizes.items():
-        det = as_detections(dets[k]) if k in dets else Detections.empty()
-        rows = [f"{int(c)} {v[0]:.6f} {v[1]:.6f} {v[2]:.6f} {v[3]:.6f} {float(s):.6f}\n"
-                for v, s, c in zip(to_yolo(det.boxes, tuple(hw)), det.scores, det.labels)]
-        p = Path(out_dir) / PurePosixPath(_norm_name(k)).with_suffix(".txt")
-        atomic_write_bytes(p, "".join(rows).encode())
-        paths.append(p)
-    return paths
-
-
 # ---------------------------------------------------------------- readers
 def _index_of(names: Sequence[str]) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
@@ -733,7 +658,7 @@ def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
 
 
 def read_proposals(proposals_dir: str | Path) -> dict[str, NDArray[np.float32]]:
-    """Boxes of every finished image of a propose output folder, keyed by relative path
-    without extension (matched to file names by :func:`match_image_names`)."""
+    """Boxes of every finished image of a propose output folder, keyed by its identity, the
+    relative path with extension (matched to file names by :func:`match_image_names`)."""
     store = open_upstream(proposals_dir, "propose")
-    return {stem: as_boxes(store.load(stem)["boxes"]) for stem in store.done_stems()}
+    return {rel: as_boxes(store.load(rel)["boxes"]) for rel in store.done_rels()}

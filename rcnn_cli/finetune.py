@@ -230,15 +230,33 @@ def _proposal_lookup(proposals: ProposalSource) -> Callable[[ImageRecord], NDArr
 
 
 def proposals_from_dir(folder: str | Path) -> Callable[[ImageRecord], NDArray[np.float32]]:
-    """Proposals read from an ``rcnn propose`` output folder (``file_name`` without extension
-    is the per-image key). The callable's ``key`` attribute is the folder's settings key
-    (:func:`finetune` uses it as ``proposals_id``)."""
+    """Proposals read from an ``rcnn propose`` output folder. A record's ``file_name`` finds
+    the image whose identity (relative path with extension) it is, else the one image whose
+    relative path or name matches it (:func:`rcnn_cli.evaluate.match_image_names`: the
+    propose run may have been given the dataset root or its ``images/`` folder). The
+    callable's ``key`` attribute is the folder's settings key (:func:`finetune` uses it as
+    ``proposals_id``)."""
+    from rcnn_cli.evaluate import match_image_names
     from rcnn_cli.store import open_upstream
 
     store = open_upstream(folder, "propose")
+    rels: list[str] | None = None
 
     def lookup(rec: ImageRecord) -> NDArray[np.float32]:
-        return store.load(str(Path(rec.file_name).with_suffix("").as_posix()))["boxes"]
+        nonlocal rels
+        name = Path(rec.file_name).as_posix()
+        try:
+            exists = store.path_for(name).is_file()
+        except ValueError:  # a name that would leave the folder: match it instead
+            exists = False
+        if not exists:
+            if rels is None:
+                rels = store.done_rels()
+            found = match_image_names([name], rels).get(name)
+            if found is None:
+                raise KeyError(name)
+            name = found
+        return store.load(name)["boxes"]
 
     lookup.key = store.key  # type: ignore[attr-defined]
     return lookup

@@ -15,6 +15,8 @@ Every decoded image is ``uint8 (H, W, 3)`` RGB:
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +43,22 @@ class ImageError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
+class InputError(ValueError):
+    """The inputs cannot be told apart (two images with one identity)."""
+
+
 @dataclass(frozen=True)
 class ImageItem:
-    """One image of a batch: its path and its path relative to the input root (posix)."""
+    """One image of a batch: its path and its identity ``rel``, the path relative to the
+    input root (POSIX separators) *with* extension. Every per-image output is keyed by
+    ``rel``: ``a/img.jpg``, ``a/img.png`` and ``b/img.jpg`` are three images."""
 
     path: Path
     rel: str
 
     @property
     def stem_rel(self) -> str:
-        """Relative path without extension: the key of every per-image stage output."""
+        """Relative path without extension (only to match ``--split`` entries)."""
         p = Path(self.rel)
         return str(p.with_suffix("").as_posix())
 
@@ -74,43 +82,145 @@ def _split_matches(item: ImageItem, wanted: set[str]) -> bool:
     return item.stem_rel in wanted or Path(item.rel).stem in wanted or item.rel in wanted
 
 
+def _walk(root: Path, exclude: list[Path]) -> list[Path]:
+    """Image files under ``root``, following symlinks, sorted by relative path.
+
+    A symlink loop (a link to a folder above it, or a link chain that never ends) and a
+    dangling link are skipped with one warning each; a folder that cannot be listed too.
+    Folders in ``exclude`` (an output folder inside an input) are not entered.
+    """
+    out: list[Path] = []
+    excl = {(s.st_dev, s.st_ino) for s in (_stat(e) for e in exclude) if s is not None}
+
+    def visit(d: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            log.warning("%s: cannot list folder (%s), skipped", d, e.strerror or e)
+            return
+        for e in entries:
+            p = Path(e.path)
+            try:
+                st = os.stat(e.path)  # follows links
+            except OSError as err:
+                if e.is_symlink():
+                    what = ("symlink loop" if _is_loop(err) else "dangling symlink")
+                    log.warning("%s: %s (-> %s), skipped", p, what, _link_target(p))
+                else:
+                    log.warning("%s: cannot read (%s), skipped", p, err.strerror or err)
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                if ident in ancestors:
+                    log.warning("%s: symlink loop (-> %s), skipped", p, _link_target(p))
+                elif ident not in excl:
+                    visit(p, ancestors | {ident})
+            elif stat.S_ISREG(st.st_mode) and is_image_file(p):
+                out.append(p)
+
+    top = _stat(root)
+    visit(root, frozenset() if top is None else frozenset({(top.st_dev, top.st_ino)}))
+    return sorted(out, key=lambda f: f.relative_to(root).parts)
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    try:
+        return os.stat(p)
+    except OSError:
+        return None
+
+
+def _is_loop(err: OSError) -> bool:
+    import errno
+
+    return err.errno == errno.ELOOP
+
+
+def _link_target(p: Path) -> str:
+    try:
+        return os.readlink(p)
+    except OSError:
+        return "?"
+
+
+def _list_rel(line: str, list_dir: Path) -> tuple[Path, str]:
+    """(path, identity) of one line of a list file: relative to the list's folder when the
+    image lies inside it, else its absolute path without the leading ``/`` (never ``..``)."""
+    f = Path(line)
+    f = f if f.is_absolute() else list_dir / f
+    f = Path(os.path.normpath(f))
+    base = Path(os.path.normpath(list_dir.absolute()))
+    absf = Path(os.path.normpath(f.absolute()))
+    if base in absf.parents:
+        return f, absf.relative_to(base).as_posix()
+    return f, "/".join(part for part in absf.parts if part not in (absf.anchor, "/", "\\"))
+
+
 def list_images(inputs: list[str | Path] | str | Path,
-                split: str | Path | None = None) -> list[ImageItem]:
+                split: str | Path | None = None,
+                exclude: list[str | Path] | None = None) -> list[ImageItem]:
     """Images to process, in a deterministic order.
 
     Args:
-        inputs: folders (walked recursively, sorted), image files, or ``.txt`` list files of
-            image paths (relative paths in a list file are resolved against the list's folder).
-        split: optional file of stems; only images whose stem (or relative stem) is listed
-            are kept.
+        inputs: folders (walked recursively, sorted, symlinks followed), image files, or
+            ``.txt`` list files of image paths (relative paths in a list file are resolved
+            against the list's folder).
+        split: optional file of stems; only images whose stem, relative stem or relative
+            path is listed are kept.
+        exclude: folders not to walk into (an output folder inside an input folder).
 
     Returns:
         ImageItems sorted by relative path within each input, inputs in the order given.
+        ``rel`` is the path relative to the input folder (a file given directly: its name;
+        a list file entry: relative to the list's folder).
 
     Raises:
         FileNotFoundError: an input does not exist.
+        InputError: two different images get the same identity (e.g. ``x/img.jpg`` from
+            one input folder and ``y/img.jpg`` from another).
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
+    excl = [Path(e) for e in (exclude or [])]
     items: list[ImageItem] = []
     for inp in inputs:
         p = Path(inp)
         if not p.exists():
+            if p.is_symlink():
+                raise FileNotFoundError(f"{p}: dangling symlink (-> {_link_target(p)})")
             raise FileNotFoundError(f"{p}: no such file or folder")
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-            items += [ImageItem(f, f.relative_to(p).as_posix()) for f in files]
+            items += [ImageItem(f, f.relative_to(p).as_posix()) for f in _walk(p, excl)]
         elif p.suffix.lower() == ".txt":
             for line in read_split(p):
-                f = Path(line)
-                f = f if f.is_absolute() else p.parent / f
-                items.append(ImageItem(f, Path(line).as_posix()))
+                f, rel = _list_rel(line, p.parent)
+                items.append(ImageItem(f, rel))
         else:
             items.append(ImageItem(p, p.name))
+    items = _unique(items)
     if split is not None:
         wanted = set(read_split(split))
         items = [it for it in items if _split_matches(it, wanted)]
     return items
+
+
+def _unique(items: list[ImageItem]) -> list[ImageItem]:
+    """Drop an image listed twice (same file, same identity); refuse two files with one
+    identity."""
+    seen: dict[str, ImageItem] = {}
+    out = []
+    for it in items:
+        first = seen.get(it.rel)
+        if first is None:
+            seen[it.rel] = it
+            out.append(it)
+        elif os.path.realpath(first.path) != os.path.realpath(it.path):
+            raise InputError(
+                f"{first.path} and {it.path} both have the identity {it.rel!r} (the path "
+                "relative to their input); give their common parent folder as the input "
+                "instead, so that each keeps its own name")
+    return out
 
 
 def _to_rgb(img: Image.Image) -> NDArray[np.uint8]:

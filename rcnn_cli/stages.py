@@ -21,12 +21,20 @@ import numpy as np
 from rcnn_cli import config as cfgmod
 from rcnn_cli.images import ImageItem, list_images, read_image
 from rcnn_cli.runner import Report, run_stage
-from rcnn_cli.store import StageStore, open_upstream
+from rcnn_cli.store import (
+    StageStore,
+    check_output_folder,
+    check_stage_folder,
+    file_identity,
+    open_upstream,
+)
 
 log = logging.getLogger("rcnn_cli.stages")
 
-PROPOSE_FORMAT = 1
-EXTRACT_FORMAT = 1
+#: 2: files keyed by the relative path with extension (``OUT/sub/img.jpg.npz``) and
+#: carrying their identity entries (see :mod:`rcnn_cli.store`)
+PROPOSE_FORMAT = 2
+EXTRACT_FORMAT = 2
 
 
 def execution(cfg: Mapping[str, Any], device_type: str = "cpu") -> dict[str, Any]:
@@ -64,26 +72,51 @@ def compute_proposals(image: np.ndarray, settings: Mapping[str, Any]
 def propose_one(item: ImageItem, store: StageStore) -> dict:
     """Per-image work of `rcnn propose`: decode, propose, write the npz."""
     t0 = time.perf_counter()
+    source = file_identity(item.path)  # before reading: a file replaced meanwhile is redone
     img = read_image(item.path)
     t1 = time.perf_counter()
     boxes, scores = compute_proposals(img, store.settings)
-    store.save(item.stem_rel, {"boxes": boxes.astype(np.float32),
-                               "scores": scores.astype(np.float32),
-                               "image_size": np.array(img.shape[:2], np.int64)})
+    store.save(item.rel, {"boxes": boxes.astype(np.float32),
+                          "scores": scores.astype(np.float32),
+                          "image_size": np.array(img.shape[:2], np.int64)}, source=source)
     return {"times": {"decode": t1 - t0, "propose": time.perf_counter() - t1},
             "n": len(boxes)}
 
 
 def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, Any],
                    split: str | Path | None = None, overwrite: bool = False) -> Report:
-    """Run selective search (or the configured method) over folders of images into ``out``."""
+    """Run selective search (or the configured method) over folders of images into ``out``.
+
+    ``out`` must not be, lie inside or contain an input, nor hold files rcnn did not write,
+    unless ``overwrite`` (see :func:`rcnn_cli.store.check_output_folder`).
+    """
+    check_output_folder(out, inputs, overwrite)
+    items = list_images(inputs, split=split, exclude=[out])
     store = StageStore(out, "propose", proposal_settings(cfg["propose"]),
                        format_version=PROPOSE_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "propose"])
-    items = list_images(inputs, split=split)
     fn = functools.partial(propose_one, store=store)
-    return run_stage(fn, items, is_done=lambda it: store.is_done(it.stem_rel),
+    return run_stage(fn, items, is_done=lambda it: is_current(store, it),
                      desc="propose", **execution(cfg))
+
+
+def is_current(store: StageStore, item: ImageItem, upstream: str | None = None) -> bool:
+    """Whether ``store`` holds a record of ``item`` made from the image as it is now (size
+    and mtime) and, when given, from this upstream record id."""
+    try:
+        source = file_identity(item.path)
+    except OSError:
+        return False  # the stage reports the unreadable file
+    return store.is_done(item.rel, source=source, upstream=upstream)
+
+
+def upstream_id(upstream: StageStore, item: ImageItem) -> str | None:
+    """Id of the upstream record of ``item`` if it was made from the image as it is now."""
+    try:
+        source = file_identity(item.path)
+    except OSError:
+        return None
+    return upstream.record_id(item.rel, source=source)
 
 
 # ------------------------------------------------------------------ extract
@@ -125,8 +158,13 @@ def extract_one(item: ImageItem, store: StageStore, upstream: StageStore,
                 max_proposals: int, dtype: str) -> dict:
     """Per-image work of `rcnn extract`: decode, read proposals, add ground truth, features."""
     t0 = time.perf_counter()
+    source = file_identity(item.path)
+    up_id = upstream.record_id(item.rel, source=source)
+    if up_id is None:
+        raise ValueError(f"no up-to-date proposals in {upstream.root} (image changed or not "
+                         "proposed: rerun `rcnn propose`)")
     img = read_image(item.path)
-    props = upstream.load(item.stem_rel)["boxes"][:max_proposals]
+    props = upstream.load(item.rel)["boxes"][:max_proposals]
     rec = gt.get(item.rel) if gt is not None else None
     if rec is not None:
         gtb, gtl, gtd = rec.boxes, rec.labels, rec.difficult
@@ -137,10 +175,11 @@ def extract_one(item: ImageItem, store: StageStore, upstream: StageStore,
     t1 = time.perf_counter()
     feats = get_extractor(kwargs).extract(img, boxes)
     t2 = time.perf_counter()
-    store.save(item.stem_rel, {"boxes": boxes, "features": feats.astype(dtype),
-                               "gt_label": gt_label, "gt_boxes": gtb.astype(np.float32),
-                               "gt_labels": gtl.astype(np.int64), "gt_difficult": gtd,
-                               "image_size": np.array(img.shape[:2], np.int64)})
+    store.save(item.rel, {"boxes": boxes, "features": feats.astype(dtype),
+                          "gt_label": gt_label, "gt_boxes": gtb.astype(np.float32),
+                          "gt_labels": gtl.astype(np.int64), "gt_difficult": gtd,
+                          "image_size": np.array(img.shape[:2], np.int64)},
+               source=source, upstream=up_id)
     return {"times": {"decode": t1 - t0, "features": t2 - t1}}
 
 
@@ -151,7 +190,10 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     from rcnn_cli.datasets import match_annotations
 
     e = cfg["extract"]
-    items = list_images(inputs, split=split)
+    check_output_folder(out, [proposals_dir], overwrite=False, what="-o, --proposals")
+    check_output_folder(out, inputs, overwrite)
+    check_stage_folder(out, overwrite)  # before loading the backbone
+    items = list_images(inputs, split=split, exclude=[out])
     ds = None
     if annotations is not None:  # paired with these images up front: no match, no work
         ds, _ = match_annotations(items, annotations, split=split)
@@ -170,12 +212,15 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     store = StageStore(out, "extract", settings, upstream_key=upstream.key,
                        format_version=EXTRACT_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract"])
-    missing = [it for it in items if not upstream.is_done(it.stem_rel)]
+    up_ids = {it.rel: upstream_id(upstream, it) for it in items}
+    missing = [it for it in items if up_ids[it.rel] is None]
     fn = functools.partial(extract_one, store=store, upstream=upstream, kwargs=kwargs, gt=gt,
                            max_proposals=e["max_proposals"], dtype=e["dtype"])
-    report = run_stage(fn, [it for it in items if it not in missing],
-                       is_done=lambda it: store.is_done(it.stem_rel),
+    report = run_stage(fn, [it for it in items if up_ids[it.rel] is not None],
+                       is_done=lambda it: is_current(store, it, up_ids[it.rel]),
                        desc="extract", **execution(cfg, ext.device.type))
     for it in missing:
-        report.fail(str(it.path), f"no proposals in {proposals_dir} (run `rcnn propose` first)")
+        reason = ("proposals made from an older version of this image"
+                  if upstream.record_id(it.rel) is not None else "no proposals")
+        report.fail(str(it.path), f"{reason} in {proposals_dir} (run `rcnn propose` first)")
     return report

@@ -4,24 +4,44 @@ The lesson of py-faster-rcnn (stale caches keyed by a dataset name) and of R-CNN
 cache (a crash mid-write left a file later runs trusted): every stage folder has a
 ``manifest.json`` holding a *key* = sha256(stage name, format version, stage settings,
 upstream key). Each per-image ``.npz`` is written to a temp name in the same folder and
-``os.replace``-d into place, and carries the key in an array ``_key``. An image is *done*
-only if its file exists, loads, and carries the current key, so
+``os.replace``-d into place, and carries, next to its arrays, who it is and what it was
+made from (black's cache records size and mtime the same way):
+
+* ``_key``: the store's key (settings);
+* ``_rel``: the image's identity, its path relative to the input root *with* extension;
+* ``_source``: int64 ``[size, mtime_ns]`` of the input image when it was read;
+* ``_upstream``: the ``_id`` of the upstream stage's record it read ("" for none);
+* ``_id``: sha256 of the four above, the record's own identity (downstream records store it).
+
+An image is *done* only if its file exists, loads, and carries the current key, its own
+relative path, the current size and mtime of the image and the current id of its upstream
+record, so
 
 * an interrupted run resumes where it stopped (finished images are skipped);
 * a half-written file never exists under the real name;
+* a replaced image, a recomputed upstream record or a record copied over another image's
+  file is recomputed, never "already done";
 * a changed setting with the same output folder is refused (:class:`StaleStoreError`), or,
   with ``overwrite=True``, every image is recomputed (old files fail the key check).
 
+Output folders are checked before any work (:func:`check_output_folder`, and the store
+itself): a folder that holds files rcnn did not write (no manifest) is refused
+(:class:`ForeignFolderError`) unless ``overwrite``; even then no file rcnn did not write is
+replaced. Temp files left by a killed run (``.<name>.*.tmp``, untouched for
+:data:`STALE_TMP_SECONDS`) are removed when the folder is opened again.
+
 Layout: ``OUT/manifest.json``, ``OUT/config.toml`` (resolved settings) and
-``OUT/<relative/path/of/image/without/extension>.npz``.
+``OUT/<relative/path/of/image.ext>.npz`` (``img.jpg`` and ``img.png`` are two files).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
+import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +51,30 @@ import numpy as np
 
 from rcnn_cli import __version__
 
+log = logging.getLogger("rcnn_cli.store")
+
 MANIFEST = "manifest.json"
+#: a temp file untouched this long (seconds) belongs to a dead writer; younger ones may be
+#: another shard's file being written right now
+STALE_TMP_SECONDS = 60.0
+#: names every stage folder gets besides the per-image files
+_STAGE_FILES = (MANIFEST, "config.toml")
 
 
 class StaleStoreError(RuntimeError):
     """The output folder holds results made with other settings."""
+
+
+class ForeignFolderError(StaleStoreError, FileExistsError):
+    """The output folder holds files rcnn did not write, or is (inside) an input folder."""
+
+
+class ForeignFileError(FileExistsError):
+    """A file rcnn would write exists and was not written by rcnn (it is never replaced)."""
+
+
+class StaleRecordError(ValueError):
+    """A per-image record does not belong where it lies (other settings, other image)."""
 
 
 # ------------------------------------------------------------------------------- atomic I/O
@@ -51,6 +90,9 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; a file written with open() would get 0666 & ~umask
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -58,6 +100,18 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> None:
@@ -125,6 +179,155 @@ def read_manifest(folder: str | Path) -> dict | None:
         return None
 
 
+def file_identity(path: str | Path) -> np.ndarray:
+    """int64 ``[size, mtime_ns]`` of a file (what a stage record remembers of its input).
+
+    Raises:
+        OSError: the file cannot be stat-ed.
+    """
+    st = os.stat(path)
+    return np.array([st.st_size, st.st_mtime_ns], np.int64)
+
+
+def check_rel(rel: str) -> str:
+    """Check an image identity (relative POSIX path with extension) names a file inside a
+    folder: not empty, not absolute, no ``..``, ``.`` or empty parts, no NUL.
+
+    Raises:
+        ValueError: naming ``rel``.
+    """
+    parts = rel.split("/")
+    if not rel or "\0" in rel or rel.startswith("/") or any(q in ("", ".", "..") for q in parts):
+        raise ValueError(f"{rel!r}: not a relative image path inside the input folder")
+    return rel
+
+
+def _record_id(key: str, rel: str, source: np.ndarray, upstream: str) -> str:
+    blob = json.dumps([key, rel, [int(v) for v in source], upstream])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    """The identity entries of a record file, or None if it is not a readable rcnn record."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "_key" not in z.files:
+                return None
+            meta = {k: z[k] for k in ("_key", "_rel", "_source", "_upstream", "_id")
+                    if k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
+        return None
+    return {k: (v if k == "_source" else str(v)) for k, v in meta.items()}
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_folder(out: str | Path, inputs: list[str | Path], overwrite: bool = False,
+                        what: str = "-o") -> None:
+    """Refuse an output folder that is, lies inside, or contains one of the ``inputs``
+    (folders or files), unless ``overwrite`` (then the walk of the inputs must skip ``out``:
+    see ``images.list_images(exclude=...)``).
+
+    Raises:
+        ForeignFolderError: naming the folder and the input.
+    """
+    o = Path(os.path.abspath(out))
+    o_real = Path(os.path.realpath(out))
+    for inp in inputs:
+        i = Path(os.path.abspath(inp))
+        i_real = Path(os.path.realpath(inp))
+        if i.is_dir() and (_is_within(o, i) or _is_within(o_real, i_real)):
+            rel = "is" if o_real == i_real else "is inside"
+        elif _is_within(i, o) or _is_within(i_real, o_real):
+            rel = "contains"
+        else:
+            continue
+        if overwrite:
+            log.warning("%s %s the input %s (--overwrite: writing there, user files kept)",
+                        out, rel, inp)
+            continue
+        raise ForeignFolderError(
+            f"{out}: the output folder ({what}) {rel} the input {inp}; its files would mix "
+            "with your images. Choose another output folder (or pass --overwrite to write "
+            "there anyway; files rcnn did not write are never replaced)")
+
+
+def remove_stale_tmp(folder: str | Path, recursive: bool = True,
+                     min_age: float = STALE_TMP_SECONDS) -> int:
+    """Delete temp files of :func:`atomic_write_bytes` (``.<name>.<random>.tmp``) that nobody
+    has touched for ``min_age`` seconds (a killed run's leftovers); return how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now, n = time.time(), 0
+    for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+        try:
+            if p.is_file() and not p.is_symlink() and now - p.stat().st_mtime >= min_age:
+                p.unlink()
+                n += 1
+        except OSError:
+            pass
+    if n:
+        log.info("%s: removed %d temp file(s) left by an interrupted run", folder, n)
+    return n
+
+
+def _foreign_entries(folder: Path, ours: tuple[str, ...] = ()) -> list[str]:
+    """Names in ``folder`` other than our temp files and ``ours`` (sorted)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [n for n in names if n not in ours and not (n.startswith(".") and n.endswith(".tmp"))]
+
+
+def claim_folder(folder: str | Path, ours: bool, names: tuple[str, ...], overwrite: bool,
+                 what: str = "-o") -> None:
+    """Check that writing ``names`` into ``folder`` replaces no file rcnn did not write.
+
+    ``ours`` says whether the folder carries our marker (a manifest). A folder that is not
+    ours and is not empty is refused unless ``overwrite``; even then, none of ``names`` may
+    already exist in it. A folder that is ours gets its stale temp files removed.
+
+    Raises:
+        ForeignFolderError: naming the folder (and the first foreign file).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ForeignFolderError(f"{folder}: exists and is not a folder ({what})")
+    if not folder.is_dir():
+        return
+    if ours:
+        remove_stale_tmp(folder)
+        return
+    foreign = _foreign_entries(folder)
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    if not overwrite:
+        raise ForeignFolderError(
+            f"{folder}: the output folder ({what}) holds files rcnn did not write ({shown}; "
+            f"no {MANIFEST}); choose a new or empty folder, or pass --overwrite to write "
+            "next to them (they are kept)")
+    clash = [n for n in names if (folder / n).exists()]
+    if clash:
+        raise ForeignFolderError(
+            f"{folder}/{clash[0]}: exists and was not written by rcnn; it is never replaced, "
+            f"even with --overwrite (move it, or choose another output folder)")
+
+
+def check_stage_folder(root: str | Path, overwrite: bool = False) -> None:
+    """The folder checks of :class:`StageStore` alone, to run before heavy work (loading a
+    backbone): a folder holding files rcnn did not write is refused unless ``overwrite``.
+
+    Raises:
+        ForeignFolderError: see :func:`claim_folder`.
+    """
+    claim_folder(root, read_manifest(root) is not None, _STAGE_FILES, overwrite)
+
+
 class StageStore:
     """The output folder of one stage.
 
@@ -134,11 +337,14 @@ class StageStore:
         settings: JSON-able settings that determine the outputs.
         upstream_key: key of the stage whose outputs this one reads (or None).
         format_version: bump when the file layout changes.
-        overwrite: accept a folder made with other settings (its images are recomputed).
+        overwrite: accept a folder made with other settings (its images are recomputed),
+            or a folder holding other files (they are kept; see :func:`claim_folder`).
 
     Raises:
         StaleStoreError: the folder holds another stage's or other settings' outputs and
             ``overwrite`` is False.
+        ForeignFolderError: the folder holds files rcnn did not write (see
+            :func:`claim_folder`).
     """
 
     def __init__(self, root: str | Path, stage: str, settings: Mapping[str, Any],
@@ -157,8 +363,7 @@ class StageStore:
                 f"{self.root}: holds {stage} outputs made with {what} "
                 f"(key {old.get('key')} != {self.key}); choose another output folder "
                 "or pass --overwrite to recompute")
-        if self.root.exists() and not self.root.is_dir():
-            raise StaleStoreError(f"{self.root}: exists and is not a folder")
+        claim_folder(self.root, old is not None, _STAGE_FILES, overwrite)
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = {"stage": stage, "key": self.key, "format_version": format_version,
                     "upstream_key": upstream_key, "settings": self.settings,
@@ -166,41 +371,110 @@ class StageStore:
         if old != manifest:
             atomic_write_json(self.root / MANIFEST, manifest)
 
-    def path_for(self, rel_stem: str) -> Path:
-        """File of one image, from its relative path without extension."""
-        return self.root / f"{rel_stem}.npz"
+    def path_for(self, rel: str) -> Path:
+        """File of one image, from its identity (relative path with extension):
+        ``OUT/<rel>.npz``.
 
-    def is_done(self, rel_stem: str) -> bool:
-        """True if the image's file exists, is readable and carries this store's key."""
-        p = self.path_for(rel_stem)
+        Raises:
+            ValueError: ``rel`` would leave the folder (see :func:`check_rel`).
+        """
+        return self.root / f"{check_rel(rel)}.npz"
+
+    def _meta(self, rel: str) -> dict[str, Any] | None:
+        """Identity entries of a record that carries this store's key and ``rel``."""
+        p = self.path_for(rel)
         if not p.is_file():
-            return False
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                return "_key" in z.files and str(z["_key"]) == self.key
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-            return False
+            return None
+        meta = _read_meta(p)
+        if meta is None or meta.get("_key") != self.key or meta.get("_rel") != rel:
+            return None
+        return meta
 
-    def save(self, rel_stem: str, arrays: Mapping[str, np.ndarray]) -> Path:
-        """Write one image's arrays (plus the key) atomically; return the path."""
-        p = self.path_for(rel_stem)
-        save_npz(p, {**arrays, "_key": np.array(self.key)})
+    def record_id(self, rel: str, source: np.ndarray | None = None) -> str | None:
+        """The ``_id`` of the image's record if it is valid here (this key, this ``rel``,
+        and, when given, this ``source`` identity), else None."""
+        meta = self._meta(rel)
+        if meta is None or "_id" not in meta:
+            return None
+        if source is not None and not np.array_equal(meta.get("_source"), source):
+            return None
+        return meta["_id"]
+
+    def is_done(self, rel: str, source: np.ndarray | None = None,
+                upstream: str | None = None) -> bool:
+        """True if the image's file exists, is readable and carries this store's key, the
+        identity ``rel``, and, when given, the input's ``source`` identity (see
+        :func:`file_identity`) and the upstream record's id."""
+        meta = self._meta(rel)
+        if meta is None:
+            return False
+        if source is not None and not np.array_equal(meta.get("_source"), source):
+            return False
+        return upstream is None or meta.get("_upstream") == upstream
+
+    def save(self, rel: str, arrays: Mapping[str, np.ndarray],
+             source: np.ndarray | None = None, upstream: str = "") -> Path:
+        """Write one image's arrays with its identity entries atomically; return the path.
+
+        Raises:
+            ForeignFileError: the file exists and was not written by rcnn.
+        """
+        p = self.path_for(rel)
+        if p.exists() and _read_meta(p) is None:
+            raise ForeignFileError(f"{p}: exists and was not written by rcnn; not replaced "
+                                   "(move it away to compute this image)")
+        src = np.zeros(0, np.int64) if source is None else np.asarray(source, np.int64)
+        meta = {"_key": np.array(self.key), "_rel": np.array(rel), "_source": src,
+                "_upstream": np.array(upstream or ""),
+                "_id": np.array(_record_id(self.key, rel, src, upstream or ""))}
+        save_npz(p, {**arrays, **meta})
         return p
 
-    def load(self, rel_stem: str) -> dict[str, np.ndarray]:
-        """Arrays of one image (without the key)."""
-        d = load_npz(self.path_for(rel_stem))
-        d.pop("_key", None)
+    def load(self, rel: str) -> dict[str, np.ndarray]:
+        """Arrays of one image (without the identity entries).
+
+        Raises:
+            FileNotFoundError: no file for ``rel``.
+            StaleRecordError: the file carries another key or another image's identity.
+        """
+        p = self.path_for(rel)
+        d = load_npz(p)
+        key, own = str(d.pop("_key", "")), str(d.pop("_rel", ""))
+        if key != self.key:
+            raise StaleRecordError(f"{p}: made with other settings than {self.root}'s "
+                                   f"manifest (rerun the stage)")
+        if own != rel:
+            raise StaleRecordError(f"{p}: holds the record of {own!r}, not {rel!r} (a copied "
+                                   "or moved file; rerun the stage)")
+        for k in ("_source", "_upstream", "_id"):
+            d.pop(k, None)
         return d
 
-    def done_stems(self) -> list[str]:
-        """Relative stems of every finished image in the folder, sorted."""
+    def done_rels(self) -> list[str]:
+        """Identities (relative paths with extension) of every valid record in the folder,
+        sorted. Files carrying this key under another image's name are skipped with a
+        warning; files of other settings are skipped silently (leftovers of --overwrite)."""
         out = []
         for p in sorted(self.root.rglob("*.npz")):
-            rel = p.relative_to(self.root).with_suffix("").as_posix()
-            if self.is_done(rel):
-                out.append(rel)
+            rel = p.relative_to(self.root).as_posix()[: -len(".npz")]
+            meta = _read_meta(p)
+            if meta is None or meta.get("_key") != self.key:
+                continue
+            if meta.get("_rel") != rel:
+                log.warning("%s: holds the record of %r, not of %r (a copied or moved file); "
+                            "skipped", p, meta.get("_rel"), rel)
+                continue
+            out.append(rel)
         return out
+
+    def content_id(self, rels: list[str] | None = None) -> str:
+        """Hash of the ids of the records ``rels`` (default :meth:`done_rels`): changes when
+        any record is recomputed (a model trained on the folder records it)."""
+        h = hashlib.sha256(self.key.encode())
+        for rel in (self.done_rels() if rels is None else rels):
+            meta = self._meta(rel) or {}
+            h.update(f"{rel}\0{meta.get('_id', '')}\n".encode())
+        return h.hexdigest()[:32]
 
 
 def open_upstream(root: str | Path, stage: str) -> StageStore:

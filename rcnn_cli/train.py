@@ -22,12 +22,14 @@ from typing import Any
 from rcnn_cli.bbox_regression import train_bbox_regressors
 from rcnn_cli.head import train_head
 from rcnn_cli.model import Model, save_model
-from rcnn_cli.store import open_upstream
+from rcnn_cli.store import ForeignFolderError, check_output_folder, claim_folder, open_upstream
 from rcnn_cli.svm import estimate_feat_scale, train_svms
 
 log = logging.getLogger("rcnn_cli.train")
 
 BUNDLE_WEIGHTS = "backbone.safetensors"
+#: what train-svm writes into a bundle folder (never over a file it did not write)
+BUNDLE_FILES = ("model.json", "model.npz", BUNDLE_WEIGHTS, "config.toml")
 #: Feature taps that get the fc head under ``head = "auto"``: conv-map features with no fc
 #: layers of their own (raccoon AP50: 0.755 -> 0.858 frozen, 0.811 -> 0.873 fine-tuned; README).
 AUTO_HEAD_TAPS = ("grid",)
@@ -42,24 +44,45 @@ def use_head(head: str, tap: str) -> bool:
 
 def records_factory(features_dir: str | Path, images: Collection[str] | None = None):
     """A factory of fresh iterators over the extract records of a folder (sorted order),
-    restricted to the image ids in ``images`` when given."""
+    restricted to the image ids in ``images`` when given.
+
+    Only records that carry the folder's key under their own name are read (a file copied
+    over another image's is skipped with a warning).
+    """
     store = open_upstream(features_dir, "extract")
-    stems = store.done_stems()
+    rels = store.done_rels()
     if images is not None:
         wanted = set(images)
-        missing = sorted(wanted.difference(stems))
+        missing = sorted(wanted.difference(rels))
         if missing:
             raise ValueError(f"images: {len(missing)} not finished in {features_dir}, "
                              f"e.g. {missing[0]!r}")
-        stems = [s for s in stems if s in wanted]
-    if not stems:
+        rels = [r for r in rels if r in wanted]
+    if not rels:
         raise FileNotFoundError(f"{features_dir}: no finished images (run `rcnn extract`)")
 
     def factory():
-        for s in stems:
-            yield store.load(s)
+        for rel in rels:
+            yield store.load(rel)
 
-    return factory, store, len(stems)
+    factory.rels = rels  # type: ignore[attr-defined]
+    return factory, store, len(rels)
+
+
+def check_bundle_folder(out: str | Path, features_dir: str | Path, overwrite: bool) -> None:
+    """Before any training: refuse a bundle folder that is, lies in or holds the features
+    folder; an existing bundle unless ``overwrite``; a folder holding files rcnn did not
+    write unless ``overwrite`` (and even then none of :data:`BUNDLE_FILES` may exist).
+
+    Raises:
+        ForeignFolderError: (a FileExistsError) naming the folder.
+    """
+    check_output_folder(out, [features_dir], overwrite=False, what="-o, --features")
+    ours = (Path(out) / "model.json").is_file()
+    if ours and not overwrite:
+        raise ForeignFolderError(f"{out}: a model bundle exists; pass --overwrite to "
+                                 "replace it")
+    claim_folder(out, ours, BUNDLE_FILES, overwrite)
 
 
 def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any],
@@ -75,6 +98,7 @@ def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any
         images: train on these image ids of the folder only (cross-validation folds).
     """
     t = cfg["train_svm"]
+    check_bundle_folder(out, features_dir, overwrite)
     factory, store, n_images = records_factory(features_dir, images)
     all_classes = list(store.settings.get("classes") or [])
     if not all_classes:
@@ -131,6 +155,7 @@ def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any
         nms_iou=d["nms_iou"], score_threshold=d["score_thresh"],
         max_detections=d["max_per_image"],
         training_stats={"images": n_images, "train_svm": dict(t), "features_key": store.key,
+                        "features_records": store.content_id(factory.rels),
                         "svm": [s.__dict__ for s in svm.stats],
                         "head": None if head_res is None else head_res.stats},
         head=None if head_res is None else head_res.head, reg_feat_scale=float(reg_scale))
@@ -141,16 +166,19 @@ def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any
 
 
 def is_trained(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any]) -> bool:
-    """True if ``out`` holds a bundle trained on exactly these features with these settings
-    (so a rerun of a pipeline can skip training)."""
+    """True if ``out`` holds a bundle trained on exactly these features (same settings key
+    and the same per-image records: an image re-extracted since makes it False) with these
+    settings (so a rerun of a pipeline can skip training)."""
     from rcnn_cli.model import ModelError, load_model
 
     try:
         stats = load_model(out).training_stats
-        key = open_upstream(features_dir, "extract").key
+        store = open_upstream(features_dir, "extract")
     except (ModelError, FileNotFoundError):
         return False
-    return stats.get("features_key") == key and stats.get("train_svm") == dict(cfg["train_svm"])
+    return (stats.get("features_key") == store.key
+            and stats.get("features_records") == store.content_id()
+            and stats.get("train_svm") == dict(cfg["train_svm"]))
 
 
 def _bundle_extractor(extractor: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:

@@ -187,7 +187,7 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
     extract_folder(images, work / "props", work / "feats_cv", cfg, annotations=data,
                    split=split)
     store = open_upstream(work / "feats_cv", "extract")
-    ids = store.done_ids() if hasattr(store, "done_ids") else store.done_stems()
+    ids = store.done_rels()
     classes = list(store.settings["classes"])
     folds = list(KFold(k, shuffle=True, random_state=seed).split(ids))
     res: dict = {"data": str(data), "k": k, "fold_seed": seed, "images": len(ids),

@@ -56,7 +56,7 @@ def test_propose_then_changed_setting_is_refused(tmp_path, rect_image):
     out = tmp_path / "o"
     r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(out), "--top-k", "50"])
     assert r.exit_code == 1 and "bad.jpg" in r.output and "1 failed" in r.output
-    z = np.load(out / "a.npz")
+    z = np.load(out / "a.png.npz")
     assert z["boxes"].dtype == np.float32 and z["boxes"].shape[1] == 4
     assert 0 < len(z["boxes"]) <= 50 and len(z["scores"]) == len(z["boxes"])
     assert (out / "config.toml").is_file() and (out / "manifest.json").is_file()

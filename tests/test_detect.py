@@ -1,12 +1,14 @@
 """detect: post-processing against a reference NMS, and the whole chain end to end."""
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from rcnn_cli.cli import cli
 from rcnn_cli.detect import DetectSettings, postprocess
@@ -193,7 +195,7 @@ def test_train_on_a_subset_and_score_cached_features(chain, tmp_path):
     cfg = config.load(root / "head.toml")
     cfg["train_svm"]["head"] = "none"
     store = open_upstream(root / "feats", "extract")
-    ids = store.done_stems()
+    ids = store.done_rels()
     model = train_model(root / "feats", tmp_path / "m", cfg, images=ids[:5])
     assert model.training_stats["images"] == 5
     with pytest.raises(ValueError, match="not finished"):
@@ -205,7 +207,64 @@ def test_train_on_a_subset_and_score_cached_features(chain, tmp_path):
     cached = detect_from_features(rec["boxes"][props], rec["features"][props].astype(np.float32),
                                   model, tuple(rec["image_size"]), st)
     ext = FeatureExtractor(**{k: v for k, v in store.settings["extractor"].items()})
-    img = read_image(next((data / "images").glob(f"{Path(ids[0]).stem}.*")))
+    img = read_image(data / "images" / ids[0])
     fresh = detect_image(img, model, ext, st)
     assert len(cached["scores"]) > 0
     np.testing.assert_allclose(cached["scores"][:5], fresh["scores"][:5], atol=2e-2)
+
+
+def test_is_trained_sees_a_re_extracted_image(chain, tmp_path):
+    """Same settings key, but one image's record recomputed since training: not trained."""
+    from rcnn_cli import config
+    from rcnn_cli.store import open_upstream
+    from rcnn_cli.train import is_trained
+
+    root, _ = chain
+    cfg = config.load(root / "head.toml")
+    feats = tmp_path / "feats"
+    shutil.copytree(root / "feats", feats)
+    assert is_trained(feats, root / "model", cfg)
+    store = open_upstream(feats, "extract")
+    rel = store.done_rels()[0]
+    store.save(rel, store.load(rel), source=np.array([1, 2]))  # as if its image changed
+    assert not is_trained(feats, root / "model", cfg)
+
+
+def test_detect_keeps_one_identity_per_image(chain, tmp_path):
+    """img.jpg and img.png in one folder, and sub/img.jpg: three images in every output;
+    a replaced image is detected again."""
+    root, data = chain
+    src = sorted((data / "images").glob("test_*.jpg"))
+    imgs = tmp_path / "imgs"
+    (imgs / "sub").mkdir(parents=True)
+    shutil.copyfile(src[0], imgs / "img.jpg")
+    Image.open(src[1]).resize((100, 70)).save(imgs / "img.png")
+    shutil.copyfile(src[2], imgs / "sub" / "img.jpg")
+    out = tmp_path / "det"
+    args = ["detect", str(imgs), "--model", str(root / "model"), "-o", str(out), "--save-vis",
+            "--formats", "csv,coco,voc,yolo"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    images = {i["file_name"]: (i["height"], i["width"])
+              for i in json.loads((out / "images.json").read_text())}
+    h0, w0 = Image.open(src[0]).size[::-1]
+    assert images == {"img.jpg": (h0, w0), "img.png": (70, 100),
+                      "sub/img.jpg": Image.open(src[2]).size[::-1]}
+    per_image = sorted(p.relative_to(out / "per_image").as_posix()
+                       for p in (out / "per_image").rglob("*.npz"))
+    assert per_image == ["img.jpg.npz", "img.png.npz", "sub/img.jpg.npz"]
+    vis = sorted(p.relative_to(out / "vis").as_posix() for p in (out / "vis").rglob("*.jpg"))
+    assert vis == ["img.jpg.jpg", "img.png.jpg", "sub/img.jpg.jpg"]
+    yolo = sorted(p.relative_to(out / "yolo").as_posix() for p in (out / "yolo").rglob("*.txt"))
+    assert yolo == ["img.jpg.txt", "img.png.txt", "sub/img.txt"]
+    ids = {ln.split()[0] for p in (out / "voc").glob("*.txt") for ln in p.read_text().splitlines()}
+    assert ids <= set(images) and len(ids) >= 2
+    # the png replaced by another picture: detected again, with its new size
+    Image.open(src[3]).resize((90, 60)).save(imgs / "img.png")
+    st = os.stat(imgs / "img.png")
+    os.utime(imgs / "img.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and "1 done, 2 already done" in res.output, res.output
+    images = {i["file_name"]: (i["height"], i["width"])
+              for i in json.loads((out / "images.json").read_text())}
+    assert images["img.png"] == (60, 90)

@@ -420,10 +420,10 @@ def test_voc_devkit_writer(tmp_path):
     assert [p.name for p in paths] == ["comp4_det_test_cat.txt", "comp4_det_test_dog.txt"]
     dog = (tmp_path / "comp4_det_test_dog.txt").read_text().splitlines()
     # ours [0.5, 1.25, 10.1, 20.3] -> VOC 1-based inclusive, rounded: 1 2 10 20
-    assert dog[0].split() == ["a", "0.930000", "1", "2", "10", "20"]
-    assert dog[1].split()[0] == "b" and len(dog) == 2
+    assert dog[0].split() == ["a.jpg", "0.930000", "1", "2", "10", "20"]
+    assert dog[1].split()[0] == "sub/b.jpg" and len(dog) == 2  # ids: paths with extension
     cat = (tmp_path / "comp4_det_test_cat.txt").read_text().split()
-    assert cat == ["a", "-0.500000", "4", "5", "30", "40"]
+    assert cat == ["a.jpg", "-0.500000", "4", "5", "30", "40"]
 
 
 def test_yolo_writer(tmp_path):

@@ -1,11 +1,13 @@
 import io
+import logging
+import os
 import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from rcnn_cli.images import ImageError, list_images, read_image, read_split
+from rcnn_cli.images import ImageError, InputError, list_images, read_image, read_split
 
 
 def _save(img: Image.Image, path, fmt=None, **kw):
@@ -100,3 +102,58 @@ def test_list_file_input(corpus, tmp_path):
     assert [i.path.name for i in list_images(lst)] == ["rgb.jpg", "gray.png"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ identity (issue 12)
+def test_identity_keeps_the_extension(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "a").mkdir(parents=True)
+    (d / "b").mkdir()
+    for rel in ("a/img.jpg", "a/img.png", "b/img.jpg"):
+        _save(Image.new("RGB", (4, 4)), d / rel)
+    assert [i.rel for i in list_images(d)] == ["a/img.jpg", "a/img.png", "b/img.jpg"]
+
+
+def test_two_inputs_with_one_identity_are_refused(tmp_path):
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        _save(Image.new("RGB", (4, 4)), tmp_path / sub / "img.jpg")
+    with pytest.raises(InputError, match="common parent folder"):
+        list_images([tmp_path / "x", tmp_path / "y"])
+    # the same image given twice is one image
+    assert len(list_images([tmp_path / "x", tmp_path / "x" / "img.jpg"])) == 1
+
+
+def test_list_file_entries_never_leave_the_root(tmp_path):
+    (tmp_path / "lists").mkdir()
+    _save(Image.new("RGB", (4, 4)), tmp_path / "up.jpg")
+    lst = tmp_path / "lists" / "l.txt"
+    lst.write_text(f"../up.jpg\n{tmp_path / 'up.jpg'}\n")
+    items = list_images(lst)
+    assert len(items) == 1  # one file, listed twice
+    assert ".." not in items[0].rel.split("/") and not items[0].rel.startswith("/")
+
+
+def test_excluded_output_folder_is_not_walked(tmp_path):
+    _save(Image.new("RGB", (4, 4)), tmp_path / "a.jpg")
+    (tmp_path / "out" / "vis").mkdir(parents=True)
+    _save(Image.new("RGB", (4, 4)), tmp_path / "out" / "vis" / "a.jpg.jpg")
+    assert [i.rel for i in list_images(tmp_path, exclude=[tmp_path / "out"])] == ["a.jpg"]
+
+
+def test_symlink_loops_and_dangling_links_are_named_once(tmp_path, caplog):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    _save(Image.new("RGB", (4, 4)), d / "sub" / "ok.jpg")
+    os.symlink(d, d / "sub" / "loop")          # a folder link back to an ancestor
+    os.symlink(d / "nope.jpg", d / "gone.jpg")  # dangling
+    os.symlink(d / "self.jpg", d / "self.jpg")  # a link to itself (ELOOP)
+    os.symlink(d / "sub" / "ok.jpg", d / "alias.jpg")  # a good file link
+    with caplog.at_level(logging.WARNING, logger="rcnn_cli.images"):
+        items = list_images(d)
+    assert [i.rel for i in items] == ["alias.jpg", "sub/ok.jpg"]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 3, msgs
+    assert sum("sub/loop: symlink loop" in m for m in msgs) == 1
+    assert sum("gone.jpg: dangling symlink" in m for m in msgs) == 1
+    assert sum("self.jpg: symlink loop" in m for m in msgs) == 1
