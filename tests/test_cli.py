@@ -79,3 +79,35 @@ def test_evaluate_missing_detections_is_a_file_error(tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", "--annotations", str(ann), "--detections",
                                  str(tmp_path / "det")])
     assert r.exit_code == 1 and "detections.csv" in r.output
+
+
+@pytest.mark.parametrize("method", ["opencv", "sliding"])
+def test_propose_other_methods_run_through_the_cli(tmp_path, rect_image, method):
+    # regression: the CLI passed selective search's settings to every back-end, so both
+    # methods failed on every image ("unknown setting(s) ['strategy']")
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(rect_image[0]).save(img / "a.png")
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(out), "--method", method,
+                                 "--top-k", "30", "--max-side", "160"])
+    assert r.exit_code == 0, r.output
+    z = np.load(out / "a.npz")
+    assert 0 < len(z["boxes"]) <= 30 and z["boxes"].dtype == np.float32
+    assert (z["boxes"][:, 2:] > z["boxes"][:, :2]).all()
+    assert (z["boxes"] >= 0).all() and (z["boxes"][:, [0, 2]] <= 160).all()
+
+
+def test_proposal_settings_are_what_each_back_end_takes():
+    import inspect
+
+    from rcnn_cli import config as C
+    from rcnn_cli.proposals import METHODS
+    from rcnn_cli.stages import proposal_settings
+
+    for method, fn in METHODS.items():
+        p = dict(C.defaults()["propose"], method=method)
+        s = proposal_settings(p)
+        assert s.pop("method") == method
+        accepted = set(inspect.signature(fn).parameters) - {"image", "size"}
+        assert set(s) <= accepted, (method, set(s) - accepted)
