@@ -21,7 +21,7 @@ from typing import Any
 
 from rcnn_cli.bbox_regression import train_bbox_regressors
 from rcnn_cli.head import train_head
-from rcnn_cli.model import Model, save_model
+from rcnn_cli.model import Model, bundle_exists, save_model
 from rcnn_cli.store import open_upstream
 from rcnn_cli.svm import estimate_feat_scale, train_svms
 
@@ -65,6 +65,8 @@ def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any
         classes: restrict training to these class names (others stay untrained).
     """
     t = cfg["train_svm"]
+    if not overwrite and bundle_exists(out):  # refuse before training, not after
+        raise FileExistsError(f"{out}: holds a model bundle (use --overwrite to replace it)")
     factory, store, n_images = records_factory(features_dir)
     all_classes = list(store.settings.get("classes") or [])
     if not all_classes:
