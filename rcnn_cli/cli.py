@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -28,7 +29,13 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     level = logging.INFO - 10 * verbose + 10 * quiet
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.captureWarnings(True)
+    warnings.showwarning = _warning_to_log
+
+
+def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (ours and libraries') become one log line each, on stderr (instead
+    of logging.captureWarnings' file:line + source line)."""
+    logging.getLogger("py.warnings").warning("%s", message)
 
 
 def common_options(f):

@@ -14,8 +14,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any

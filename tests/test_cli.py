@@ -233,3 +233,19 @@ def test_unexpected_errors_are_one_line_and_suggest_v(tmp_path, props, monkeypat
     monkeypatch.setattr(stages, "propose_folder", broken)
     r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o")])
     _one_line_error(r, "KeyError", "-v", code=1)
+
+
+def test_each_warning_is_printed_once(tmp_path, rect_image):
+    # regression: a truncated image was reported twice (warnings.warn, routed to the log by
+    # logging.captureWarnings, and log.warning)
+    import io
+
+    img = tmp_path / "imgs"
+    img.mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(rect_image[0]).save(buf, "JPEG")
+    (img / "t.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o"), "--top-k", "5",
+                                 "--max-side", "80"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("truncated") == 1, r.output

@@ -271,7 +271,7 @@ def test_detect_max_per_image_flag_and_config_ranges(chain, tmp_path):
 
 def test_train_svm_into_existing_model_is_refused_before_training(chain, tmp_path,
                                                                   monkeypatch):
-    import rcnn_cli.train as train
+    from rcnn_cli import train
 
     def no_training(*a, **kw):
         raise AssertionError("trained before refusing")
