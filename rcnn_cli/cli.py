@@ -162,8 +162,14 @@ def usage_errors():
 
 
 def load_config(config_file, **sections):
-    """Resolve and check the settings (a bad one exits 2 naming its flag or key)."""
-    return cfgmod.load(config_file, sections)
+    """Resolve and check the settings (a bad one exits 2 naming its flag or key), including
+    that a cuda device exists, before any work."""
+    cfg = cfgmod.load(config_file, sections)
+    if cfg["common"]["device"].startswith("cuda"):
+        from rcnn_cli.features import resolve_device
+
+        resolve_device(cfg["common"]["device"])
+    return cfg
 
 
 def finish(report, what="images") -> None:

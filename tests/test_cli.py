@@ -249,3 +249,14 @@ def test_each_warning_is_printed_once(tmp_path, rect_image):
                                  "--max-side", "80"])
     assert r.exit_code == 0, r.output
     assert r.output.count("truncated") == 1, r.output
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_refused_before_any_work(tmp_path, rect_image):
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(rect_image[0]).save(img / "a.png")
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o"),
+                                 "--device", "cuda"])
+    _one_line_error(r, "--device", "CUDA is not available", code=2)
+    assert not (tmp_path / "o").exists()
