@@ -10,7 +10,10 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -26,7 +29,13 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     level = logging.INFO - 10 * verbose + 10 * quiet
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.captureWarnings(True)
+    warnings.showwarning = _warning_to_log
+
+
+def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (ours and libraries') become one log line each, on stderr (instead
+    of logging.captureWarnings' file:line + source line)."""
+    logging.getLogger("py.warnings").warning("%s", message)
 
 
 def common_options(f):
@@ -44,21 +53,10 @@ def common_options(f):
     @functools.wraps(f)
     def wrapper(*args, config_file, verbose, quiet, workers, device, overwrite, **kw):
         _setup_logging(verbose, quiet)
+        click.get_current_context().meta["rcnn.verbose"] = verbose
         common = {"workers": workers, "device": device}
         return f(*args, config_file=config_file, common=common, overwrite=overwrite, **kw)
     return wrapper
-
-
-def _check_shard(ctx, param, value):
-    if value is None:
-        return None
-    from rcnn_cli.runner import shard_items
-
-    try:
-        shard_items([], value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
 
 
 def cluster_options(f):
@@ -68,7 +66,7 @@ def cluster_options(f):
     @click.option("--address", default=None,
                   help="Cluster address (dask: tcp://host:8786; ray: auto or "
                        "ray://host:10001); without it a local cluster is started.")
-    @click.option("--shard", default=None, metavar="I/N", callback=_check_shard,
+    @click.option("--shard", default=None, metavar="I/N",
                   help="Process only slice I of N of the images (0-based), e.g. 0/4.")
     @functools.wraps(f)
     def wrapper(*args, executor, address, shard, common, **kw):
@@ -77,28 +75,101 @@ def cluster_options(f):
     return wrapper
 
 
-@contextlib.contextmanager
-def usage_errors():
-    """Executor problems (missing extra, unreachable cluster, bad --shard) and stale output
-    folders are usage errors (exit 2) with their one-line message."""
+# ------------------------------------------------------------------ the one error path
+def _flag_for(ctx: click.Context, key: str | None) -> str | None:
+    """The flag (e.g. ``--backbone``) that set config ``key`` on this command line, else
+    ``--config`` when a config file was given, else None."""
+    if key is not None:
+        name = key.split(".")[-1]
+        for p in ctx.command.params:
+            if p.name == name and isinstance(p, click.Option) and \
+                    ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                return p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0]
+    return "--config" if ctx.params.get("config_file") else None
+
+
+def as_click_error(e: Exception, ctx: click.Context) -> click.ClickException:
+    """One line for a library error, with the exit code the README promises: 2 for a bad
+    flag, setting or usage (the flag or config key is named), 1 for a missing or unusable
+    file and anything else (the file is named)."""
     from rcnn_cli.executors import ExecutorError
-    from rcnn_cli.images import InputError
+    from rcnn_cli.images import ImageError, InputError
     from rcnn_cli.store import StaleStoreError
 
-    try:
-        yield
-    except (ExecutorError, StaleStoreError, FileExistsError, InputError) as e:
-        raise click.UsageError(str(e)) from None
-    except FileNotFoundError as e:
-        raise click.FileError(getattr(e, "filename", None) or "input", hint=str(e)) from None
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, cfgmod.ConfigError):
+        flag = _flag_for(ctx, e.key)
+        if flag is None:
+            return click.UsageError(msg, ctx)
+        if flag == "--config" and e.key and e.key not in msg:
+            msg = f"{e.key}: {msg}"
+        return click.BadParameter(msg, ctx, param_hint=f"'{flag}'")
+    if isinstance(e, FileExistsError):
+        hint = "" if "--overwrite" in msg else " (rerun with --overwrite to replace it)"
+        return click.UsageError(msg + hint, ctx)
+    if isinstance(e, (ExecutorError, StaleStoreError, InputError)):
+        return click.UsageError(msg, ctx)
+    if isinstance(e, OSError) and getattr(e, "filename", None) and e.strerror:
+        return click.ClickException(f"{e.filename}: {e.strerror}")
+    if isinstance(e, (OSError, ValueError, RuntimeError, ImageError)):
+        return click.ClickException(msg)  # ours: ModelError, WeightsError, AnnotationError..
+    return click.ClickException(f"{type(e).__name__}: {msg} (an internal error; rerun with "
+                                "-v for the traceback)")
+
+
+def _check_out(ctx: click.Context) -> None:
+    """-o must be a folder we can create or write into (checked before any work)."""
+    out = ctx.params.get("out")
+    if out is None:
+        return
+    p = Path(out).absolute()
+    if p.exists() and not p.is_dir():
+        raise click.BadParameter(f"{out}: exists and is not a folder", ctx, param_hint="'-o'")
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir() or not os.access(q, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{out}: cannot write into {q} (permission denied)", ctx,
+                                 param_hint="'-o'")
+
+
+class RcnnCommand(click.Command):
+    """A subcommand whose library errors become one line (see :func:`as_click_error`);
+    with -v the traceback is printed first."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            _check_out(ctx)
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - this is the one place errors are mapped
+            if ctx.meta.get("rcnn.verbose"):
+                traceback.print_exception(e, file=sys.stderr)
+            raise as_click_error(e, ctx) from None
+
+
+class RcnnGroup(click.Group):
+    command_class = RcnnCommand
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """Kept for callers; errors are mapped in one place (:class:`RcnnCommand`)."""
+    yield
 
 
 def load_config(config_file, **sections):
-    """Resolve settings or exit 2 with the config error (the key is named)."""
-    try:
-        return cfgmod.load(config_file, sections)
-    except cfgmod.ConfigError as e:
-        raise click.BadParameter(str(e), param_hint="--config") from None
+    """Resolve and check the settings (a bad one exits 2 naming its flag or key), including
+    that a cuda device exists, before any work."""
+    cfg = cfgmod.load(config_file, sections)
+    if cfg["common"]["device"].startswith("cuda"):
+        from rcnn_cli.features import resolve_device
+
+        resolve_device(cfg["common"]["device"])
+    return cfg
 
 
 def finish(report, what="images") -> None:
@@ -115,7 +186,8 @@ def _not_implemented(name: str):
 
 
 # ------------------------------------------------------------------ the group
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=RcnnGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rcnn")
 def cli():
     """R-CNN-style object detection from the command line.
@@ -164,8 +236,7 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
-    with usage_errors():
-        report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
+    report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
     click.echo(str(Path(out)))
     finish(report)
 
@@ -200,9 +271,8 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
 
     cfg = load_config(config_file, common=common, extract=dict(
         backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype))
-    with usage_errors():
-        report = extract_folder(list(images), proposals_dir, out, cfg,
-                                annotations=annotations, split=split, overwrite=overwrite)
+    report = extract_folder(list(images), proposals_dir, out, cfg, annotations=annotations,
+                            split=split, overwrite=overwrite)
     click.echo(str(Path(out)))
     finish(report)
 
@@ -255,16 +325,15 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         m = "warp" if cuda else "shared"
         click.echo(f"finetune: mode auto -> {m}", err=True)
-    with usage_errors():
-        res = run_finetune(
-            ds, proposals_from_dir(proposals_dir), out, backbone=e["backbone"],
-            weights=e["weights"] or None, tap=e["tap"] or None, mode=m, device=device,
-            iterations=f["iterations"], batch_size=f["batch_size"],
-            fg_per_batch=f["fg_per_batch"], images_per_batch=f["images_per_batch"],
-            fg_iou=f["fg_iou"], lr=f["lr"], new_layer_lr_mult=f["new_layer_lr_mult"],
-            momentum=f["momentum"], weight_decay=f["weight_decay"], step_size=f["step_size"],
-            val_fraction=f["val_fraction"], seed=f["seed"], padding=e["padding"],
-            max_proposals=e["max_proposals"], overwrite=overwrite)
+    res = run_finetune(
+        ds, proposals_from_dir(proposals_dir), out, backbone=e["backbone"],
+        weights=e["weights"] or None, tap=e["tap"] or None, mode=m, device=device,
+        iterations=f["iterations"], batch_size=f["batch_size"],
+        fg_per_batch=f["fg_per_batch"], images_per_batch=f["images_per_batch"],
+        fg_iou=f["fg_iou"], lr=f["lr"], new_layer_lr_mult=f["new_layer_lr_mult"],
+        momentum=f["momentum"], weight_decay=f["weight_decay"], step_size=f["step_size"],
+        val_fraction=f["val_fraction"], seed=f["seed"], padding=e["padding"],
+        max_proposals=e["max_proposals"], overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract", "finetune"])
     click.echo(str(res.weights_path))
 
@@ -302,12 +371,7 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
     cfg = load_config(config_file, common=common, train_svm=dict(
         solver=solver, bbox_regression=False if no_bbox_regression else None, head=head))
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    try:
-        model = train_model(features_dir, out, cfg, classes=names, overwrite=overwrite)
-    except FileExistsError as e:
-        raise click.UsageError(str(e)) from None
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+    model = train_model(features_dir, out, cfg, classes=names, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["train_svm", "detect"])
     click.echo(str(Path(out)))
     head = model.training_stats.get("head")
@@ -350,7 +414,6 @@ def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thre
     Example: rcnn detect data/images --split data/test.txt --model runs/model -o runs/det --save-vis
     """
     from rcnn_cli.detect import detect_folder
-    from rcnn_cli.model import ModelError
 
     fmts = [f.strip() for f in formats.split(",")] if formats else None
     flags = dict(nms_iou=nms_iou, score_thresh=score_thresh, max_per_image=max_per_image,
@@ -360,15 +423,8 @@ def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thre
     explicit = cfgmod.explicit_keys(config_file, "detect")
     explicit.update({k: v for k, v in flags.items() if v is not None})
     overrides = {k: cfg["detect"][k] for k in explicit}
-    try:
-        with usage_errors():
-            report = detect_folder(list(images), model_dir, out, cfg, split=split,
-                                   save_vis=save_vis, overwrite=overwrite,
-                                   overrides=overrides)
-    except ModelError as e:
-        raise click.ClickException(str(e)) from None
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--formats") from None
+    report = detect_folder(list(images), model_dir, out, cfg, split=split, save_vis=save_vis,
+                           overwrite=overwrite, overrides=overrides)
     for name in ("detections.csv", "detections.json"):
         if (Path(out) / name).exists():
             click.echo(str(Path(out) / name))
@@ -429,10 +485,7 @@ def demo(out, data, no_vis, config_file, common, overwrite):
     from rcnn_cli.demo import run_demo
 
     cfg = load_config(config_file, common=common)
-    try:
-        res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis)
-    except RuntimeError as e:
-        raise click.ClickException(str(e)) from None
+    res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis)
     click.echo(f"mAP (VOC07 11-point) {res['mAP_voc07']:.3f}  mAP (all-point) "
                f"{res['mAP_voc']:.3f}  COCO AP {res['coco_AP']:.3f}")
     click.echo(f"metrics: {res['metrics']}")

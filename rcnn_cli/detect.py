@@ -148,7 +148,7 @@ def _get_model(model_dir: str):
 def model_extractor_kwargs(model, model_dir: str | Path, device: str) -> dict[str, Any]:
     """FeatureExtractor arguments the model was trained with (weights inside the bundle are
     resolved against its folder, so a bundle can move between machines)."""
-    kw = dict(model.extract_settings["extractor"], device=device)
+    kw = dict(model.extractor_settings(), device=device)
     w = kw.get("weights")
     if w and w != "random" and not Path(w).is_absolute():
         kw["weights"] = str(Path(model_dir) / w)

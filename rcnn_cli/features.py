@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from . import boxes as box_ops
+from .config import ConfigError
 from .weights import require_cached_weights
 
 log = logging.getLogger("rcnn_cli.features")
@@ -109,23 +111,37 @@ SHARED_ONLY_TAPS = {("mobilenet_v2", "grid")}
 
 def _check_backbone(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+        raise ConfigError(f"backbone must be one of {', '.join(sorted(BACKBONES))}, got "
+                          f"{name!r}", key="extract.backbone")
     return BACKBONES[name]
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """State dict from a .safetensors file or a weights-only torch file (unwraps ``state_dict``
     / ``model`` entries)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    how = ("expected a .safetensors file or a weights-only torch state dict (pickled code is "
+           "never loaded)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types on bad files
+        if isinstance(e, pickle.UnpicklingError):  # torch's text is a page about weights_only
+            reason = "not a torch file, or it holds pickled objects besides tensors"
+        else:
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else \
+                type(e).__name__
+        raise ConfigError(f"{path}: not a usable weights file ({reason}); {how}",
+                          key="extract.weights") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise TypeError(f"weights file {path} does not hold a state dict")
+        raise ConfigError(f"{path}: does not hold a state dict; {how}", key="extract.weights")
     return obj
 
 
@@ -160,8 +176,9 @@ def load_backbone(name: str, weights: str | Path | None = None, seed: int = 0) -
             state = _read_state_dict(path)
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing:
-                raise ValueError(f"weights file {path} lacks {len(missing)} {name} parameters, "
-                                 f"e.g. {missing[:3]}")
+                raise ConfigError(f"{path}: lacks {len(missing)} {name} parameters, e.g. "
+                                  f"{missing[:3]} (weights of another backbone?)",
+                                  key="extract.weights")
             if unexpected:
                 log.warning("weights file %s: ignored %d unexpected keys (e.g. %s)", path,
                             len(unexpected), unexpected[:3])
@@ -197,7 +214,8 @@ def _check_tap(name: str, tap: str | None) -> str:
     spec = _check_backbone(name)
     tap = spec.default_tap if tap is None else tap
     if tap not in spec.taps:
-        raise ValueError(f"tap for {name} must be one of {sorted(spec.taps)}, got {tap!r}")
+        raise ConfigError(f"tap for {name} must be one of {', '.join(sorted(spec.taps))}, got "
+                          f"{tap!r}", key="extract.tap")
     return tap
 
 
@@ -216,7 +234,7 @@ def tap_network(name: str, model: nn.Module, tap: str | None = None) -> nn.Modul
     """
     tap = _check_tap(name, tap)
     if (name, tap) in SHARED_ONLY_TAPS:
-        raise ValueError(f"tap {tap!r} of {name} exists only in shared mode")
+        raise ConfigError(f"tap {tap!r} of {name} exists only in shared mode", key="extract.tap")
     if name in ("alexnet", "vgg16"):
         return nn.Sequential(model.features, model.avgpool, _fc_tail(name, model, tap))
     if name.startswith("resnet"):
@@ -534,7 +552,8 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' requested but CUDA is not available")
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this "
+                          "machine (use --device cpu or auto)", key="common.device")
     return dev
 
 
@@ -563,7 +582,8 @@ class FeatureExtractor:
                  batch_size: int | None = None, amp: bool = True, seed: int = 0) -> None:
         self.spec = _check_backbone(backbone)
         if mode not in ("auto", "warp", "shared"):
-            raise ValueError(f"mode must be 'auto', 'warp' or 'shared', got {mode!r}")
+            raise ConfigError(f"mode must be 'auto', 'warp' or 'shared', got {mode!r}",
+                              key="extract.mode")
         _check_tap(backbone, tap)
         self.device = resolve_device(device)
         if mode == "auto":
@@ -572,7 +592,8 @@ class FeatureExtractor:
         self.mode = mode
         self.backbone, self.tap = backbone, default_tap(backbone, mode) if tap is None else tap
         if mode == "warp" and (backbone, self.tap) in SHARED_ONLY_TAPS:
-            raise ValueError(f"tap {self.tap!r} of {backbone} needs mode='shared'")
+            raise ConfigError(f"tap {self.tap!r} of {backbone} needs mode='shared'",
+                              key="extract.tap")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size or (128 if mode == "warp" else 512)

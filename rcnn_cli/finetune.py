@@ -856,7 +856,7 @@ def finetune(dataset: Dataset, proposals: ProposalSource, out_dir: str | Path,
     stopped = None
     t_run = time.perf_counter()
     bar = tqdm(total=iterations, initial=start, desc="finetune", unit="it", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
     for it in range(start, iterations):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"] * _lr_factor(it, step)

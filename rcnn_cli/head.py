@@ -26,6 +26,7 @@ The weights are plain float32 arrays (stored in the model bundle's ``model.npz``
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -206,7 +207,8 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
         it_range = range(iterations)
         if progress:
             from tqdm import tqdm
-            it_range = tqdm(it_range, desc="head", unit="it", leave=False)
+            it_range = tqdm(it_range, desc="head", unit="it", leave=False, file=sys.stderr,
+                            disable=not sys.stderr.isatty(), dynamic_ncols=True)
         for it in it_range:
             if it == step:
                 for g in opt.param_groups:

@@ -268,9 +268,9 @@ def read_image(path: str | Path) -> NDArray[np.uint8]:
             except OSError as e:
                 if "truncated" not in str(e).lower() and "broken data" not in str(e).lower():
                     raise
+                # one report: the CLI shows warnings as log lines
                 warnings.warn(f"{path}: truncated image data, decoding what is there",
                               stacklevel=2)
-                log.warning("%s: truncated image data, decoding what is there", path)
                 with Image.open(path) as img2:
                     ImageFile.LOAD_TRUNCATED_IMAGES = True
                     try:

@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from rcnn_cli import __version__
+from rcnn_cli import config as cfgmod
 from rcnn_cli.bbox_regression import apply_regression, predict_deltas
 from rcnn_cli.head import ARRAY_NAMES as HEAD_ARRAYS
 from rcnn_cli.head import Head
@@ -77,6 +78,7 @@ class Model:
     package_version: str = __version__
     head: Head | None = None
     reg_feat_scale: float | None = None  # None: feat_scale (no head)
+    source: str = field(default="", compare=False)  # model.json it was loaded from (messages)
 
     @property
     def num_classes(self) -> int:
@@ -86,6 +88,16 @@ class Model:
     def dim(self) -> int:
         """D, the dimension of the extracted features the model reads."""
         return self.head.in_dim if self.head is not None else int(np.shape(self.svm_weights)[1])
+
+    def extractor_settings(self) -> dict[str, Any]:
+        """The FeatureExtractor arguments the features were extracted with (what detect
+        rebuilds); :class:`ModelError` if the bundle lacks them."""
+        kw = self.extract_settings.get("extractor")
+        if not isinstance(kw, dict):
+            raise ModelError(f"{self.source or JSON_NAME}: extract_settings has no 'extractor' "
+                             "entry (the backbone settings detect needs); train the model again "
+                             "with `rcnn train-svm`")
+        return dict(kw)
 
     @property
     def regression_scale(self) -> float:
@@ -167,8 +179,8 @@ def save_model(directory: str | Path, model: Model, overwrite: bool = False) -> 
     arrays = model.arrays()
     meta = model.to_json()
     _validate(meta, arrays, d / JSON_NAME)
-    if not overwrite and ((d / JSON_NAME).exists() or (d / ARRAYS_NAME).exists()):
-        raise FileExistsError(f"{d}: a model bundle exists; pass overwrite=True to replace it")
+    if not overwrite and bundle_exists(d):
+        raise FileExistsError(f"{d}: holds a model bundle (use --overwrite to replace it)")
     d.mkdir(parents=True, exist_ok=True)
     data = npz_bytes(arrays)
     atomic_write_bytes(d / ARRAYS_NAME, data)
@@ -178,6 +190,12 @@ def save_model(directory: str | Path, model: Model, overwrite: bool = False) -> 
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write_text(d / JSON_NAME, text)
     return d
+
+
+def bundle_exists(directory: str | Path) -> bool:
+    """True if ``directory`` holds (part of) a model bundle."""
+    d = Path(directory)
+    return (d / JSON_NAME).exists() or (d / ARRAYS_NAME).exists()
 
 
 def load_model(directory: str | Path) -> Model:
@@ -208,7 +226,7 @@ def load_model(directory: str | Path) -> Model:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise ModelError(f"{apath}: unreadable arrays ({e})") from None
-    _validate(meta, arrays, apath)
+    _validate(meta, arrays, apath, meta_path=jpath)
     det, fs = meta["detection"], meta["feature_scaling"]
     head = Head.from_arrays(arrays) if "head_fc6_w" in arrays else None
     return Model(
@@ -221,7 +239,7 @@ def load_model(directory: str | Path) -> Model:
         nms_iou=float(det["nms_iou"]), score_threshold=float(det["score_threshold"]),
         max_detections=int(det["max_detections"]), training_stats=meta["training_stats"],
         package_version=str(meta["package_version"]), head=head,
-        reg_feat_scale=float(fs.get("reg_feat_scale", fs["feat_scale"])))
+        reg_feat_scale=float(fs.get("reg_feat_scale", fs["feat_scale"])), source=str(jpath))
 
 
 # ---------------------------------------------------------------- helpers
@@ -231,10 +249,15 @@ _REQUIRED = {"format_version": int, "package_version": str, "classes": list, "ba
              "training_stats": dict}
 
 
-def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -> None:
-    """Raise ModelError naming ``path`` unless metadata and arrays are consistent."""
+def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path,
+              meta_path: Path | None = None) -> None:
+    """Raise ModelError naming ``path`` (``meta_path`` for a bad setting of model.json)
+    unless metadata and arrays are consistent."""
     def fail(problem: str) -> None:
         raise ModelError(f"{path}: {problem}")
+
+    def fail_meta(problem: str) -> None:
+        raise ModelError(f"{meta_path or path}: {problem}")
 
     for key, typ in _REQUIRED.items():
         if key not in meta:
@@ -251,9 +274,15 @@ def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             fail(f"feature_scaling.{key} must be a positive number, got {scale!r}")
     det = meta["detection"]
-    for key in ("nms_iou", "score_threshold", "max_detections"):
-        if not isinstance(det.get(key), (int, float)):
-            fail(f"detection.{key} must be a number, got {det.get(key)!r}")
+    for key, setting in _DETECTION_KEYS.items():
+        value = det.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            fail_meta(f"detection.{key} must be a number, got {value!r}")
+        problem = cfgmod.check_value(setting, value)  # the same rule as the config's
+        if problem:
+            fail_meta(f"detection.{key} {problem}, got {value!r}")
+    if "extractor" in meta["extract_settings"]:
+        _validate_extractor(meta["extract_settings"]["extractor"], fail_meta)
     k = len(classes)
     for name in ("svm_weights", "svm_biases", "svm_trained"):
         if name not in arrays:
@@ -295,6 +324,29 @@ def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -
     ext_dim = meta["extract_settings"].get("dim")
     if ext_dim is not None and ext_dim != in_dim:
         fail(f"extract_settings.dim is {ext_dim} but the model reads D={in_dim}")
+
+
+#: model.json ``detection`` keys and the [detect] settings whose rules they follow
+_DETECTION_KEYS = {"nms_iou": "detect.nms_iou", "score_threshold": "detect.score_thresh",
+                   "max_detections": "detect.max_per_image"}
+
+
+def _validate_extractor(kw: Any, fail) -> None:
+    """``extract_settings.extractor``: the FeatureExtractor arguments detect rebuilds."""
+    from rcnn_cli.features import BACKBONES, SHARED_ONLY_TAPS
+
+    if not isinstance(kw, dict):
+        fail(f"extract_settings.extractor must be an object, got {type(kw).__name__}")
+    backbone, tap, mode = kw.get("backbone"), kw.get("tap"), kw.get("mode")
+    if backbone not in BACKBONES:
+        fail(f"extract_settings.extractor.backbone {backbone!r} is not one of "
+             f"{', '.join(sorted(BACKBONES))}")
+    if tap is not None and tap not in BACKBONES[backbone].taps:
+        fail(f"extract_settings.extractor.tap {tap!r} is not a tap of {backbone} "
+             f"({', '.join(sorted(BACKBONES[backbone].taps))})")
+    if mode not in ("warp", "shared") or (mode == "warp" and (backbone, tap) in SHARED_ONLY_TAPS):
+        fail(f"extract_settings.extractor.mode {mode!r} must be warp or shared"
+             + (f" (tap {tap!r} needs shared)" if mode == "warp" else ""))
 
 
 def _jsonable(obj: Any) -> Any:

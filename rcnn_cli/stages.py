@@ -48,14 +48,18 @@ def execution(cfg: Mapping[str, Any], device_type: str = "cpu") -> dict[str, Any
 
 # ------------------------------------------------------------------ propose
 def proposal_settings(p: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of the [propose] section that determine the boxes (cache key)."""
-    s = {"method": p["method"], "max_side": p["max_side"], "min_size": p["min_size"],
-         "top_k": p["top_k"], "seed": p["seed"]}
-    if p["method"] in ("selective_search", "opencv"):
-        s["strategy"] = p["strategy"]
-    else:
-        s.update(scales=list(p["sliding_scales"]), ratios=list(p["sliding_ratios"]),
-                 stride=p["sliding_stride"])
+    """The settings of the [propose] section that determine the boxes (cache key): the
+    ``method`` and exactly the keyword arguments its back-end takes (see
+    :data:`rcnn_cli.proposals.METHODS`)."""
+    method = p["method"]
+    s: dict[str, Any] = {"method": method, "min_size": p["min_size"], "top_k": p["top_k"]}
+    if method == "selective_search":
+        s.update(strategy=p["strategy"], max_side=p["max_side"], seed=p["seed"])
+    elif method == "opencv":  # OpenCV's switchTo... strategies carry the same three names
+        s.update(mode=p["strategy"], max_side=p["max_side"], seed=p["seed"])
+    else:  # sliding windows: geometry only (no resizing, no random ranking)
+        s.update(scales=list(p["sliding_scales"]), aspect_ratios=list(p["sliding_ratios"]),
+                 stride_frac=p["sliding_stride"])
     return s
 
 

@@ -8,6 +8,7 @@ MABO, boxes/image, plus the speed ratio. Progress goes to stderr.
 
     python scripts/bench_proposals.py [--data /work/shared/data/raccoon] [--split test.txt]
         [--limit N] [--quality] [--plot recall.png]
+        [--methods ours_fast,opencv_fast,ours_quality,sliding]
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from rcnn_cli.proposals import (
     plot_recall_curve,
     proposal_recall,
     selective_search,
+    sliding_windows,
 )
 
 
@@ -71,6 +73,9 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true", help="also run our 'quality' strategy")
     ap.add_argument("--no-opencv", action="store_true", help="skip OpenCV (ours only)")
     ap.add_argument("--plot", type=Path, default=None, help="write a recall curve PNG")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of ours_fast, opencv_fast, ours_quality, "
+                         "sliding (overrides --quality / --no-opencv)")
     args = ap.parse_args()
 
     cv2.setNumThreads(1)
@@ -91,6 +96,17 @@ def main() -> None:
         methods["opencv_fast"] = lambda im: opencv_selective_search(im, "fast", **common)
     if args.quality:
         methods["ours_quality"] = lambda im: selective_search(im, "quality", **common)
+    if args.methods:
+        every = {"ours_fast": lambda im: selective_search(im, "fast", **common),
+                 "opencv_fast": lambda im: opencv_selective_search(im, "fast", **common),
+                 "ours_quality": lambda im: selective_search(im, "quality", **common),
+                 # the CLI's defaults (six scales x three aspect ratios, stride 1/4)
+                 "sliding": lambda im: sliding_windows(im.shape[:2], top_k=args.top_k)}
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(names) - set(every))
+        if unknown:
+            ap.error(f"--methods: unknown {unknown}; choose from {sorted(every)}")
+        methods = {m: every[m] for m in names}
 
     # warm-up: numba compilation / cache load and OpenCV's first call are not timed
     for fn in methods.values():
@@ -118,7 +134,7 @@ def main() -> None:
                      **{k: round(r[k], 4) for k in
                         ("recall@0.5", "recall@0.7", "ar", "abo", "mabo", "boxes_per_image")}}
         curves[m] = (r["curve"]["num_boxes"], r["curve"]["recall@0.5"])
-    if "opencv_fast" in methods:
+    if "opencv_fast" in methods and "ours_fast" in methods:
         result["speedup_fast"] = round(seconds["opencv_fast"] / seconds["ours_fast"], 2)
     if args.plot:
         plot_recall_curve(curves, args.plot)

@@ -79,3 +79,184 @@ def test_evaluate_missing_detections_is_a_file_error(tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", "--annotations", str(ann), "--detections",
                                  str(tmp_path / "det")])
     assert r.exit_code == 1 and "detections.csv" in r.output
+
+
+@pytest.mark.parametrize("method", ["opencv", "sliding"])
+def test_propose_other_methods_run_through_the_cli(tmp_path, rect_image, method):
+    # regression: the CLI passed selective search's settings to every back-end, so both
+    # methods failed on every image ("unknown setting(s) ['strategy']")
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(rect_image[0]).save(img / "a.png")
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(out), "--method", method,
+                                 "--top-k", "30", "--max-side", "160"])
+    assert r.exit_code == 0, r.output
+    z = np.load(out / "a.npz")
+    assert 0 < len(z["boxes"]) <= 30 and z["boxes"].dtype == np.float32
+    assert (z["boxes"][:, 2:] > z["boxes"][:, :2]).all()
+    assert (z["boxes"] >= 0).all() and (z["boxes"][:, [0, 2]] <= 160).all()
+
+
+def test_proposal_settings_are_what_each_back_end_takes():
+    import inspect
+
+    from rcnn_cli import config as C
+    from rcnn_cli.proposals import METHODS
+    from rcnn_cli.stages import proposal_settings
+
+    for method, fn in METHODS.items():
+        p = dict(C.defaults()["propose"], method=method)
+        s = proposal_settings(p)
+        assert s.pop("method") == method
+        accepted = set(inspect.signature(fn).parameters) - {"image", "size"}
+        assert set(s) <= accepted, (method, set(s) - accepted)
+
+
+# ---------------------------------------------------------------- one error path
+def _one_line_error(r, *needles, code):
+    """Exit ``code``, no traceback, and one error line naming each of ``needles``."""
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(
+        r.exception, SystemExit), r.output
+    lines = [ln for ln in r.output.splitlines() if "rror" in ln]
+    assert any(all(n in ln for n in needles) for ln in lines), r.output
+
+
+@pytest.fixture
+def props(tmp_path, rect_image):
+    """A folder with one tiny image and its proposals."""
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(rect_image[0]).save(img / "a.png")
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "p"),
+                                 "--top-k", "10", "--max-side", "120"])
+    assert r.exit_code == 0, r.output
+    return img, tmp_path / "p"
+
+
+def _extract(img, props_dir, out, *extra):
+    return CliRunner().invoke(cli, ["extract", str(img), "--proposals", str(props_dir),
+                                    "-o", str(out), "--weights", "random",
+                                    "--backbone", "resnet18", *extra])
+
+
+def test_unknown_backbone_and_tap_name_the_flag(tmp_path, props):
+    img, p = props
+    r = _extract(img, p, tmp_path / "f", "--backbone", "foo")
+    _one_line_error(r, "--backbone", "foo", code=2)
+    r = _extract(img, p, tmp_path / "f", "--tap", "nope")
+    _one_line_error(r, "--tap", "nope", code=2)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[extract]\ntap = 'nope'\n")
+    r = _extract(img, p, tmp_path / "f", "--config", str(cfg))
+    _one_line_error(r, "--config", "nope", code=2)  # from the file: the file is blamed
+
+
+@pytest.mark.parametrize("content", [b"garbage\x00\x01", "pickle"])
+def test_bad_weights_file_is_one_line_and_never_unpickled(tmp_path, props, content):
+    import pickle
+
+    img, p = props
+    w = tmp_path / "w.pth"
+    if content == "pickle":
+        class Boom:  # unpickling this would run code; weights_only must refuse it
+            def __reduce__(self):
+                return (print, ("unpickled!",))
+        w.write_bytes(pickle.dumps({"conv1.weight": Boom()}))
+    else:
+        w.write_bytes(content)
+    r = CliRunner().invoke(cli, ["extract", str(img), "--proposals", str(p), "-o",
+                                 str(tmp_path / "f"), "--weights", str(w), "--backbone",
+                                 "resnet18"])
+    _one_line_error(r, "--weights", "w.pth", code=2)
+    assert "unpickled!" not in r.output
+
+
+def test_non_utf8_config_is_one_line(tmp_path, props):
+    img, _ = props
+    cfg = tmp_path / "c.toml"
+    cfg.write_bytes(b"\xff\xfe\x00binary")
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o"),
+                                 "--config", str(cfg)])
+    _one_line_error(r, "--config", "c.toml", code=2)
+
+
+def test_bad_config_values_are_refused_before_any_work(tmp_path, props):
+    img, _ = props
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[extract]\ndtype = 'int8'\n")
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o"),
+                                 "--config", str(cfg)])
+    _one_line_error(r, "extract.dtype", "int8", code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_read_only_output_folder_is_refused_up_front(tmp_path, props, monkeypatch):
+    import os
+
+    img, _ = props
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK and
+                        str(p).startswith(str(ro)) else real(p, mode, **kw))
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(ro / "out")])
+    _one_line_error(r, "-o", "ro", code=2)
+    assert not (ro / "out").exists()
+
+
+def test_os_errors_mid_run_are_one_line_with_traceback_only_with_v(tmp_path, props,
+                                                                      monkeypatch):
+    from rcnn_cli import config as cfgmod
+
+    img, _ = props
+
+    def deny(folder, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(folder) + "/config.toml")
+
+    monkeypatch.setattr(cfgmod, "write_resolved", deny)
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o")])
+    _one_line_error(r, "config.toml", "Permission denied", code=1)
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o2"), "-v"])
+    assert r.exit_code == 1 and "Traceback" in r.output
+
+
+def test_unexpected_errors_are_one_line_and_suggest_v(tmp_path, props, monkeypatch):
+    from rcnn_cli import stages
+
+    img, _ = props
+
+    def broken(*a, **kw):
+        raise KeyError("extractor")
+
+    monkeypatch.setattr(stages, "propose_folder", broken)
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o")])
+    _one_line_error(r, "KeyError", "-v", code=1)
+
+
+def test_each_warning_is_printed_once(tmp_path, rect_image):
+    # regression: a truncated image was reported twice (warnings.warn, routed to the log by
+    # logging.captureWarnings, and log.warning)
+    import io
+
+    img = tmp_path / "imgs"
+    img.mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(rect_image[0]).save(buf, "JPEG")
+    (img / "t.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o"), "--top-k", "5",
+                                 "--max-side", "80"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("truncated") == 1, r.output
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_refused_before_any_work(tmp_path, rect_image):
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(rect_image[0]).save(img / "a.png")
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / "o"),
+                                 "--device", "cuda"])
+    _one_line_error(r, "--device", "CUDA is not available", code=2)
+    assert not (tmp_path / "o").exists()

@@ -55,3 +55,72 @@ def test_shipped_override_files_load():
     for p in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")):
         cfg = C.load(p)
         assert set(cfg) == set(C.defaults())
+
+
+# ---------------------------------------------------------------- value rules (schema)
+@pytest.mark.parametrize("section,key,bad", [
+    ("extract", "dtype", "int8"),          # regression: int8 features were stored
+    ("extract", "mode", "fast"),
+    ("detect", "nms_iou", 7.5),            # regression: accepted
+    ("detect", "max_per_image", -1),       # regression: accepted
+    ("detect", "formats", ["csv", "bogus"]),
+    ("detect", "formats", []),
+    ("common", "device", "gpu"),
+    ("common", "executor", "slurm"),
+    ("common", "shard", "3/2"),
+    ("common", "workers", 0),
+    ("propose", "method", "edge_boxes"),
+    ("propose", "strategy", "fastest"),
+    ("propose", "top_k", -5),
+    ("propose", "sliding_stride", 0.0),
+    ("propose", "sliding_scales", [0.5, -1.0]),
+    ("train_svm", "solver", "sgd"),
+    ("train_svm", "head", "mlp"),
+    ("train_svm", "C", 0.0),
+    ("train_svm", "neg_overlap", 1.5),
+    ("finetune", "iterations", 0),
+    ("finetune", "lr", float("nan")),
+    ("evaluate", "iou", 0.0),
+])
+def test_bad_values_are_rejected_with_the_key(tmp_path, section, key, bad):
+    f = tmp_path / "c.toml"
+    f.write_text(C.dumps({section: {key: bad}}).replace("nan", "nan"))
+    with pytest.raises(C.ConfigError, match=rf"{section}\.{key}") as e:
+        C.load(f)
+    assert e.value.key == f"{section}.{key}" and str(f) in str(e.value)
+    with pytest.raises(C.ConfigError, match=rf"{section}\.{key}"):  # flags: same rules
+        C.load(None, {section: {key: bad}})
+
+
+def test_every_default_passes_its_rule_and_every_rule_names_a_default_key():
+    d = C.defaults()
+    for key in C.RULES:
+        section, name = key.split(".")
+        assert name in d[section], key
+        assert C.check_value(key, d[section][name]) is None, key
+    for section, table in d.items():  # every enumerated or ranged number has a rule
+        for name, v in table.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                assert f"{section}.{name}" in C.RULES, f"{section}.{name}"
+
+
+def test_good_values_pass(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[extract]\ndtype = 'float32'\n[detect]\nformats = ['voc', 'yolo']\n"
+                 "nms_iou = 1.0\n[common]\nshard = '1/4'\ndevice = 'cuda:1'\n")
+    cfg = C.load(f)
+    assert cfg["extract"]["dtype"] == "float32" and cfg["common"]["shard"] == "1/4"
+
+
+def test_non_utf8_or_binary_config_is_one_config_error(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_bytes(b"\xff\xfe\x00\x01binary\x00")
+    with pytest.raises(C.ConfigError, match="c.toml"):
+        C.load(f)
+    f.write_bytes("[propose]\ntop_k = 5 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(C.ConfigError, match="UTF-8"):
+        C.load(f)
+    d = tmp_path / "dir.toml"
+    d.mkdir()
+    with pytest.raises(C.ConfigError, match="dir.toml"):
+        C.load(d)

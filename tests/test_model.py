@@ -74,7 +74,7 @@ def test_score_and_refine_matches_the_stage_functions():
 
 def test_existing_bundle_is_not_overwritten(tmp_path):
     save_model(tmp_path, _model(seed=0))
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="--overwrite"):
         save_model(tmp_path, _model(seed=1))
     assert np.array_equal(load_model(tmp_path).svm_weights, _model(seed=0).svm_weights)
     save_model(tmp_path, _model(seed=1), overwrite=True)

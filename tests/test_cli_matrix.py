@@ -1,0 +1,291 @@
+"""Every choice of every option of every subcommand, through the CLI, on two tiny images.
+
+The upstream artifacts (proposals, features, a model, detections) are built once per module
+and reused; each test runs one flag value and checks that its outputs exist and make sense.
+Backbones are random-init resnet18 and every size is small, so the module stays fast.
+Also here: the error cases that need a model bundle (validated before any work).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from rcnn_cli.cli import cli
+from tests.conftest import rectangles_image
+
+CLASSES = ["red", "blue", "yellow"]
+FAST = """
+[propose]
+top_k = 12
+max_side = 160
+[extract]
+max_proposals = 12
+batch_size = 32
+[finetune]
+batch_size = 8
+fg_per_batch = 2
+images_per_batch = 2
+val_fraction = 0.0
+[train_svm]
+head_hidden = 16
+head_iterations = 5
+head_bg_per_image = 16
+retrain_limit = 50
+"""
+
+
+def run(*args: str, code: int = 0):
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == code, r.output + repr(r.exception)
+    return r
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Two images + CSV ground truth, and one run of propose, extract, train-svm, detect."""
+    from rcnn_cli.datasets import Dataset, ImageRecord, write_csv
+
+    root = tmp_path_factory.mktemp("matrix")
+    img = root / "imgs"
+    img.mkdir()
+    records = []
+    for i, name in enumerate(["a.png", "b.png"]):
+        im, boxes = rectangles_image(seed=i)
+        Image.fromarray(im).save(img / name)
+        records.append(ImageRecord(name, im.shape[0], im.shape[1], boxes,
+                                   np.arange(3, dtype=np.int64), np.zeros(3, bool)))
+    ann = img / "ann.csv"  # file names in a CSV are relative to its folder
+    write_csv(ann, Dataset(records, CLASSES, img))
+    cfg = root / "fast.toml"
+    cfg.write_text(FAST)
+    c = {"root": root, "img": img, "ann": ann, "cfg": cfg}
+    c["props"], c["feats"] = root / "props", root / "feats"
+    c["model"], c["det"] = root / "model", root / "det"
+    run("propose", img, "-o", c["props"], "--config", cfg)
+    run("extract", img, "--proposals", c["props"], "--annotations", ann, "-o", c["feats"],
+        "--backbone", "resnet18", "--weights", "random", "--config", cfg)
+    run("train-svm", "--features", c["feats"], "-o", c["model"], "--config", cfg)
+    run("detect", img, "--model", c["model"], "-o", c["det"], "--config", cfg)
+    return c
+
+
+def _boxes_ok(b: np.ndarray, h: int = 120, w: int = 160) -> bool:
+    return (b.ndim == 2 and b.shape[1] == 4 and b.dtype == np.float32
+            and (b[:, 2:] > b[:, :2]).all() and (b >= 0).all()
+            and (b[:, [0, 2]] <= w).all() and (b[:, [1, 3]] <= h).all())
+
+
+# ---------------------------------------------------------------- propose
+@pytest.mark.parametrize("method,strategy", [
+    ("selective_search", "single"), ("selective_search", "fast"),
+    ("selective_search", "quality"), ("opencv", "single"), ("opencv", "fast"),
+    ("opencv", "quality"), ("sliding", None)])
+def test_propose_methods_and_strategies(chain, tmp_path, method, strategy):
+    args = ["propose", chain["img"], "-o", tmp_path, "--method", method, "--top-k", 12,
+            "--config", chain["cfg"]]
+    run(*args, *(["--strategy", strategy] if strategy else []))
+    for name in ("a", "b"):
+        z = np.load(tmp_path / f"{name}.npz")
+        assert _boxes_ok(z["boxes"]) and 0 < len(z["boxes"]) <= 12
+        assert (np.diff(z["scores"]) <= 0).all()  # best first
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["settings"]["method"] == method
+
+
+# ---------------------------------------------------------------- extract
+@pytest.mark.parametrize("mode,dtype", [("auto", "float16"), ("warp", "float16"),
+                                        ("shared", "float16"), ("shared", "float32")])
+def test_extract_modes_and_dtypes(chain, tmp_path, mode, dtype):
+    run("extract", chain["img"], "--proposals", chain["props"], "--annotations", chain["ann"],
+        "-o", tmp_path, "--backbone", "resnet18", "--weights", "random", "--mode", mode,
+        "--dtype", dtype, "--config", chain["cfg"])
+    for name in ("a", "b"):
+        z = np.load(tmp_path / f"{name}.npz")
+        assert z["features"].dtype == np.dtype(dtype) and z["features"].shape[1] == 512
+        assert len(z["features"]) == len(z["boxes"]) and np.isfinite(z["features"]).all()
+        assert sorted(z["gt_label"][:3]) == [0, 1, 2] and (z["gt_label"][3:] == -1).all()
+    settings = json.loads((tmp_path / "manifest.json").read_text())["settings"]
+    assert settings["extractor"]["mode"] == ("shared" if mode == "auto" else mode)
+
+
+# ---------------------------------------------------------------- finetune
+@pytest.mark.parametrize("mode", ["warp", "shared"])  # auto = shared on a CPU
+def test_finetune_modes(chain, tmp_path, mode):
+    r = run("finetune", "--annotations", chain["ann"], "--proposals", chain["props"],
+            "-o", tmp_path, "--backbone", "resnet18", "--weights", "random", "--mode", mode,
+            "--iterations", 2, "--device", "cpu", "--config", chain["cfg"])
+    assert (tmp_path / "backbone.safetensors").is_file()
+    assert "0%|" not in r.output  # progress bars only on a terminal
+    assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "backbone.safetensors"
+
+
+# ---------------------------------------------------------------- train-svm
+@pytest.mark.parametrize("solver", ["liblinear", "torch"])
+@pytest.mark.parametrize("head", ["auto", "fc", "none"])
+def test_train_svm_solvers_and_heads(chain, tmp_path, solver, head):
+    r = run("train-svm", "--features", chain["feats"], "-o", tmp_path, "--solver", solver,
+            "--head", head, "--config", chain["cfg"])
+    assert "it/s" not in r.output  # the head's progress bar only on a terminal
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert sorted(meta["classes"]) == sorted(CLASSES) and meta["training_stats"]["train_svm"]["solver"] == solver
+    assert (meta["head"] is not None) == (head == "fc")  # resnet18 `pool`: auto = no head
+    with np.load(tmp_path / "model.npz") as z:
+        assert z["svm_weights"].shape[0] == 3 and "regressors" in z.files
+
+
+def test_train_svm_without_bbox_regression(chain, tmp_path):
+    run("train-svm", "--features", chain["feats"], "-o", tmp_path, "--no-bbox-regression",
+        "--config", chain["cfg"])
+    with np.load(tmp_path / "model.npz") as z:
+        assert "regressors" not in z.files
+
+
+# ---------------------------------------------------------------- detect
+def _csv_rows(path: Path) -> list[list[str]]:
+    return [ln.split(",") for ln in path.read_text().splitlines()[1:] if ln]
+
+
+@pytest.mark.parametrize("formats", ["csv", "coco", "voc", "yolo", "csv,coco,voc,yolo"])
+def test_detect_formats(chain, tmp_path, formats):
+    run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path, "--formats", formats,
+        "--config", chain["cfg"])
+    chosen = formats.split(",")
+    assert (tmp_path / "detections.csv").is_file() == ("csv" in chosen)
+    assert (tmp_path / "detections.json").is_file() == ("coco" in chosen)
+    assert (tmp_path / "voc").is_dir() == ("voc" in chosen)
+    assert (tmp_path / "yolo").is_dir() == ("yolo" in chosen)
+    if "csv" in chosen:
+        rows = _csv_rows(tmp_path / "detections.csv")
+        assert {r[0] for r in rows} <= {"a.png", "b.png"} and {r[1] for r in rows} <= set(CLASSES)
+    if "coco" in chosen:
+        dets = json.loads((tmp_path / "detections.json").read_text())
+        assert all(len(d["bbox"]) == 4 for d in dets)
+    if "voc" in chosen:
+        assert sorted(p.name for p in (tmp_path / "voc").iterdir()) and all(
+            p.suffix == ".txt" for p in (tmp_path / "voc").iterdir())
+    if "yolo" in chosen:
+        for p in (tmp_path / "yolo").rglob("*.txt"):
+            for ln in p.read_text().splitlines():
+                v = [float(x) for x in ln.split()[1:5]]
+                assert all(0 <= x <= 1 for x in v)
+
+
+def _to_proposal(chain, row: list[str]) -> float:
+    """Distance (pixels, max over coordinates) from a CSV detection to its nearest proposal."""
+    props = np.load(chain["props"] / row[0].replace(".png", ".npz"))["boxes"]
+    box = np.array([float(v) for v in row[3:7]], np.float32)
+    return float(np.abs(props - box).max(1).min())
+
+
+@pytest.mark.parametrize("flags", [["--save-vis", "--device", "auto"],
+                                   ["--no-bbox-regression", "--executor", "local"],
+                                   ["--device", "cpu"]])
+def test_detect_flags(chain, tmp_path, flags):
+    run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path,
+        "--config", chain["cfg"], *flags)
+    rows = _csv_rows(tmp_path / "detections.csv")
+    ref = _csv_rows(chain["det"] / "detections.csv")
+    if "--save-vis" in flags:
+        assert sorted(p.name for p in (tmp_path / "vis").iterdir())[:2] and all(
+            Image.open(p).size == (160, 120) for p in (tmp_path / "vis").iterdir())
+    if "--no-bbox-regression" in flags:  # every box is one of the image's proposals
+        assert rows and max(_to_proposal(chain, r) for r in rows) < 0.01
+        assert max(_to_proposal(chain, r) for r in ref) > 0.01  # regression moves boxes
+    else:
+        assert len(rows) == len(ref)
+
+
+def test_detect_shards_cover_the_images_once(chain, tmp_path):
+    for i in range(2):
+        run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / str(i),
+            "--shard", f"{i}/2", "--config", chain["cfg"])
+    done = [sorted(p.name for p in (tmp_path / str(i) / "per_image").glob("*.npz"))
+            for i in range(2)]
+    assert len(done[0]) == len(done[1]) == 1 and set(done[0] + done[1]) == {"a.npz", "b.npz"}
+
+
+# ---------------------------------------------------------------- evaluate
+def test_evaluate_detections_and_proposals(chain, tmp_path):
+    run("evaluate", "--annotations", chain["ann"], "--detections", chain["det"],
+        "-o", tmp_path / "d")
+    m = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert 0 <= m["mAP_voc07"] <= 1
+    run("evaluate", "--annotations", chain["ann"], "--proposals", chain["props"],
+        "-o", tmp_path / "p")
+    m = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert json.dumps(m).count("recall") and "summary" in m
+
+
+# ---------------------------------------------------------------- errors before any work
+def _copy_model(chain, tmp_path, edit) -> Path:
+    d = tmp_path / "m"
+    shutil.copytree(chain["model"], d)
+    meta = json.loads((d / "model.json").read_text())
+    edit(meta)
+    (d / "model.json").write_text(json.dumps(meta))
+    return d
+
+
+def _detect(chain, model, out, *flags, code):
+    return run("detect", chain["img"], "--model", model, "-o", out, "--config", chain["cfg"],
+               *flags, code=code)
+
+
+def test_bogus_format_is_refused_before_any_work(chain, tmp_path):
+    r = _detect(chain, chain["model"], tmp_path / "o", "--formats", "csv,bogus", code=2)
+    assert "--formats" in r.output and "bogus" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_detect_device_cuda_without_cuda_says_so(chain, tmp_path):
+    r = _detect(chain, chain["model"], tmp_path / "o", "--device", "cuda", code=2)
+    assert "--device" in r.output and "CUDA is not available" in r.output
+    assert "--formats" not in r.output and not (tmp_path / "o" / "per_image").exists()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m["extract_settings"]["extractor"].update(backbone="foo"), "foo"),
+    (lambda m: m["extract_settings"].pop("extractor"), "extractor"),
+    (lambda m: m["detection"].update(max_detections=-1), "detection.max_detections"),
+    (lambda m: m["detection"].update(nms_iou=7.5), "detection.nms_iou"),
+])
+def test_bad_model_bundle_is_one_line_naming_the_file(chain, tmp_path, edit, needle):
+    model = _copy_model(chain, tmp_path, edit)
+    r = _detect(chain, model, tmp_path / "o", code=1)
+    assert needle in r.output and "model.json" in r.output
+    assert "--formats" not in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o" / "per_image").exists()
+
+
+def test_detect_max_per_image_flag_and_config_ranges(chain, tmp_path):
+    r = _detect(chain, chain["model"], tmp_path / "o", "--max-per-image", "-1", code=2)
+    assert "--max-per-image" in r.output
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[detect]\nmax_per_image = -1\n")
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "o",
+            "--config", cfg, code=2)
+    assert "detect.max_per_image" in r.output
+
+
+def test_train_svm_into_existing_model_is_refused_before_training(chain, tmp_path,
+                                                                  monkeypatch):
+    from rcnn_cli import train
+
+    def no_training(*a, **kw):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(train, "train_svms", no_training)
+    monkeypatch.setattr(train, "train_head", no_training)
+    model = tmp_path / "m"
+    shutil.copytree(chain["model"], model)
+    r = run("train-svm", "--features", chain["feats"], "-o", model, "--config", chain["cfg"],
+            code=2)
+    assert "--overwrite" in r.output and "overwrite=True" not in r.output
