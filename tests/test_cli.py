@@ -92,7 +92,7 @@ def test_propose_other_methods_run_through_the_cli(tmp_path, rect_image, method)
     r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(out), "--method", method,
                                  "--top-k", "30", "--max-side", "160"])
     assert r.exit_code == 0, r.output
-    z = np.load(out / "a.npz")
+    z = np.load(out / "a.png.npz")
     assert 0 < len(z["boxes"]) <= 30 and z["boxes"].dtype == np.float32
     assert (z["boxes"][:, 2:] > z["boxes"][:, :2]).all()
     assert (z["boxes"] >= 0).all() and (z["boxes"][:, [0, 2]] <= 160).all()

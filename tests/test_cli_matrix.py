@@ -91,7 +91,7 @@ def test_propose_methods_and_strategies(chain, tmp_path, method, strategy):
     args = ["propose", chain["img"], "-o", tmp_path, "--method", method, "--top-k", 12,
             "--config", chain["cfg"]]
     run(*args, *(["--strategy", strategy] if strategy else []))
-    for name in ("a", "b"):
+    for name in ("a.png", "b.png"):
         z = np.load(tmp_path / f"{name}.npz")
         assert _boxes_ok(z["boxes"]) and 0 < len(z["boxes"]) <= 12
         assert (np.diff(z["scores"]) <= 0).all()  # best first
@@ -106,7 +106,7 @@ def test_extract_modes_and_dtypes(chain, tmp_path, mode, dtype):
     run("extract", chain["img"], "--proposals", chain["props"], "--annotations", chain["ann"],
         "-o", tmp_path, "--backbone", "resnet18", "--weights", "random", "--mode", mode,
         "--dtype", dtype, "--config", chain["cfg"])
-    for name in ("a", "b"):
+    for name in ("a.png", "b.png"):
         z = np.load(tmp_path / f"{name}.npz")
         assert z["features"].dtype == np.dtype(dtype) and z["features"].shape[1] == 512
         assert len(z["features"]) == len(z["boxes"]) and np.isfinite(z["features"]).all()
@@ -179,7 +179,7 @@ def test_detect_formats(chain, tmp_path, formats):
 
 def _to_proposal(chain, row: list[str]) -> float:
     """Distance (pixels, max over coordinates) from a CSV detection to its nearest proposal."""
-    props = np.load(chain["props"] / row[0].replace(".png", ".npz"))["boxes"]
+    props = np.load(chain["props"] / (row[0] + ".npz"))["boxes"]
     box = np.array([float(v) for v in row[3:7]], np.float32)
     return float(np.abs(props - box).max(1).min())
 
@@ -208,7 +208,7 @@ def test_detect_shards_cover_the_images_once(chain, tmp_path):
             "--shard", f"{i}/2", "--config", chain["cfg"])
     done = [sorted(p.name for p in (tmp_path / str(i) / "per_image").glob("*.npz"))
             for i in range(2)]
-    assert len(done[0]) == len(done[1]) == 1 and set(done[0] + done[1]) == {"a.npz", "b.npz"}
+    assert len(done[0]) == len(done[1]) == 1 and set(done[0] + done[1]) == {"a.png.npz", "b.png.npz"}
 
 
 # ---------------------------------------------------------------- evaluate

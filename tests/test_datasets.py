@@ -444,7 +444,7 @@ def test_extract_with_an_xml_folder_writes_ground_truth(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "not found" not in res.output
     for i in range(2):
-        z = np.load(tmp_path / "feats" / f"im{i}.npz")
+        z = np.load(tmp_path / "feats" / f"im{i}.jpg.npz")
         np.testing.assert_array_equal(z["gt_boxes"], [red])
         assert z["gt_labels"].tolist() == [0] and (z["gt_label"] == 0).sum() == 1
 

@@ -136,7 +136,7 @@ def test_cli_propose_on_a_dask_cluster(images, local_out, dask_address, tmp_path
     r = CliRunner().invoke(cli, ["propose", str(images), "-o", str(out), "--executor", "dask",
                                  "--address", dask_address, "--shard", "1/2"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.glob("*.npz")) == ["img1.npz", "img3.npz"]
+    assert sorted(p.name for p in out.glob("*.npz")) == ["img1.png.npz", "img3.png.npz"]
     assert "executor = \"dask\"" in (out / "config.toml").read_text()
 
 
@@ -174,7 +174,7 @@ def test_dask_shards_cover_all_images_and_resume(images, local_out, dask_address
     assert (r1.done, r1.skipped) == (N_IMAGES - N_IMAGES // 2, 0)
     assert_same_outputs(local_out, out)
     # an interrupted run (one output missing) resumes: only that image is recomputed
-    (out / "img1.npz").unlink()
+    (out / "img1.png.npz").unlink()
     r2 = propose_folder([images], out, cfg_for("dask", 2, dask_address))
     assert (r2.done, r2.skipped, r2.failed) == (1, N_IMAGES - 1, 0)
     assert_same_outputs(local_out, out)
