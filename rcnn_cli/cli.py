@@ -143,8 +143,6 @@ class RcnnCommand(click.Command):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except KeyboardInterrupt:
-            raise
         except Exception as e:  # noqa: BLE001 - this is the one place errors are mapped
             if ctx.meta.get("rcnn.verbose"):
                 traceback.print_exception(e, file=sys.stderr)

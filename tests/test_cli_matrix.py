@@ -95,8 +95,10 @@ def test_propose_methods_and_strategies(chain, tmp_path, method, strategy):
         z = np.load(tmp_path / f"{name}.npz")
         assert _boxes_ok(z["boxes"]) and 0 < len(z["boxes"]) <= 12
         assert (np.diff(z["scores"]) <= 0).all()  # best first
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["settings"]["method"] == method
+    settings = json.loads((tmp_path / "manifest.json").read_text())["settings"]
+    assert settings["method"] == method
+    if strategy:  # the strategy reaches the back-end (OpenCV calls it mode)
+        assert settings["mode" if method == "opencv" else "strategy"] == strategy
 
 
 # ---------------------------------------------------------------- extract
