@@ -396,14 +396,22 @@ def evaluate(annotations, detections_dir, proposals_dir, split, out, config_file
 
     Example: rcnn evaluate --annotations data --detections runs/det --split data/test.txt
     """
-    from rcnn_cli.evaluate import evaluate_folder
+    from rcnn_cli.datasets import AnnotationError
+    from rcnn_cli.evaluate import DetectionsError, evaluate_folder
 
     if (detections_dir is None) == (proposals_dir is None):
         raise click.UsageError("give exactly one of --detections or --proposals")
     cfg = load_config(config_file, common=common)
     with usage_errors():
-        metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split, out,
-                                        cfg)
+        try:
+            metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split,
+                                            out, cfg)
+        except AnnotationError as e:
+            raise click.BadParameter(str(e), param_hint="--annotations") from None
+        except DetectionsError as e:
+            raise click.BadParameter(str(e), param_hint="--detections") from None
+        except ValueError as e:  # nothing to score: no image on both sides
+            raise click.UsageError(str(e)) from None
     click.echo(str(path))
     click.echo(metrics["summary"], err=True)
 
