@@ -454,7 +454,8 @@ def one_sided_classes(voc: Mapping[int, Mapping[str, Any]], classes: Sequence[st
 
 def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
                         classes: Sequence[str] | None = None, out_dir: str | Path | None = None,
-                        plot: bool = True, iou_thresh: float = VOC_IOU_THRESH
+                        plot: bool = True, iou_thresh: float = VOC_IOU_THRESH,
+                        diagnosis: Mapping[str, Any] | None = None
                         ) -> tuple[dict[str, Any], list[Path]]:
     """VOC and COCO metrics of ``dets`` against a dataset, optionally written to ``out_dir``.
 
@@ -470,6 +471,9 @@ def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
         out_dir: if given, ``metrics.json`` and, with ``plot``, one precision-recall PNG per
             class (``pr_<index>_<name>.png``) are written there, each atomically.
         iou_thresh: VOC matching IoU.
+        diagnosis: if given, also run :func:`rcnn_cli.diagnose.diagnose` on the scored
+            images with these keyword arguments (``similar``, ``proposals``, ``images_dir``);
+            its result goes under ``metrics["diagnosis"]``, its pictures into ``out_dir``.
 
     Returns:
         (metrics, files written). metrics: {"num_images" (scored), "num_detections",
@@ -477,7 +481,7 @@ def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
         "num_dets"}}, "mAP_voc07", "mAP_voc", "coco": {see :func:`coco_eval`},
         "unmatched_images" (detected, not annotated), "annotated_without_detection_record",
         "classes_only_in_ground_truth", "classes_only_in_detections", "class_note",
-        "summary" (one line)}.
+        "summary" (one line), with ``diagnosis`` also "diagnosis"}.
 
     Raises:
         ValueError: no detection image matches an annotated image, or a label is out of range.
@@ -515,8 +519,15 @@ def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
     metrics["summary"] = (f"mAP VOC07 {metrics['mAP_voc07']:.4f}, VOC {metrics['mAP_voc']:.4f}, "
                           f"COCO AP {coco['AP']:.4f} AP50 {coco['AP50']:.4f} "
                           f"({len(gts)} images, {metrics['num_detections']} detections)")
-    # 4. files
     written: list[Path] = []
+    # 4. where the errors come from (Hoiem et al.)
+    if diagnosis is not None:
+        from rcnn_cli.diagnose import diagnose
+
+        metrics["diagnosis"] = diagnose(matched, gts, classes, out_dir=out_dir,
+                                        image_sizes=sizes, **diagnosis)
+        written.extend(Path(p) for p in metrics["diagnosis"]["files"])
+    # 5. files
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -854,17 +865,24 @@ def read_detections_for(classes: Sequence[str], detections: str | Path
 
 def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
                     proposals_dir: str | Path | None, split: str | Path | None,
-                    out: str | Path | None, cfg: Mapping[str, Any]
+                    out: str | Path | None, cfg: Mapping[str, Any], diagnose: bool = False,
+                    similar: str | None = None, images_dir: str | Path | None = None
                     ) -> tuple[dict[str, Any], Path]:
     """Score the outputs of ``rcnn detect`` (or ``rcnn propose``) against annotations.
 
     Args:
         annotations: anything ``datasets.load_dataset`` reads.
         detections_dir: a detect output folder (see :func:`read_detections`); or
-        proposals_dir: a propose output folder (per-image npz with ``boxes``).
+        proposals_dir: a propose output folder (per-image npz with ``boxes``); with
+            ``diagnose`` it may come with ``detections_dir``: the diagnosis then says which
+            missed objects a proposal covered.
         split: optional split file (or VOC split name) restricting the ground truth.
         out: where ``metrics.json`` (and the PR plots) go; default the evaluated folder.
         cfg: resolved config; uses ``cfg["evaluate"]["iou"]``.
+        diagnose: also diagnose the detections (:func:`rcnn_cli.diagnose.diagnose`): FP
+            types, misses, sensitivity, plot; contact sheets when ``images_dir`` is given.
+        similar: groups of similar classes for the diagnosis, ``"a,b;c,d"``.
+        images_dir: folder the image names are relative to (contact sheets).
 
     Detections are scored on the images the detector processed (``images.json``; for a
     bare ``detections.csv``, the images named in it) that are also annotated (and in the
@@ -877,11 +895,13 @@ def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
         rcnn_cli.datasets.AnnotationError: no classes in the annotations (a COCO file
             without ``categories``).
         DetectionsError: an unreadable detections file (names the file and row).
-        ValueError: nothing to score (no image on both sides).
+        ValueError: nothing to score (no image on both sides), a bad ``similar``.
     """
     from rcnn_cli.datasets import AnnotationError, load_dataset
 
-    if (detections_dir is None) == (proposals_dir is None):
+    if diagnose and detections_dir is None:
+        raise ValueError("the diagnosis needs detections_dir")
+    if not diagnose and (detections_dir is None) == (proposals_dir is None):
         raise ValueError("give exactly one of detections_dir and proposals_dir")
     ds = load_dataset(annotations, split)
     if not ds.classes:
@@ -892,7 +912,15 @@ def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
     if detections_dir is not None:
         dets, classes = read_detections_for(ds.classes, detections_dir)
         iou = float(cfg.get("evaluate", {}).get("iou", VOC_IOU_THRESH))
-        metrics, _ = evaluate_detections(ds, dets, classes=classes, out_dir=out, iou_thresh=iou)
+        diag = None
+        if diagnose:
+            from rcnn_cli.diagnose import parse_similar
+
+            parse_similar(similar, classes)  # a bad --similar fails before any work
+            diag = {"similar": similar, "images_dir": images_dir,
+                    "proposals": read_proposals(proposals_dir) if proposals_dir else None}
+        metrics, _ = evaluate_detections(ds, dets, classes=classes, out_dir=out, iou_thresh=iou,
+                                         diagnosis=diag)
         return metrics, out / "metrics.json"
     from rcnn_cli.proposals.metrics import plot_recall_curve
 
