@@ -265,17 +265,23 @@ def plot_fp_types(path: str | Path, curve: Mapping[str, NDArray], title: str) ->
     fig = Figure(figsize=(4.2, 3.2), dpi=100)
     ax = fig.add_subplot()
     colors = ("#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd")
-    x = curve["num_detections"]
-    ax.stackplot(x, *(curve[t] for t in FP_TYPES), labels=FP_TYPES, colors=colors, alpha=0.85)
-    npos = x[-1] / curve["multiple"][-1] if curve["multiple"][-1] else 0
-    for m in (1, 2, 4):
-        if npos and m * npos <= x[-1] + 0.5:
-            ax.axvline(m * npos, color="k", lw=0.6, ls=":")
-            ax.text(m * npos, 1.01, f"{m}x", ha="center", va="bottom", fontsize=7)
-    ax.set(xlim=(x[0], max(x[-1], x[0] + 1)), ylim=(0, 1), xlabel="top detections",
+    keep = curve["num_fp"] > 0  # fractions start at the first false positive
+    x = curve["num_detections"][keep]
+    if len(x):
+        ax.stackplot(x, *(curve[t][keep] for t in FP_TYPES), labels=FP_TYPES, colors=colors,
+                     alpha=0.85)
+        for m in (1, 2, 4):  # where the top detections reach m x the number of objects
+            if curve["multiple"][0] <= m <= curve["multiple"][-1]:
+                xm = float(np.interp(m, curve["multiple"], curve["num_detections"]))
+                ax.axvline(xm, color="k", lw=0.6, ls=":")
+                ax.text(xm, 1.01, f"{m}x", ha="center", va="bottom", fontsize=7)
+        ax.set_xlim(x[0], max(x[-1], x[0] + 1))
+        ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
+    else:
+        ax.text(0.5, 0.5, "no false positives", ha="center", va="center")
+    ax.set(ylim=(0, 1), xlabel="top detections (per class, up to 4x its objects)",
            ylabel="fraction of false positives")
     ax.set_title(title, fontsize=9, pad=12)
-    ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
