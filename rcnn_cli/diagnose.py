@@ -584,7 +584,8 @@ def diagnose(dets: Mapping[str, Any], gts: Mapping[str, Any], classes: Sequence[
         images_dir: folder the image names are relative to (for the contact sheets).
 
     Returns:
-        {"fp_types": :func:`fp_type_table`, "misses": :func:`miss_analysis`,
+        {"fp_types": :func:`fp_type_table`, "misses": :func:`miss_analysis` plus
+        "missed_objects" (image, class, box, best_iou[, proposal_iou] of each miss),
         "sensitivity": :func:`sensitivity`, "similar": groups by name, "files": [paths],
         "summary": one line, e.g. ``FP@44: Loc 41% Sim 0% Oth 0% BG 59%; missed 5 of 44
         (0 small, 1 medium, 4 large); AP50 0.87, 0.93 without Loc FPs``}.
@@ -609,6 +610,11 @@ def diagnose(dets: Mapping[str, Any], gts: Mapping[str, Any], classes: Sequence[
                  f"misses at IoU 0.5, {p['covered@0.7']} at 0.7")
     line += (f"; AP50 {sens['ap_at_iou']['0.5']['ap']:.3f}, "
              f"{sens['ap_without']['Loc']['ap']:.3f} without Loc FPs")
+    miss["missed_objects"] = [
+        {"image": m["image"], "class": classes[m["label"]],
+         "box": [round(float(v), 2) for v in m["box"]], "best_iou": round(m["best_iou"], 4),
+         **({"proposal_iou": round(m["proposal_iou"], 4)} if "proposal_iou" in m else {})}
+        for m in misses if not m["found"]]
     result = {"fp_types": table, "misses": miss, "sensitivity": sens,
               "similar": [sorted(classes[i] for i in g) for g in groups], "files": [],
               "summary": line}

@@ -213,6 +213,8 @@ def test_cli_evaluate_diagnose(tmp_path):
     diag = m["diagnosis"]
     assert diag["fp_types"]["per_class"]["cat"]["all"]["Sim"] == 1
     assert diag["similar"] == [["cat", "fox"]]
+    assert diag["misses"]["missed_objects"][0] == {
+        "image": "a.png", "class": "cat", "box": CAT_TINY, "best_iou": 0.0, "proposal_iou": 1.0}
     assert diag["sensitivity"]["ap_without"]["Loc"]["ap"] >= m["mAP_voc"]
     for name in ("diagnosis_fp_types.png", "diagnosis_fp.png", "diagnosis_misses.png"):
         assert (tmp_path / "ev" / name).stat().st_size > 1000
