@@ -455,16 +455,19 @@ def _crop_and_draw(image: NDArray[np.uint8], focus: NDArray[np.float32],
     pad = max(0.25 * max(x2 - x1, y2 - y1), 16.0)
     cx1, cy1 = int(max(0, math.floor(x1 - pad))), int(max(0, math.floor(y1 - pad)))
     cx2, cy2 = int(min(w, math.ceil(x2 + pad))), int(min(h, math.ceil(y2 + pad)))
-    crop = np.ascontiguousarray(image[cy1:max(cy2, cy1 + 1), cx1:max(cx2, cx1 + 1)])
-    shift = np.array([cx1, cy1, cx1, cy1], np.float32)
-    dboxes = (as_boxes([det[0]]) - shift) if det is not None else np.zeros((0, 4), np.float32)
-    drawn = draw_detections(crop, dboxes, [det[1]] if det is not None else [],
-                            [det[2]] if det is not None else [], classes,
-                            gt_boxes=(as_boxes([gt]) - shift) if gt is not None else None)
-    ch, cw = drawn.shape[:2]
+    crop = image[cy1:max(cy2, cy1 + 1), cx1:max(cx2, cx1 + 1)]
+    # resize first, then draw: outlines and labels the same size on every tile
+    ch, cw = crop.shape[:2]
     s = TILE / max(ch, cw)
-    small = cv2.resize(drawn, (max(1, round(cw * s)), max(1, round(ch * s))),
+    small = cv2.resize(crop, (max(1, round(cw * s)), max(1, round(ch * s))),
                        interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    shift = np.array([cx1, cy1, cx1, cy1], np.float32)
+    dboxes = ((as_boxes([det[0]]) - shift) * s if det is not None
+              else np.zeros((0, 4), np.float32))
+    small = draw_detections(np.ascontiguousarray(small), dboxes,
+                            [det[1]] if det is not None else [],
+                            [det[2]] if det is not None else [], classes,
+                            gt_boxes=(as_boxes([gt]) - shift) * s if gt is not None else None)
     tile = np.full((TILE, TILE, 3), 32, np.uint8)
     oy, ox = (TILE - small.shape[0]) // 2, (TILE - small.shape[1]) // 2
     tile[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
@@ -478,10 +481,12 @@ def contact_sheet(path: str | Path, tiles: Sequence[tuple[NDArray[np.uint8], str
 
     from rcnn_cli.visualize import save_image
 
+    cols = max(1, min(cols, len(tiles)))
     rows = max(1, math.ceil(len(tiles) / cols))
     cell_h = TILE + _CAPTION_H
-    sheet = np.full((24 + rows * cell_h, cols * TILE, 3), 255, np.uint8)
     font = cv2.FONT_HERSHEY_SIMPLEX
+    title_w = cv2.getTextSize(title, font, 0.5, 1)[0][0] + 8
+    sheet = np.full((24 + rows * cell_h, max(cols * TILE, title_w), 3), 255, np.uint8)
     cv2.putText(sheet, title, (4, 17), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     for n, (img, line1, line2) in enumerate(tiles):
         y, x = 24 + (n // cols) * cell_h, (n % cols) * TILE
@@ -530,8 +535,9 @@ def fp_sheet(path: str | Path, ranked: Mapping[int, RankedDetections],
         gb = _as_gt(gts[k])[0]
         gt = gb[r.nearest[n]] if r.nearest[n] >= 0 else None
         iou = float(box_iou(box[None], gt[None])[0, 0]) if gt is not None else 0.0
+        kind = "Loc dup" if r.types[n] == "Loc" and r.iou[n] >= VOC_IOU_THRESH else r.types[n]
         tiles.append((_crop_and_draw(img, box, (box, c, score), gt, classes),
-                      f"{r.types[n]} {classes[c]} IoU {iou:.2f}", k))
+                      f"{kind} {classes[c]} IoU {iou:.2f}", k))
     return contact_sheet(path, tiles, f"highest-scoring false positives ({len(tiles)} of "
                                       f"{len(fps)}): detection + score, nearest object white")
 
@@ -540,7 +546,8 @@ def miss_sheet(path: str | Path, misses: Sequence[Mapping[str, Any]],
                dets: Mapping[str, Detections], classes: Sequence[str],
                images_dir: str | Path, limit: int = SHEET_MAX) -> Path:
     """Contact sheet of missed objects (white) with the detection (any class) overlapping
-    each most, its score, and the best IoU reached by a detection of the object's class."""
+    each most and its score; captions give the best IoU of a detection of the object's class
+    ("det") and, with proposals, of a proposal ("prop")."""
     missed = [m for m in misses if not m["found"]]
     images, tiles = _Images(Path(images_dir)), []
     for m in missed[:limit]:
@@ -550,10 +557,9 @@ def miss_sheet(path: str | Path, misses: Sequence[Mapping[str, Any]],
         d = as_detections(dets[m["image"]]) if m["image"] in dets else Detections.empty()
         j = m["nearest_det"]
         det = (d.boxes[j], int(d.labels[j]), float(d.scores[j])) if j >= 0 else None
-        extra = f", prop {m['proposal_iou']:.2f}" if "proposal_iou" in m else ""
+        extra = f" prop {m['proposal_iou']:.2f}" if "proposal_iou" in m else ""
         tiles.append((_crop_and_draw(img, m["box"], det, m["box"], classes),
-                      f"miss {classes[m['label']]} IoU {m['best_iou']:.2f}{extra}",
-                      m["image"]))
+                      f"{classes[m['label']]} det {m['best_iou']:.2f}{extra}", m["image"]))
     return contact_sheet(path, tiles, f"missed objects ({len(tiles)} of {len(missed)}): "
                                       "object white, most overlapping detection + score")
 

@@ -168,7 +168,7 @@ def test_diagnose_writes_plot_and_sheets(tmp_path):
     from rcnn_cli.images import read_image
 
     sheet = read_image(tmp_path / "ev" / "diagnosis_fp.png")
-    assert sheet.shape[1] == 6 * 160 and sheet.shape[0] == 24 + 186  # 5 FPs: one row
+    assert sheet.shape[1] == 5 * 160 and sheet.shape[0] == 24 + 186  # 5 FPs: one row
     json.dumps(res)  # JSON-ready (no arrays)
 
 
