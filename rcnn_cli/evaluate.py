@@ -31,8 +31,12 @@ Decisions, stated once here:
   detections at all every COCO metric is 0.
 * Detection image names are matched to ground-truth file names by relative path (POSIX
   separators, leading ``./`` dropped) and, failing that, by relative path without extension,
-  then by file stem, when that names exactly one ground-truth image; see
+  then by file stem when the folders agree as far as both go, each only when that names
+  exactly one ground-truth image (``a/img.jpg`` and ``b/img.jpg`` stay two images); see
   :func:`match_image_names`.
+* Only images on both sides are scored: the images the detector processed (``images.json``;
+  for a bare ``detections.csv``, the images named in it) that are annotated. The others are
+  listed in ``metrics.json`` and in one warning, never counted as misses.
 """
 from __future__ import annotations
 
