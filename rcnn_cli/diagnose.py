@@ -499,10 +499,11 @@ def contact_sheet(path: str | Path, tiles: Sequence[tuple[NDArray[np.uint8], str
 
 
 class _Images:
-    """Decoded images by name, read once, from ``root / name``."""
+    """Decoded images by name, read once, from ``root / name``; failures are collected for
+    one warning (:meth:`report`)."""
 
     def __init__(self, root: Path):
-        self.root, self.cache = Path(root), {}
+        self.root, self.cache, self.failed = Path(root), {}, []
 
     def get(self, name: str) -> NDArray[np.uint8] | None:
         from rcnn_cli.images import ImageError, read_image
@@ -511,9 +512,14 @@ class _Images:
             try:
                 self.cache[name] = read_image(self.root / name)
             except (ImageError, OSError) as e:
-                log.warning("diagnosis sheet: %s: %s; skipped", self.root / name, e)
+                self.failed.append(f"{name} ({e})")
                 self.cache[name] = None
         return self.cache[name]
+
+    def report(self, what: str) -> None:
+        if self.failed:
+            log.warning("%s: %d image(s) not readable under %s and left out, e.g. %s", what,
+                        len(self.failed), self.root, self.failed[0])
 
 
 def fp_sheet(path: str | Path, ranked: Mapping[int, RankedDetections],
@@ -538,6 +544,7 @@ def fp_sheet(path: str | Path, ranked: Mapping[int, RankedDetections],
         kind = "Loc dup" if r.types[n] == "Loc" and r.iou[n] >= VOC_IOU_THRESH else r.types[n]
         tiles.append((_crop_and_draw(img, box, (box, c, score), gt, classes),
                       f"{kind} {classes[c]} IoU {iou:.2f}", k))
+    images.report("diagnosis sheet of false positives")
     return contact_sheet(path, tiles, f"highest-scoring false positives ({len(tiles)} of "
                                       f"{len(fps)}): detection + score, nearest object white")
 
@@ -560,6 +567,7 @@ def miss_sheet(path: str | Path, misses: Sequence[Mapping[str, Any]],
         extra = f" prop {m['proposal_iou']:.2f}" if "proposal_iou" in m else ""
         tiles.append((_crop_and_draw(img, m["box"], det, m["box"], classes),
                       f"{classes[m['label']]} det {m['best_iou']:.2f}{extra}", m["image"]))
+    images.report("diagnosis sheet of misses")
     return contact_sheet(path, tiles, f"missed objects ({len(tiles)} of {len(missed)}): "
                                       "object white, most overlapping detection + score")
 

@@ -232,3 +232,13 @@ def test_cli_diagnose_usage_errors(tmp_path, args, msg):
     args = [str(tmp_path / "det") if a == "DET" else a for a in args]
     r = CliRunner().invoke(cli, ["evaluate", "--annotations", str(voc), *args])
     assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+
+
+def test_unreadable_images_are_one_warning_per_sheet(tmp_path, caplog):
+    d, _ = dets()
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        res = diagnose(d, gts(), CLASSES, out_dir=tmp_path, images_dir=tmp_path / "empty")
+    warns = [r.getMessage() for r in caplog.records if "not readable" in r.getMessage()]
+    assert len(warns) == 2 and "a.png" in warns[0]  # one per sheet, not one per tile
+    assert len(res["files"]) == 3  # the sheets are still written (without tiles)
