@@ -397,6 +397,36 @@ def _first(names: Sequence[str], n: int = 5) -> str:
     return ", ".join(repr(x) for x in names[:n]) + more
 
 
+def _attach(gts: Mapping[str, Any], items: Mapping[str, Any], what: str, kind: str
+            ) -> tuple[dict[str, Any], dict[str, Any], list[str], list[str]]:
+    """Pair per-image records (detections, proposals) with ground-truth images by name.
+
+    Returns (records by ground-truth name, the ground truth of those images in ``gts``
+    order, annotated images without a record, record images without annotation); the two
+    lists go into one warning line (counts and the first five names). Raises ValueError
+    when no record matches an annotated image (one example of each side).
+    """
+    name_map = match_image_names(items.keys(), gts.keys())
+    if not name_map:
+        i0, g0 = next(iter(items), None), next(iter(gts), None)
+        raise ValueError(f"no {kind} image matches an annotated image ({len(items)} {kind}, "
+                         f"e.g. {i0!r}; {len(gts)} annotated, e.g. {g0!r})")
+    matched = {name_map[k]: v for k, v in items.items() if k in name_map}
+    scored = {k: g for k, g in gts.items() if k in matched}
+    no_record = [k for k in gts if k not in matched]
+    no_annotation = [k for k in items if k not in name_map]
+    parts = []
+    if no_record:
+        parts.append(f"{len(no_record)} annotated image(s) have no {what} and are not scored "
+                     f"(first: {_first(no_record)})")
+    if no_annotation:
+        parts.append(f"{len(no_annotation)} {kind} image(s) have no annotation and are "
+                     f"ignored (first: {_first(no_annotation)})")
+    if parts:
+        log.warning("scoring %d image(s): %s", len(scored), "; ".join(parts))
+    return matched, scored, no_record, no_annotation
+
+
 def attach_detections(gts: Mapping[str, Any], dets: Mapping[str, Any]
                       ) -> tuple[dict[str, Detections], dict[str, Any], list[str], list[str]]:
     """Pair detection records with ground-truth images; score only images both sides have.
@@ -414,26 +444,10 @@ def attach_detections(gts: Mapping[str, Any], dets: Mapping[str, Any]
     Raises:
         ValueError: no detection image matches any annotated image (one example of each).
     """
-    name_map = match_image_names(dets.keys(), gts.keys())
-    if not name_map:
-        d0 = next(iter(dets), None)
-        g0 = next(iter(gts), None)
-        raise ValueError(f"no detected image matches an annotated image ({len(dets)} detected, "
-                         f"e.g. {d0!r}; {len(gts)} annotated, e.g. {g0!r})")
-    matched = {name_map[k]: as_detections(v) for k, v in dets.items() if k in name_map}
-    scored = {k: g for k, g in gts.items() if k in matched}
-    no_record = [k for k in gts if k not in matched]
-    no_annotation = [k for k in dets if k not in name_map]
-    parts = []
-    if no_record:
-        parts.append(f"{len(no_record)} annotated image(s) have no detection record and are "
-                     f"not scored (first: {_first(no_record)})")
-    if no_annotation:
-        parts.append(f"{len(no_annotation)} detected image(s) have no annotation and are "
-                     f"ignored (first: {_first(no_annotation)})")
-    if parts:
-        log.warning("scoring %d image(s): %s", len(scored), "; ".join(parts))
-    return matched, scored, no_record, no_annotation
+    matched, scored, no_record, no_annotation = _attach(gts, dets, "detection record",
+                                                        "detected")
+    return ({k: as_detections(v) for k, v in matched.items()}, scored, no_record,
+            no_annotation)
 
 
 def one_sided_classes(voc: Mapping[int, Mapping[str, Any]], classes: Sequence[str]
@@ -818,31 +832,35 @@ def evaluate_proposals(dataset_or_gts: Any, proposals: Mapping[str, ArrayLike],
 
     Args:
         dataset_or_gts: a ``datasets.Dataset`` or a dict file_name -> ground truth.
-        proposals: image name -> boxes (N, 4) best first; names matched by
-            :func:`match_image_names`. Ground-truth images without proposals count with
-            best IoU 0.
+        proposals: image name -> boxes (N, 4) best first, one entry per image the proposal
+            stage processed; names matched by :func:`match_image_names`. Only images on both
+            sides are scored; annotated images without proposals are listed in
+            ``missing_images`` and in one warning, not counted as misses.
 
     Returns:
-        {"num_images", "num_objects", "mean_proposals" per image with proposals,
-        "missing_images" (no proposals), "recall@0.5", "recall@0.7", "average_recall",
-        "ABO" per class, "MABO", "curve", "summary"}.
+        {"num_images" (scored), "num_objects", "mean_proposals" per image,
+        "missing_images" (annotated, no proposals), "recall@0.5", "recall@0.7",
+        "average_recall", "ABO" per class, "MABO", "curve", "summary"}.
+
+    Raises:
+        ValueError: no proposal image matches an annotated image.
     """
     from rcnn_cli.proposals.metrics import proposal_recall
 
     gts, _, classes = _unpack_ground_truth(dataset_or_gts, classes)
-    name_map = match_image_names(proposals.keys(), gts.keys())
-    props = {name_map[k]: as_boxes(v) for k, v in proposals.items() if k in name_map}
+    props, gts, missing, _ = _attach(gts, proposals, "proposals", "proposal")
+    props = {k: as_boxes(v) for k, v in props.items()}
     plist, glist, llist = [], [], []
     for k, g in gts.items():
         b, labels, d = _as_gt(g)
-        plist.append(props.get(k, np.zeros((0, 4), np.float32)))
+        plist.append(props[k])
         glist.append(b[~d])
         llist.append(labels[~d])
     r = proposal_recall(plist, glist, labels=llist, class_names=list(classes))
     abo = {name: float(r["per_class"].get(name, {}).get("abo", math.nan)) for name in classes}
     m = {"num_images": len(gts), "num_objects": int(r["num_gt"]),
          "mean_proposals": float(np.mean([len(v) for v in props.values()])) if props else 0.0,
-         "missing_images": sorted(set(gts) - set(props)),
+         "missing_images": missing,
          "recall@0.5": float(r["recall@0.5"]), "recall@0.7": float(r["recall@0.7"]),
          "average_recall": float(r["ar"]), "ABO": abo, "MABO": _nanmean(abo.values()),
          "curve": r["curve"]}
@@ -867,6 +885,31 @@ def read_detections_for(classes: Sequence[str], detections: str | Path
     return {k: Detections(d.boxes, d.scores, lut[d.labels]) for k, d in dets.items()}, names
 
 
+def _split_filter(annotations: str | Path, split: str | Path | None, names: Iterable[str]
+                  ) -> set[str] | None:
+    """Names (detection or proposal images) outside ``split``, or None without a split.
+
+    A name is inside when its relative path without extension, its stem or its relative path
+    is listed (the rule of ``rcnn_cli.images.list_images``); ``split`` is a file or a VOC
+    split name (``test``) resolved as ``datasets.load_dataset`` does.
+    """
+    from rcnn_cli.datasets import find_split_file
+    from rcnn_cli.images import read_split
+
+    if split is None:
+        return None
+    path = Path(split) if Path(split).exists() else find_split_file(Path(annotations), str(split))
+    if path is None:
+        return None
+    wanted = set(read_split(path))
+    outside = set()
+    for n in names:
+        p = PurePosixPath(_norm_name(n))
+        if not {p.with_suffix("").as_posix(), p.stem, p.as_posix()} & wanted:
+            outside.add(n)
+    return outside
+
+
 def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
                     proposals_dir: str | Path | None, split: str | Path | None,
                     out: str | Path | None, cfg: Mapping[str, Any], diagnose: bool = False,
@@ -889,8 +932,9 @@ def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
         images_dir: folder the image names are relative to (contact sheets).
 
     Detections are scored on the images the detector processed (``images.json``; for a
-    bare ``detections.csv``, the images named in it) that are also annotated (and in the
-    split); see :func:`evaluate_detections` for the warnings.
+    bare ``detections.csv``, the images named in it) that are also annotated; see
+    :func:`evaluate_detections` for the warnings. ``split`` restricts both sides: records
+    of images outside it are left out without a warning. Proposals likewise.
 
     Returns:
         (metrics, path of metrics.json).
@@ -915,6 +959,8 @@ def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
     out = Path(out if out is not None else (detections_dir or proposals_dir))
     if detections_dir is not None:
         dets, classes = read_detections_for(ds.classes, detections_dir)
+        outside = _split_filter(annotations, split, dets) or set()
+        dets = {k: v for k, v in dets.items() if k not in outside}
         iou = float(cfg.get("evaluate", {}).get("iou", VOC_IOU_THRESH))
         diag = None
         if diagnose:
@@ -928,7 +974,9 @@ def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
         return metrics, out / "metrics.json"
     from rcnn_cli.proposals.metrics import plot_recall_curve
 
-    metrics = evaluate_proposals(ds, read_proposals(proposals_dir))
+    props = read_proposals(proposals_dir)
+    outside = _split_filter(annotations, split, props) or set()
+    metrics = evaluate_proposals(ds, {k: v for k, v in props.items() if k not in outside})
     path = out / "metrics.json"
     atomic_write_bytes(path, json.dumps(_nan_to_none(metrics), indent=2).encode())
     c = metrics["curve"]

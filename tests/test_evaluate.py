@@ -444,16 +444,22 @@ def test_evaluate_proposals_hand_computed():
     gts = {"a.jpg": (np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]]), [0, 1, 1],
                      [False, False, True]),
            "b.jpg": (np.array([[0, 0, 10, 10]]), [0], [False])}
-    # best IoUs: 100 / 200 = 0.5 and 400 / 520 = 0.769; b.jpg has no proposals -> 0
-    props = {"a": np.array([[0, 0, 10, 20], [20, 20, 40, 46], [100, 100, 110, 110]])}
+    # best IoUs: 100 / 200 = 0.5 and 400 / 520 = 0.769; b.jpg was proposed, nothing found -> 0
+    props = {"a": np.array([[0, 0, 10, 20], [20, 20, 40, 46], [100, 100, 110, 110]]),
+             "b": np.zeros((0, 4))}
     m = evaluate_proposals(gts, props, ["cat", "dog"])
-    assert m["num_objects"] == 3 and m["missing_images"] == ["b.jpg"]
+    assert m["num_objects"] == 3 and m["missing_images"] == []
     assert m["recall@0.5"] == pytest.approx(2 / 3) and m["recall@0.7"] == pytest.approx(1 / 3)
     # IoU thresholds .5 .55 ... .95: 2 objects at .5, 1 at .55 - .75, none above
     assert m["average_recall"] == pytest.approx((2 + 5 * 1) / 3 / 10)
     assert m["ABO"] == pytest.approx({"cat": 0.25, "dog": 400 / 520})
     assert m["MABO"] == pytest.approx((0.25 + 400 / 520) / 2)
-    assert m["mean_proposals"] == 3.0
+    assert m["mean_proposals"] == 1.5
+    # b.jpg never proposed: not scored (listed), instead of a miss
+    del props["b"]
+    m = evaluate_proposals(gts, props, ["cat", "dog"])
+    assert m["num_objects"] == 2 and m["missing_images"] == ["b.jpg"]
+    assert m["recall@0.5"] == pytest.approx(1.0) and m["ABO"]["cat"] == pytest.approx(0.5)
 
 
 def make_voc_folder(root):
@@ -494,7 +500,8 @@ def test_evaluate_folder_on_proposals(tmp_path):
     _, path = evaluate_folder(tmp_path / "voc", None, tmp_path / "props", None, tmp_path / "o", {})
     assert path == tmp_path / "o" / "metrics.json"
     saved = json.loads(path.read_text())
-    assert saved["recall@0.5"] == pytest.approx(2 / 3) and saved["missing_images"] == ["b.png"]
+    # b.png was never proposed: left out (listed), a's two objects are both covered
+    assert saved["recall@0.5"] == pytest.approx(1.0) and saved["missing_images"] == ["b.png"]
     with pytest.raises(ValueError, match="exactly one"):
         evaluate_folder(tmp_path / "voc", None, None, None, None, {})
 
@@ -543,10 +550,13 @@ def test_evaluate_folder_split_still_restricts(tmp_path, caplog):
     _voc_with_extra_image(tmp_path / "voc")
     (tmp_path / "split.txt").write_text("a\n")
     write_detections_csv(tmp_path / "det" / "detections.csv", _png_dets(), ["cat", "dog"])
-    m, _ = evaluate_folder(tmp_path / "voc", tmp_path / "det", None, tmp_path / "split.txt",
-                           None, {})
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        m, _ = evaluate_folder(tmp_path / "voc", tmp_path / "det", None, tmp_path / "split.txt",
+                               None, {})
     assert m["num_images"] == 1 and m["per_class"]["dog"]["npos"] == 1
-    assert m["unmatched_images"] == ["b.png"]
+    # b.png (detected) and c.png (annotated) are outside the split: left out without a word
+    assert m["unmatched_images"] == [] and m["annotated_without_detection_record"] == []
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_evaluate_folder_zero_overlap_is_an_error(tmp_path):
@@ -621,3 +631,20 @@ def test_match_image_names_does_not_merge_folders():
     assert match_image_names(["img", "JPEGImages/x.jpg", "data/sub/y.png"],
                              ["img.jpg", "x.jpg", "sub/y.jpg"]) == {
         "img": "img.jpg", "JPEGImages/x.jpg": "x.jpg", "data/sub/y.png": "sub/y.jpg"}
+
+
+def test_evaluate_folder_proposals_scores_only_proposed_images(tmp_path, caplog):
+    # the same truth for proposals: an annotated image never proposed is not a miss
+    from rcnn_cli.store import StageStore
+
+    _voc_with_extra_image(tmp_path / "voc")
+    store = StageStore(tmp_path / "props", "propose", {"method": "test"})
+    for stem, boxes in (("a", [[0, 0, 20, 20], [30, 30, 130, 150]]), ("b", [[10, 10, 60, 70]])):
+        store.save(stem, {"boxes": np.array(boxes, np.float32), "scores": np.ones(len(boxes),
+                                                                                   np.float32)})
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        m, _ = evaluate_folder(tmp_path / "voc", None, tmp_path / "props", None, None, {})
+    assert m["recall@0.5"] == pytest.approx(1.0) and m["num_images"] == 2
+    assert m["missing_images"] == ["c.png"]
+    warns = [r.getMessage() for r in caplog.records if "no proposals" in r.getMessage()]
+    assert len(warns) == 1 and "1 annotated image(s)" in warns[0] and "'c.png'" in warns[0]
