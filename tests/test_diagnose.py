@@ -242,3 +242,25 @@ def test_unreadable_images_are_one_warning_per_sheet(tmp_path, caplog):
     warns = [r.getMessage() for r in caplog.records if "not readable" in r.getMessage()]
     assert len(warns) == 2 and "a.png" in warns[0]  # one per sheet, not one per tile
     assert len(res["files"]) == 3  # the sheets are still written (without tiles)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_types_agree_with_voc_eval_on_random_cases(seed):
+    # TP / FP / ignored of classify_detections are exactly voc_eval's tp / fp
+    from rcnn_cli.evaluate import voc_eval
+
+    rng = np.random.default_rng(seed)
+    g, d = {}, {}
+    for k in range(6):
+        xy = rng.uniform(0, 80, (4, 2))
+        gb = np.concatenate([xy, xy + rng.uniform(10, 40, (4, 2))], 1).astype(np.float32)
+        g[f"{k}.png"] = (gb, rng.integers(0, 3, 4), rng.random(4) < 0.2)
+        jitter = gb[rng.integers(0, 4, 7)] + rng.normal(0, 6, (7, 4)).astype(np.float32)
+        jitter[:, 2:] = np.maximum(jitter[:, 2:], jitter[:, :2] + 1)
+        d[f"{k}.png"] = Detections(jitter, rng.random(7), rng.integers(0, 3, 7))
+    ref = voc_eval(d, g, 3)
+    for c, r in classify_detections(d, g, 3).items():
+        t = r.types
+        np.testing.assert_array_equal(r.scores, ref[c]["scores"])
+        np.testing.assert_array_equal(t == "TP", ref[c]["tp"] == 1)
+        np.testing.assert_array_equal(np.isin(t, ["Loc", "Sim", "Oth", "BG"]), ref[c]["fp"] == 1)
