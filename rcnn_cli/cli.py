@@ -436,31 +436,57 @@ def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thre
 @click.option("--detections", "detections_dir", type=click.Path(exists=True, file_okay=False),
               help="Output folder of `rcnn detect`.")
 @click.option("--proposals", "proposals_dir", type=click.Path(exists=True, file_okay=False),
-              help="Output folder of `rcnn propose` (scores recall and ABO instead).")
+              help="Output folder of `rcnn propose` (scores recall and ABO instead; with "
+                   "--detections and --diagnose: did a proposal cover each missed object).")
 @click.option("--split", type=click.Path(exists=True, dir_okay=False),
               help="File of image stems to evaluate on.")
 @click.option("-o", "--out", type=click.Path(file_okay=False),
               help="Where metrics.json and the plots go (default: the evaluated folder).")
+@click.option("--diagnose", is_flag=True,
+              help="Also diagnose the errors (Hoiem et al.): false-positive types, misses by "
+                   "size, AP sensitivity, plot; into metrics.json under \"diagnosis\".")
+@click.option("--similar", metavar="A,B;C,D",
+              help="--diagnose: groups of similar classes (their confusions count as Sim).")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+              help="--diagnose: the images folder, for contact sheets of the worst false "
+                   "positives and the misses.")
 @common_options
-def evaluate(annotations, detections_dir, proposals_dir, split, out, config_file, common,
-             overwrite):
+def evaluate(annotations, detections_dir, proposals_dir, split, out, diagnose, similar,
+             images_dir, config_file, common, overwrite):
     """Score detections (VOC07 11-point AP, VOC2010+ AP, COCO AP) or proposals (recall at
     IoU 0.5/0.7, average recall, ABO/MABO) against ground truth.
 
-    Prints metrics.json's path and a one-line summary.
+    Detections are scored on the images detect processed that are annotated. Prints
+    metrics.json's path and a one-line summary; with --diagnose also the diagnosis line.
 
     Example: rcnn evaluate --annotations data --detections runs/det --split data/test.txt
     """
-    from rcnn_cli.evaluate import evaluate_folder
+    from rcnn_cli.datasets import AnnotationError
+    from rcnn_cli.evaluate import DetectionsError, evaluate_folder
 
-    if (detections_dir is None) == (proposals_dir is None):
-        raise click.UsageError("give exactly one of --detections or --proposals")
+    if diagnose and detections_dir is None:
+        raise click.UsageError("--diagnose needs --detections")
+    if not diagnose and (detections_dir is None) == (proposals_dir is None):
+        raise click.UsageError("give exactly one of --detections or --proposals "
+                               "(both only with --diagnose)")
+    if not diagnose and (similar or images_dir):
+        raise click.UsageError("--similar and --images go with --diagnose")
     cfg = load_config(config_file, common=common)
     with usage_errors():
-        metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split, out,
-                                        cfg)
+        try:
+            metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split,
+                                            out, cfg, diagnose=diagnose, similar=similar,
+                                            images_dir=images_dir)
+        except AnnotationError as e:
+            raise click.BadParameter(str(e), param_hint="--annotations") from None
+        except DetectionsError as e:
+            raise click.BadParameter(str(e), param_hint="--detections") from None
+        except ValueError as e:  # nothing to score (no image on both sides), bad --similar
+            raise click.UsageError(str(e)) from None
     click.echo(str(path))
     click.echo(metrics["summary"], err=True)
+    if diagnose:
+        click.echo(metrics["diagnosis"]["summary"])
 
 
 # ------------------------------------------------------------------ demo

@@ -31,8 +31,12 @@ Decisions, stated once here:
   detections at all every COCO metric is 0.
 * Detection image names are matched to ground-truth file names by relative path (POSIX
   separators, leading ``./`` dropped) and, failing that, by relative path without extension,
-  then by file stem, when that names exactly one ground-truth image; see
+  then by file stem when the folders agree as far as both go, each only when that names
+  exactly one ground-truth image (``a/img.jpg`` and ``b/img.jpg`` stay two images); see
   :func:`match_image_names`.
+* Only images on both sides are scored: the images the detector processed (``images.json``;
+  for a bare ``detections.csv``, the images named in it) that are annotated. The others are
+  listed in ``metrics.json`` and in one warning, never counted as misses.
 """
 from __future__ import annotations
 
@@ -314,20 +318,23 @@ def _norm_name(name: str) -> str:
 def match_image_names(det_names: Iterable[str], gt_names: Iterable[str]) -> dict[str, str]:
     """Map detection image names to ground-truth file names.
 
-    By relative path first (POSIX separators, leading ``./`` dropped); then by relative path
-    without extension (``sub/a`` or ``sub/a.png`` finds ``sub/a.jpg``); then by file stem. The
-    last two apply only when exactly one ground-truth image fits and no other detection image
-    took it (so ``JPEGImages/000005.jpg`` finds ``000005.jpg``).
-    Each ground-truth name is used once. Names that match nothing are left out.
+    1. By relative path (POSIX separators, leading ``./`` dropped).
+    2. By relative path without extension (``sub/a`` or ``sub/a.png`` finds ``sub/a.jpg``).
+    3. By file stem, when one path (without extension) ends with the other's folders: a
+       detection ``JPEGImages/000005.jpg`` finds ``000005.jpg``, ``data/sub/y.png`` finds
+       ``sub/y.jpg``, but ``a/img.jpg`` never finds ``b/img.jpg``.
+
+    Steps 2 and 3 apply only when exactly one ground-truth image fits, it is not taken yet,
+    and no other detection name fits that same image in that step (``a/img.jpg`` and ``b/img.jpg``
+    never merge into one ``img.jpg``). Each ground-truth name is used once. Names that match
+    nothing are left out.
     """
     gt_names = list(gt_names)
     by_path = {_norm_name(g): g for g in gt_names}
-    by_rel_stem: dict[str, list[str]] = {}
+    gt_parts = {g: PurePosixPath(_norm_name(g)).with_suffix("").parts for g in gt_names}
     by_stem: dict[str, list[str]] = {}
-    for g in gt_names:
-        p = PurePosixPath(_norm_name(g))
-        by_rel_stem.setdefault(p.with_suffix("").as_posix(), []).append(g)
-        by_stem.setdefault(p.stem, []).append(g)
+    for g, parts in gt_parts.items():
+        by_stem.setdefault(parts[-1] if parts else "", []).append(g)
     out: dict[str, str] = {}
     rest = []
     for d in det_names:
@@ -337,17 +344,26 @@ def match_image_names(det_names: Iterable[str], gt_names: Iterable[str]) -> dict
         elif g not in out.values():  # "./a.jpg" and "a.jpg": the first one wins
             out[d] = g
     taken = set(out.values())
-    for key, table in ((lambda p: p.with_suffix("").as_posix(), by_rel_stem),
-                       (lambda p: p.stem, by_stem)):
-        left = []
+
+    def same(p: tuple[str, ...], q: tuple[str, ...]) -> bool:
+        return p == q
+
+    def suffix(p: tuple[str, ...], q: tuple[str, ...]) -> bool:
+        n = min(len(p), len(q))
+        return n > 0 and p[-n:] == q[-n:]
+
+    for fits in (same, suffix):
+        wanted: dict[str, list[str]] = {}  # ground-truth name -> detection names fitting it
         for d in rest:
-            cand = table.get(key(PurePosixPath(_norm_name(d))), [])
+            p = PurePosixPath(_norm_name(d)).with_suffix("").parts
+            cand = [g for g in by_stem.get(p[-1] if p else "", []) if fits(p, gt_parts[g])]
             if len(cand) == 1 and cand[0] not in taken:
-                out[d] = cand[0]
-                taken.add(cand[0])
-            else:
-                left.append(d)
-        rest = left
+                wanted.setdefault(cand[0], []).append(d)
+        for g, ds in wanted.items():
+            if len(ds) == 1:
+                out[ds[0]] = g
+                taken.add(g)
+        rest = [d for d in rest if d not in out]
     return out
 
 
@@ -386,36 +402,122 @@ def _nanmean(values: Iterable[float]) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
+def _first(names: Sequence[str], n: int = 5) -> str:
+    """``'a', 'b', ... (k more)`` for a log line."""
+    more = f" ... ({len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(repr(x) for x in names[:n]) + more
+
+
+def _attach(gts: Mapping[str, Any], items: Mapping[str, Any], what: str, kind: str
+            ) -> tuple[dict[str, Any], dict[str, Any], list[str], list[str]]:
+    """Pair per-image records (detections, proposals) with ground-truth images by name.
+
+    Returns (records by ground-truth name, the ground truth of those images in ``gts``
+    order, annotated images without a record, record images without annotation); the two
+    lists go into one warning line (counts and the first five names). Raises ValueError
+    when no record matches an annotated image (one example of each side).
+    """
+    name_map = match_image_names(items.keys(), gts.keys())
+    if not name_map:
+        i0, g0 = next(iter(items), None), next(iter(gts), None)
+        raise ValueError(f"no {kind} image matches an annotated image ({len(items)} {kind}, "
+                         f"e.g. {i0!r}; {len(gts)} annotated, e.g. {g0!r})")
+    matched = {name_map[k]: v for k, v in items.items() if k in name_map}
+    scored = {k: g for k, g in gts.items() if k in matched}
+    no_record = [k for k in gts if k not in matched]
+    no_annotation = [k for k in items if k not in name_map]
+    parts = []
+    if no_record:
+        parts.append(f"{len(no_record)} annotated image(s) have no {what} and are not scored "
+                     f"(first: {_first(no_record)})")
+    if no_annotation:
+        parts.append(f"{len(no_annotation)} {kind} image(s) have no annotation and are "
+                     f"ignored (first: {_first(no_annotation)})")
+    if parts:
+        log.warning("scoring %d image(s): %s", len(scored), "; ".join(parts))
+    return matched, scored, no_record, no_annotation
+
+
+def attach_detections(gts: Mapping[str, Any], dets: Mapping[str, Any]
+                      ) -> tuple[dict[str, Detections], dict[str, Any], list[str], list[str]]:
+    """Pair detection records with ground-truth images; score only images both sides have.
+
+    Args:
+        gts: file_name -> ground truth (every annotated image, after any split).
+        dets: image name -> detections, one entry per image the detector *processed* (with
+            or without detections); names matched by :func:`match_image_names`.
+
+    Returns:
+        (dets by ground-truth name, the ground truth of those images (``gts`` order),
+        annotated images without a detection record, detection images without annotation).
+        Both lists are logged in one warning line (counts and the first five names).
+
+    Raises:
+        ValueError: no detection image matches any annotated image (one example of each).
+    """
+    matched, scored, no_record, no_annotation = _attach(gts, dets, "detection record",
+                                                        "detected")
+    return ({k: as_detections(v) for k, v in matched.items()}, scored, no_record,
+            no_annotation)
+
+
+def one_sided_classes(voc: Mapping[int, Mapping[str, Any]], classes: Sequence[str]
+                      ) -> tuple[list[str], list[str], str]:
+    """Classes present on one side only, from :func:`voc_eval` results.
+
+    Returns (classes with ground truth but no detections: their AP is 0 and counts in the
+    mAP; classes with detections but no (non-difficult) ground truth: their AP is undefined
+    and left out of the mAP; the note saying so, "" if both are empty).
+    """
+    only_gt = [classes[c] for c, r in voc.items() if r["npos"] and not r["num_dets"]]
+    only_det = [classes[c] for c, r in voc.items() if r["num_dets"] and not r["npos"]]
+    parts = []
+    if only_gt:
+        parts.append(f"class(es) with ground truth but no detections: {_first(only_gt, 10)} "
+                     f"(AP 0, counted in the mAP)")
+    if only_det:
+        parts.append(f"class(es) with detections but no ground truth in the scored images: "
+                     f"{_first(only_det, 10)} (AP undefined, left out of the mAP)")
+    return only_gt, only_det, "; ".join(parts)
+
+
 def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
                         classes: Sequence[str] | None = None, out_dir: str | Path | None = None,
-                        plot: bool = True, iou_thresh: float = VOC_IOU_THRESH
+                        plot: bool = True, iou_thresh: float = VOC_IOU_THRESH,
+                        diagnosis: Mapping[str, Any] | None = None
                         ) -> tuple[dict[str, Any], list[Path]]:
     """VOC and COCO metrics of ``dets`` against a dataset, optionally written to ``out_dir``.
 
     Args:
         dataset_or_gts: a ``datasets.Dataset`` or a dict file_name -> ground truth.
-        dets: image name -> detections; names are matched by :func:`match_image_names`.
-            Detections on images that match no ground truth are dropped (listed in
-            ``metrics["unmatched_images"]`` and logged).
+        dets: image name -> detections, one entry for every image the detector processed
+            (an image without detections has an empty entry); names are matched by
+            :func:`match_image_names`. Only images on both sides are scored (see
+            :func:`attach_detections`): annotated images without a detection record are not
+            counted as misses, detections on images without annotation are dropped; both are
+            listed in the metrics and in one warning.
         classes: class names; default the dataset's (required with a dict).
         out_dir: if given, ``metrics.json`` and, with ``plot``, one precision-recall PNG per
             class (``pr_<index>_<name>.png``) are written there, each atomically.
         iou_thresh: VOC matching IoU.
+        diagnosis: if given, also run :func:`rcnn_cli.diagnose.diagnose` on the scored
+            images with these keyword arguments (``similar``, ``proposals``, ``images_dir``);
+            its result goes under ``metrics["diagnosis"]``, its pictures into ``out_dir``.
 
     Returns:
-        (metrics, files written). metrics: {"num_images", "num_detections", "iou_thresh",
-        "classes", "per_class": {name: {"ap_voc07", "ap_voc", "npos", "num_dets"}},
-        "mAP_voc07", "mAP_voc", "coco": {see :func:`coco_eval`}, "unmatched_images",
-        "summary" (one line)}.
+        (metrics, files written). metrics: {"num_images" (scored), "num_detections",
+        "iou_thresh", "classes", "per_class": {name: {"ap_voc07", "ap_voc", "npos",
+        "num_dets"}}, "mAP_voc07", "mAP_voc", "coco": {see :func:`coco_eval`},
+        "unmatched_images" (detected, not annotated), "annotated_without_detection_record",
+        "classes_only_in_ground_truth", "classes_only_in_detections", "class_note",
+        "summary" (one line), with ``diagnosis`` also "diagnosis"}.
+
+    Raises:
+        ValueError: no detection image matches an annotated image, or a label is out of range.
     """
     gts, sizes, classes = _unpack_ground_truth(dataset_or_gts, classes)
-    # 1. attach detections to ground-truth images
-    name_map = match_image_names(dets.keys(), gts.keys())
-    unmatched = [k for k in dets if k not in name_map]
-    if unmatched:
-        log.warning("%d detection image(s) match no ground truth and are ignored, e.g. %s",
-                    len(unmatched), unmatched[0])
-    matched = {name_map[k]: as_detections(v) for k, v in dets.items() if k in name_map}
+    # 1. attach detections to ground-truth images; score only the images on both sides
+    matched, gts, no_record, unmatched = attach_detections(gts, dets)
     bad = [int(c) for d in matched.values() for c in d.labels if not 0 <= c < len(classes)]
     if bad:
         raise ValueError(f"dets: label {bad[0]} out of range for {len(classes)} classes")
@@ -424,6 +526,10 @@ def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
     coco = coco_eval(matched, gts, classes, sizes)
     per_class = {n: {"ap_voc07": voc[c]["ap07"], "ap_voc": voc[c]["ap"], "npos": voc[c]["npos"],
                      "num_dets": voc[c]["num_dets"]} for c, n in enumerate(classes)}
+    # 3. classes seen on one side only: one warning
+    only_gt, only_det, note = one_sided_classes(voc, classes)
+    if note:
+        log.warning("%s", note)
     metrics = {
         "num_images": len(gts),
         "num_detections": int(sum(len(d) for d in matched.values())),
@@ -434,12 +540,23 @@ def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
         "mAP_voc": _nanmean(voc[c]["ap"] for c in voc),
         "coco": coco,
         "unmatched_images": unmatched,
+        "annotated_without_detection_record": no_record,
+        "classes_only_in_ground_truth": only_gt,
+        "classes_only_in_detections": only_det,
+        "class_note": note,
     }
     metrics["summary"] = (f"mAP VOC07 {metrics['mAP_voc07']:.4f}, VOC {metrics['mAP_voc']:.4f}, "
                           f"COCO AP {coco['AP']:.4f} AP50 {coco['AP50']:.4f} "
                           f"({len(gts)} images, {metrics['num_detections']} detections)")
-    # 3. files
     written: list[Path] = []
+    # 4. where the errors come from (Hoiem et al.)
+    if diagnosis is not None:
+        from rcnn_cli.diagnose import diagnose
+
+        metrics["diagnosis"] = diagnose(matched, gts, classes, out_dir=out_dir,
+                                        image_sizes=sizes, **diagnosis)
+        written.extend(Path(p) for p in metrics["diagnosis"]["files"])
+    # 5. files
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -484,32 +601,72 @@ def plot_pr_curve(path: str | Path, name: str, result: Mapping[str, Any]) -> Pat
 
 
 # ---------------------------------------------------------------- readers
+class DetectionsError(ValueError):
+    """A detections file that cannot be read (one line naming the file, and the row)."""
+
+
 def _index_of(names: Sequence[str]) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
+def _number(path: Path, row: int, key: str, value: str | None) -> float:
+    """``float(value)`` or a :class:`DetectionsError` naming the file, the row and the column."""
+    if value is None or value == "":
+        raise DetectionsError(f"{path}:{row}: missing value for {key}")
+    try:
+        v = float(value)
+    except ValueError:
+        raise DetectionsError(f"{path}:{row}: {key} {value!r} is not a number") from None
+    if not math.isfinite(v):
+        raise DetectionsError(f"{path}:{row}: {key} {value!r} is not a finite number")
+    return v
+
+
 def read_detections_csv(path: str | Path, classes: Sequence[str] | None = None
                         ) -> tuple[dict[str, Detections], list[str]]:
-    """Read ``detections.csv``. Without ``classes``, classes are the names in order of first
-    appearance. Returns (dets by image, classes)."""
+    """Read ``detections.csv`` (columns ``image,class,score,x1,y1,x2,y2`` in any order; other
+    columns are ignored). Without ``classes``, classes are the names in order of first
+    appearance. Returns (dets by image, classes).
+
+    Raises:
+        DetectionsError: a missing column, or a row with a missing or non-numeric value or
+            an unknown class (the message names the file and the row).
+    """
     path = Path(path)
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != CSV_HEADER:
-            raise ValueError(f"{path}: header must be {','.join(CSV_HEADER)}, got {reader.fieldnames}")
-        rows = list(reader)
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [k for k in CSV_HEADER if k not in (reader.fieldnames or ())]
+            if missing:
+                raise DetectionsError(f"{path}: missing column(s) {', '.join(missing)} (the "
+                                      f"header must hold {','.join(CSV_HEADER)})")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DetectionsError(f"{path}: not a readable CSV file ({e})") from None
+    for n, r in enumerate(rows, start=2):
+        for k in ("image", "class"):
+            if not r.get(k):
+                raise DetectionsError(f"{path}:{n}: missing value for {k}")
     names = list(classes) if classes is not None else list(dict.fromkeys(r["class"] for r in rows))
     index = _index_of(names)
     per_image: dict[str, list] = {}
     for n, r in enumerate(rows, start=2):
         if r["class"] not in index:
-            raise ValueError(f"{path}:{n}: unknown class {r['class']!r}")
+            raise DetectionsError(f"{path}:{n}: unknown class {r['class']!r}")
+        box = [_number(path, n, k, r[k]) for k in ("x1", "y1", "x2", "y2")]
         per_image.setdefault(r["image"], []).append(
-            ([float(r[k]) for k in ("x1", "y1", "x2", "y2")], float(r["score"]), index[r["class"]]))
+            (box, _number(path, n, "score", r["score"]), index[r["class"]]))
     dets = {k: Detections(np.array([v[0] for v in rows_], np.float32).reshape(-1, 4),
                           [v[1] for v in rows_], [v[2] for v in rows_])
             for k, rows_ in per_image.items()}
     return dets, names
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DetectionsError(f"{path}: not a readable JSON file ({e})") from None
 
 
 def read_coco_results(out_dir: str | Path, classes: Sequence[str] | None = None
@@ -517,31 +674,49 @@ def read_coco_results(out_dir: str | Path, classes: Sequence[str] | None = None
     """Read ``detections.json`` + ``images.json`` (+ ``categories.json``, or ``categories``
     inside an images.json that is a dict). Every listed image appears, possibly empty.
     Categories are mapped to ``classes`` by name; without ``classes``, classes are the
-    category names by id. Returns (dets by file_name, classes)."""
+    category names by id. Returns (dets by file_name, classes).
+
+    Raises:
+        DetectionsError: unreadable JSON, a missing field, an unknown image or category id
+            (one line naming the file).
+    """
     out = Path(out_dir)
-    images = json.loads((out / "images.json").read_text())
+    images = _read_json(out / "images.json")
     cats = None
-    if isinstance(images, dict):
-        cats, images = images.get("categories"), images["images"]
-    if cats is None and (out / "categories.json").exists():
-        cats = json.loads((out / "categories.json").read_text())
-    if cats is None:
-        raise ValueError(f"{out}: no categories.json and no categories in images.json")
-    cats = sorted(cats, key=lambda c: c["id"])
-    names = list(classes) if classes is not None else [c["name"] for c in cats]
+    try:
+        if isinstance(images, dict):
+            cats, images = images.get("categories"), images["images"]
+        if cats is None and (out / "categories.json").exists():
+            cats = _read_json(out / "categories.json")
+        if cats is None:
+            raise DetectionsError(f"{out}: no categories.json and no categories in images.json")
+        cats = sorted(cats, key=lambda c: c["id"])
+        names = list(classes) if classes is not None else [c["name"] for c in cats]
+        id_to_name = {im["id"]: im["file_name"] for im in images}
+    except (KeyError, TypeError) as e:
+        raise DetectionsError(f"{out}: images.json or categories.json lacks field {e}") from None
     index = _index_of(names)
     missing = [c["name"] for c in cats if c["name"] not in index]
     if missing:
-        raise ValueError(f"{out}: category {missing[0]!r} is not one of the classes")
+        raise DetectionsError(f"{out}: category {missing[0]!r} is not one of the classes")
     cat_to_label = {c["id"]: index[c["name"]] for c in cats}
-    id_to_name = {im["id"]: im["file_name"] for im in images}
-    per_image: dict[str, list] = {im["file_name"]: [] for im in images}
-    for r in json.loads((out / "detections.json").read_text()):
-        if r["image_id"] not in id_to_name or r["category_id"] not in cat_to_label:
-            raise ValueError(f"{out}/detections.json: unknown image_id {r['image_id']} or "
-                             f"category_id {r['category_id']}")
-        per_image[id_to_name[r["image_id"]]].append((r["bbox"], r["score"],
-                                                     cat_to_label[r["category_id"]]))
+    per_image: dict[str, list] = {name: [] for name in id_to_name.values()}
+    path = out / "detections.json"
+    for n, r in enumerate(_read_json(path)):
+        try:
+            if r["image_id"] not in id_to_name or r["category_id"] not in cat_to_label:
+                raise DetectionsError(f"{path}: result {n}: unknown image_id {r['image_id']} or "
+                                      f"category_id {r['category_id']}")
+            box = [float(v) for v in r["bbox"]]
+            score = float(r["score"])
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, DetectionsError):
+                raise
+            raise DetectionsError(f"{path}: result {n}: bad or missing field ({e})") from None
+        if len(box) != 4 or not all(map(math.isfinite, [*box, score])):
+            raise DetectionsError(f"{path}: result {n}: bbox must be 4 finite numbers and "
+                                  f"score finite, got {r['bbox']!r} and {r['score']!r}")
+        per_image[id_to_name[r["image_id"]]].append((box, score, cat_to_label[r["category_id"]]))
     dets = {k: Detections(from_xywh(np.array([v[0] for v in rs], np.float32).reshape(-1, 4)),
                           [v[1] for v in rs], [v[2] for v in rs])
             for k, rs in per_image.items()}
@@ -582,31 +757,35 @@ def evaluate_proposals(dataset_or_gts: Any, proposals: Mapping[str, ArrayLike],
 
     Args:
         dataset_or_gts: a ``datasets.Dataset`` or a dict file_name -> ground truth.
-        proposals: image name -> boxes (N, 4) best first; names matched by
-            :func:`match_image_names`. Ground-truth images without proposals count with
-            best IoU 0.
+        proposals: image name -> boxes (N, 4) best first, one entry per image the proposal
+            stage processed; names matched by :func:`match_image_names`. Only images on both
+            sides are scored; annotated images without proposals are listed in
+            ``missing_images`` and in one warning, not counted as misses.
 
     Returns:
-        {"num_images", "num_objects", "mean_proposals" per image with proposals,
-        "missing_images" (no proposals), "recall@0.5", "recall@0.7", "average_recall",
-        "ABO" per class, "MABO", "curve", "summary"}.
+        {"num_images" (scored), "num_objects", "mean_proposals" per image,
+        "missing_images" (annotated, no proposals), "recall@0.5", "recall@0.7",
+        "average_recall", "ABO" per class, "MABO", "curve", "summary"}.
+
+    Raises:
+        ValueError: no proposal image matches an annotated image.
     """
     from rcnn_cli.proposals.metrics import proposal_recall
 
     gts, _, classes = _unpack_ground_truth(dataset_or_gts, classes)
-    name_map = match_image_names(proposals.keys(), gts.keys())
-    props = {name_map[k]: as_boxes(v) for k, v in proposals.items() if k in name_map}
+    props, gts, missing, _ = _attach(gts, proposals, "proposals", "proposal")
+    props = {k: as_boxes(v) for k, v in props.items()}
     plist, glist, llist = [], [], []
     for k, g in gts.items():
         b, labels, d = _as_gt(g)
-        plist.append(props.get(k, np.zeros((0, 4), np.float32)))
+        plist.append(props[k])
         glist.append(b[~d])
         llist.append(labels[~d])
     r = proposal_recall(plist, glist, labels=llist, class_names=list(classes))
     abo = {name: float(r["per_class"].get(name, {}).get("abo", math.nan)) for name in classes}
     m = {"num_images": len(gts), "num_objects": int(r["num_gt"]),
          "mean_proposals": float(np.mean([len(v) for v in props.values()])) if props else 0.0,
-         "missing_images": sorted(set(gts) - set(props)),
+         "missing_images": missing,
          "recall@0.5": float(r["recall@0.5"]), "recall@0.7": float(r["recall@0.7"]),
          "average_recall": float(r["ar"]), "ABO": abo, "MABO": _nanmean(abo.values()),
          "curve": r["curve"]}
@@ -616,37 +795,113 @@ def evaluate_proposals(dataset_or_gts: Any, proposals: Mapping[str, ArrayLike],
     return m
 
 
+def read_detections_for(classes: Sequence[str], detections: str | Path
+                        ) -> tuple[dict[str, Detections], list[str]]:
+    """Read detections and number their classes after ``classes`` (the ground truth's).
+
+    Classes the detector has that the ground truth lacks are appended after ``classes``
+    (their AP is then undefined and left out of the mAP, see :func:`one_sided_classes`)
+    instead of failing the read. Returns (dets, the extended class list).
+    """
+    dets, det_classes = read_detections(detections)
+    names = list(classes) + [c for c in det_classes if c not in classes]
+    index = _index_of(names)
+    lut = np.array([index[c] for c in det_classes] or [0], np.int64)
+    return {k: Detections(d.boxes, d.scores, lut[d.labels]) for k, d in dets.items()}, names
+
+
+def _split_filter(annotations: str | Path, split: str | Path | None, names: Iterable[str]
+                  ) -> set[str] | None:
+    """Names (detection or proposal images) outside ``split``, or None without a split.
+
+    A name is inside when its relative path without extension, its stem or its relative path
+    is listed (the rule of ``rcnn_cli.images.list_images``); ``split`` is a file or a VOC
+    split name (``test``) resolved as ``datasets.load_dataset`` does.
+    """
+    from rcnn_cli.datasets import find_split_file
+    from rcnn_cli.images import read_split
+
+    if split is None:
+        return None
+    path = Path(split) if Path(split).exists() else find_split_file(Path(annotations), str(split))
+    if path is None:
+        return None
+    wanted = set(read_split(path))
+    outside = set()
+    for n in names:
+        p = PurePosixPath(_norm_name(n))
+        if not {p.with_suffix("").as_posix(), p.stem, p.as_posix()} & wanted:
+            outside.add(n)
+    return outside
+
+
 def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
                     proposals_dir: str | Path | None, split: str | Path | None,
-                    out: str | Path | None, cfg: Mapping[str, Any]
+                    out: str | Path | None, cfg: Mapping[str, Any], diagnose: bool = False,
+                    similar: str | None = None, images_dir: str | Path | None = None
                     ) -> tuple[dict[str, Any], Path]:
     """Score the outputs of ``rcnn detect`` (or ``rcnn propose``) against annotations.
 
     Args:
         annotations: anything ``datasets.load_dataset`` reads.
         detections_dir: a detect output folder (see :func:`read_detections`); or
-        proposals_dir: a propose output folder (per-image npz with ``boxes``).
+        proposals_dir: a propose output folder (per-image npz with ``boxes``); with
+            ``diagnose`` it may come with ``detections_dir``: the diagnosis then says which
+            missed objects a proposal covered.
         split: optional split file (or VOC split name) restricting the ground truth.
         out: where ``metrics.json`` (and the PR plots) go; default the evaluated folder.
         cfg: resolved config; uses ``cfg["evaluate"]["iou"]``.
+        diagnose: also diagnose the detections (:func:`rcnn_cli.diagnose.diagnose`): FP
+            types, misses, sensitivity, plot; contact sheets when ``images_dir`` is given.
+        similar: groups of similar classes for the diagnosis, ``"a,b;c,d"``.
+        images_dir: folder the image names are relative to (contact sheets).
+
+    Detections are scored on the images the detector processed (``images.json``; for a
+    bare ``detections.csv``, the images named in it) that are also annotated; see
+    :func:`evaluate_detections` for the warnings. ``split`` restricts both sides: records
+    of images outside it are left out without a warning. Proposals likewise.
 
     Returns:
         (metrics, path of metrics.json).
-    """
-    from rcnn_cli.datasets import load_dataset
 
-    if (detections_dir is None) == (proposals_dir is None):
+    Raises:
+        rcnn_cli.datasets.AnnotationError: no classes in the annotations (a COCO file
+            without ``categories``).
+        DetectionsError: an unreadable detections file (names the file and row).
+        ValueError: nothing to score (no image on both sides), a bad ``similar``.
+    """
+    from rcnn_cli.datasets import AnnotationError, load_dataset
+
+    if diagnose and detections_dir is None:
+        raise ValueError("the diagnosis needs detections_dir")
+    if not diagnose and (detections_dir is None) == (proposals_dir is None):
         raise ValueError("give exactly one of detections_dir and proposals_dir")
     ds = load_dataset(annotations, split)
+    if not ds.classes:
+        hint = (" (a COCO file needs a non-empty `categories` list)"
+                if Path(annotations).suffix.lower() == ".json" else "")
+        raise AnnotationError(f"{annotations}: no object classes found{hint}")
     out = Path(out if out is not None else (detections_dir or proposals_dir))
     if detections_dir is not None:
-        dets, _ = read_detections(detections_dir, ds.classes)
+        dets, classes = read_detections_for(ds.classes, detections_dir)
+        outside = _split_filter(annotations, split, dets) or set()
+        dets = {k: v for k, v in dets.items() if k not in outside}
         iou = float(cfg.get("evaluate", {}).get("iou", VOC_IOU_THRESH))
-        metrics, _ = evaluate_detections(ds, dets, out_dir=out, iou_thresh=iou)
+        diag = None
+        if diagnose:
+            from rcnn_cli.diagnose import parse_similar
+
+            parse_similar(similar, classes)  # a bad --similar fails before any work
+            diag = {"similar": similar, "images_dir": images_dir,
+                    "proposals": read_proposals(proposals_dir) if proposals_dir else None}
+        metrics, _ = evaluate_detections(ds, dets, classes=classes, out_dir=out, iou_thresh=iou,
+                                         diagnosis=diag)
         return metrics, out / "metrics.json"
     from rcnn_cli.proposals.metrics import plot_recall_curve
 
-    metrics = evaluate_proposals(ds, read_proposals(proposals_dir))
+    props = read_proposals(proposals_dir)
+    outside = _split_filter(annotations, split, props) or set()
+    metrics = evaluate_proposals(ds, {k: v for k, v in props.items() if k not in outside})
     path = out / "metrics.json"
     atomic_write_bytes(path, json.dumps(_nan_to_none(metrics), indent=2).encode())
     c = metrics["curve"]

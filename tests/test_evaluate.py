@@ -169,7 +169,8 @@ def test_continuous_iou_equals_devkit_plus_one_iou_on_voc_boxes():
 
 
 def test_class_without_ground_truth_is_nan_and_left_out_of_map():
-    dets = {"a.jpg": [(0.9, 0, [1, 1, 10, 10]), (0.8, 2, [1, 1, 10, 10])]}
+    # b.jpg was processed and has no detections: its object counts as a miss
+    dets = {"a.jpg": [(0.9, 0, [1, 1, 10, 10]), (0.8, 2, [1, 1, 10, 10])], "b.jpg": []}
     r = check_against_ref(dets, GT, 3)
     assert r[2]["npos"] == 0 and math.isnan(r[2]["ap"]) and math.isnan(r[2]["ap07"])
     m, _ = evaluate_detections(to_ours(dets, GT)[1], to_ours(dets, GT)[0], ["x", "y", "z"])
@@ -344,7 +345,9 @@ def test_match_image_names_path_then_unique_stem():
     got = match_image_names(["./a.jpg", "JPEGImages/b.png", "c.jpg", "sub\\b.jpg", "zz.jpg"], gt)
     assert got == {"./a.jpg": "a.jpg", "sub\\b.jpg": "sub/b.jpg"}  # b's stem already taken
     got = match_image_names(["JPEGImages/b.png", "c.jpg", "x/c"], gt)
-    assert got == {"JPEGImages/b.png": "sub/b.jpg", "x/c": "x/c.jpg"}  # 'c' alone is ambiguous
+    # 'c' alone is ambiguous; JPEGImages/b is not sub/b (another folder, another image)
+    assert got == {"x/c": "x/c.jpg"}
+    assert match_image_names(["JPEGImages/a.png"], gt) == {"JPEGImages/a.png": "a.jpg"}
     assert match_image_names(["./a.jpg", "a.jpg"], gt) == {"./a.jpg": "a.jpg"}
 
 
@@ -441,16 +444,22 @@ def test_evaluate_proposals_hand_computed():
     gts = {"a.jpg": (np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]]), [0, 1, 1],
                      [False, False, True]),
            "b.jpg": (np.array([[0, 0, 10, 10]]), [0], [False])}
-    # best IoUs: 100 / 200 = 0.5 and 400 / 520 = 0.769; b.jpg has no proposals -> 0
-    props = {"a": np.array([[0, 0, 10, 20], [20, 20, 40, 46], [100, 100, 110, 110]])}
+    # best IoUs: 100 / 200 = 0.5 and 400 / 520 = 0.769; b.jpg was proposed, nothing found -> 0
+    props = {"a": np.array([[0, 0, 10, 20], [20, 20, 40, 46], [100, 100, 110, 110]]),
+             "b": np.zeros((0, 4))}
     m = evaluate_proposals(gts, props, ["cat", "dog"])
-    assert m["num_objects"] == 3 and m["missing_images"] == ["b.jpg"]
+    assert m["num_objects"] == 3 and m["missing_images"] == []
     assert m["recall@0.5"] == pytest.approx(2 / 3) and m["recall@0.7"] == pytest.approx(1 / 3)
     # IoU thresholds .5 .55 ... .95: 2 objects at .5, 1 at .55 - .75, none above
     assert m["average_recall"] == pytest.approx((2 + 5 * 1) / 3 / 10)
     assert m["ABO"] == pytest.approx({"cat": 0.25, "dog": 400 / 520})
     assert m["MABO"] == pytest.approx((0.25 + 400 / 520) / 2)
-    assert m["mean_proposals"] == 3.0
+    assert m["mean_proposals"] == 1.5
+    # b.jpg never proposed: not scored (listed), instead of a miss
+    del props["b"]
+    m = evaluate_proposals(gts, props, ["cat", "dog"])
+    assert m["num_objects"] == 2 and m["missing_images"] == ["b.jpg"]
+    assert m["recall@0.5"] == pytest.approx(1.0) and m["ABO"]["cat"] == pytest.approx(0.5)
 
 
 def make_voc_folder(root):
@@ -491,6 +500,151 @@ def test_evaluate_folder_on_proposals(tmp_path):
     _, path = evaluate_folder(tmp_path / "voc", None, tmp_path / "props", None, tmp_path / "o", {})
     assert path == tmp_path / "o" / "metrics.json"
     saved = json.loads(path.read_text())
-    assert saved["recall@0.5"] == pytest.approx(2 / 3) and saved["missing_images"] == ["b.png"]
+    # b.png was never proposed: left out (listed), a's two objects are both covered
+    assert saved["recall@0.5"] == pytest.approx(1.0) and saved["missing_images"] == ["b.png"]
     with pytest.raises(ValueError, match="exactly one"):
         evaluate_folder(tmp_path / "voc", None, None, None, None, {})
+
+
+# ---------------------------------------------------------------- evaluate tells the truth
+def _voc_with_extra_image(root):
+    """make_voc_folder plus an annotated image c.png that detect never saw."""
+    from rcnn_cli.datasets import ImageRecord, write_voc_xml
+    from rcnn_cli.visualize import save_image
+
+    gts = make_voc_folder(root)
+    save_image(root / "images" / "c.png", np.zeros((200, 200, 3), np.uint8))
+    write_voc_xml(root / "annotations" / "c.xml",
+                  ImageRecord("c.png", 200, 200, np.array([[5, 5, 50, 50]], np.float32),
+                              np.array([0]), np.array([False])), ["cat", "dog"])
+    return gts
+
+
+def _png_dets():
+    return {k.replace(".jpg", ".png"): v for k, v in coco_case()[0].items()}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "coco"])
+def test_evaluate_folder_scores_only_processed_images(tmp_path, fmt, caplog):
+    # issue 12: without --split, annotated images never detected counted as misses (mAP 0.36)
+    _voc_with_extra_image(tmp_path / "voc")
+    dets, det_dir = _png_dets(), tmp_path / "det"
+    if fmt == "csv":
+        write_detections_csv(det_dir / "detections.csv", dets, ["cat", "dog"])
+    else:  # images.json lists every processed image, also z.png (no detections, no annotation)
+        write_coco_results(det_dir, dets, {**{k: (200, 200) for k in dets}, "z.png": (9, 9)},
+                           ["cat", "dog"])
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        m, _ = evaluate_folder(tmp_path / "voc", det_dir, None, None, None, {})
+    assert m["mAP_voc07"] == pytest.approx(1.0) and m["coco"]["AP"] == pytest.approx(1.0)
+    assert m["num_images"] == 2
+    assert m["annotated_without_detection_record"] == ["c.png"]
+    warns = [r.getMessage() for r in caplog.records if "no detection record" in r.getMessage()]
+    assert len(warns) == 1 and "1 annotated image(s)" in warns[0] and "c.png" in warns[0]
+    if fmt == "coco":
+        assert m["unmatched_images"] == ["z.png"]
+        assert "1 detected image(s) have no annotation" in warns[0] and "z.png" in warns[0]
+
+
+def test_evaluate_folder_split_still_restricts(tmp_path, caplog):
+    _voc_with_extra_image(tmp_path / "voc")
+    (tmp_path / "split.txt").write_text("a\n")
+    write_detections_csv(tmp_path / "det" / "detections.csv", _png_dets(), ["cat", "dog"])
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        m, _ = evaluate_folder(tmp_path / "voc", tmp_path / "det", None, tmp_path / "split.txt",
+                               None, {})
+    assert m["num_images"] == 1 and m["per_class"]["dog"]["npos"] == 1
+    # b.png (detected) and c.png (annotated) are outside the split: left out without a word
+    assert m["unmatched_images"] == [] and m["annotated_without_detection_record"] == []
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_evaluate_folder_zero_overlap_is_an_error(tmp_path):
+    make_voc_folder(tmp_path / "voc")
+    write_detections_csv(tmp_path / "det" / "detections.csv",
+                         {"other/x.png": coco_case()[0]["a.jpg"]}, ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"no detected image.*'other/x.png'.*'a.png'"):
+        evaluate_folder(tmp_path / "voc", tmp_path / "det", None, None, None, {})
+
+
+def test_class_on_one_side_only_is_one_warning(tmp_path, caplog):
+    make_voc_folder(tmp_path / "voc")
+    dets = _png_dets()
+    # the detector knows cat and bird, not dog: dog scores 0, bird has no ground truth
+    dets = {"a.png": (dets["a.png"][0], dets["a.png"][1], [0, 1]), "b.png": dets["b.png"]}
+    write_detections_csv(tmp_path / "det" / "detections.csv", dets, ["cat", "bird"])
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        m, _ = evaluate_folder(tmp_path / "voc", tmp_path / "det", None, None, None, {})
+    warns = [r.getMessage() for r in caplog.records if "class" in r.getMessage()]
+    assert len(warns) == 1 and "'dog'" in warns[0] and "'bird'" in warns[0]
+    assert m["per_class"]["dog"]["ap_voc"] == 0.0 and math.isnan(m["per_class"]["bird"]["ap_voc"])
+    assert m["mAP_voc"] == pytest.approx(0.5)  # cat 1.0, dog 0.0, bird left out
+    assert m["classes_only_in_ground_truth"] == ["dog"]
+    assert m["classes_only_in_detections"] == ["bird"]
+    assert "AP 0" in m["class_note"] and "left out" in m["class_note"]
+
+
+def test_coco_ground_truth_without_categories_is_an_error(tmp_path):
+    gt = {"images": [{"id": 1, "file_name": "a.png", "height": 200, "width": 200}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20],
+                           "area": 400, "iscrowd": 0}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    write_detections_csv(tmp_path / "det" / "detections.csv", _png_dets(), ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"gt.json.*categories"):
+        evaluate_folder(tmp_path / "gt.json", tmp_path / "det", None, None, None, {})
+
+
+@pytest.mark.parametrize("text, match", [
+    ("image,class,score,x1,y1\na.png,cat,0.5,1,2\n", r"detections.csv: missing column\(s\) x2, y2"),
+    ("image,class,score,x1,y1,x2,y2\na.png,cat,0.5,1,2,3,4\na.png,cat,high,1,2,3,4\n",
+     r"detections.csv:3: score 'high' is not a number"),
+    ("image,class,score,x1,y1,x2,y2\na.png,cat,0.5,1,2\n", r"detections.csv:2: missing value"),
+])
+def test_bad_detections_csv_is_one_line(tmp_path, text, match):
+    (tmp_path / "detections.csv").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_detections(tmp_path)
+
+
+def test_cli_bad_detections_csv_exits_2_without_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from rcnn_cli.cli import cli
+
+    make_voc_folder(tmp_path / "voc")
+    (tmp_path / "det").mkdir()
+    (tmp_path / "det" / "detections.csv").write_text(
+        "image,class,score,x1,y1,x2,y2\na.png,cat,x,1,2,3,4\n")
+    r = CliRunner().invoke(cli, ["evaluate", "--annotations", str(tmp_path / "voc"),
+                                 "--detections", str(tmp_path / "det")])
+    assert r.exit_code == 2 and "detections.csv:2" in r.output and "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_match_image_names_does_not_merge_folders():
+    # same file name in two folders: two images, never one
+    assert match_image_names(["a/img.jpg", "b/img.jpg"], ["a/img.jpg", "b/img.jpg"]) == {
+        "a/img.jpg": "a/img.jpg", "b/img.jpg": "b/img.jpg"}
+    assert match_image_names(["a/img.jpg", "b/img.jpg"], ["img.jpg"]) == {}  # ambiguous
+    assert match_image_names(["a/img.jpg"], ["b/img.jpg"]) == {}  # other folder
+    # stem-only and extra leading folders stay tolerated
+    assert match_image_names(["img", "JPEGImages/x.jpg", "data/sub/y.png"],
+                             ["img.jpg", "x.jpg", "sub/y.jpg"]) == {
+        "img": "img.jpg", "JPEGImages/x.jpg": "x.jpg", "data/sub/y.png": "sub/y.jpg"}
+
+
+def test_evaluate_folder_proposals_scores_only_proposed_images(tmp_path, caplog):
+    # the same truth for proposals: an annotated image never proposed is not a miss
+    from rcnn_cli.store import StageStore
+
+    _voc_with_extra_image(tmp_path / "voc")
+    store = StageStore(tmp_path / "props", "propose", {"method": "test"})
+    for stem, boxes in (("a", [[0, 0, 20, 20], [30, 30, 130, 150]]), ("b", [[10, 10, 60, 70]])):
+        store.save(stem, {"boxes": np.array(boxes, np.float32), "scores": np.ones(len(boxes),
+                                                                                   np.float32)})
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        m, _ = evaluate_folder(tmp_path / "voc", None, tmp_path / "props", None, None, {})
+    assert m["recall@0.5"] == pytest.approx(1.0) and m["num_images"] == 2
+    assert m["missing_images"] == ["c.png"]
+    warns = [r.getMessage() for r in caplog.records if "no proposals" in r.getMessage()]
+    assert len(warns) == 1 and "1 annotated image(s)" in warns[0] and "'c.png'" in warns[0]
