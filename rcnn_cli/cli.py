@@ -395,14 +395,18 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
 @click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo "
                                 "(default csv,coco).")
 @click.option("--nms-iou", type=click.FloatRange(0, 1), help="Per-class NMS IoU (0.3).")
+@click.option("--nms", type=click.Choice(["hard", "soft"]),
+              help="hard: R-CNN's greedy NMS; soft: Gaussian soft-NMS (crowded scenes).")
+@click.option("--box-vote-iou", type=click.FloatRange(0, 1),
+              help="Box voting at this IoU (0 = off).")
 @click.option("--score-thresh", type=float, help="Keep detections scoring above this.")
 @click.option("--max-per-image", type=click.IntRange(min=1), help="Detections per image cap.")
 @click.option("--no-bbox-regression", is_flag=True, default=None,
               help="Do not refine boxes with the model's regressors.")
 @common_options
 @cluster_options
-def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thresh,
-           max_per_image, no_bbox_regression, config_file, common, overwrite):
+def detect(images, model_dir, out, split, save_vis, formats, nms_iou, nms, box_vote_iou,
+           score_thresh, max_per_image, no_bbox_regression, config_file, common, overwrite):
     """Detect objects in every image of IMAGES (folders, files or list files) with a model.
 
     Writes OUT/detections.csv (image,class,score,x1,y1,x2,y2 in original pixels),
@@ -414,7 +418,8 @@ def detect(images, model_dir, out, split, save_vis, formats, nms_iou, score_thre
     from rcnn_cli.detect import detect_folder
 
     fmts = [f.strip() for f in formats.split(",")] if formats else None
-    flags = dict(nms_iou=nms_iou, score_thresh=score_thresh, max_per_image=max_per_image,
+    flags = dict(nms_iou=nms_iou, nms=nms, box_vote_iou=box_vote_iou, score_thresh=score_thresh,
+                 max_per_image=max_per_image,
                  bbox_regression=False if no_bbox_regression else None, formats=fmts)
     cfg = load_config(config_file, common=common, detect=flags)
     # thresholds stored in the model apply unless the user set them (config file or flag)

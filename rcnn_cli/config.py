@@ -153,6 +153,8 @@ RULES: dict[str, Rule] = {
     "detect.max_per_image": at_least(1),
     "detect.formats": subset_of("csv", "coco", "voc", "yolo"),
     "detect.vis_thresh": finite,
+    "detect.nms": one_of("hard", "soft"),
+    "detect.box_vote_iou": _PROB,
     "evaluate.iou": in_range(0.0, 1.0, lo_open=True),
 }
 

@@ -48,6 +48,12 @@ OUTPUT_FILES = ("per_image", "vis", "voc", "yolo", "detections.csv", "detections
 MIN_BOX_SIDE = 1e-2
 
 
+#: Soft-NMS (Bodla et al., ICCV 2017): Gaussian decay width of the overlapping scores.
+SOFT_NMS_SIGMA = 0.5
+#: Soft-NMS: boxes whose decayed score falls more than this below the threshold are dropped.
+SOFT_NMS_FLOOR = 1e-3
+
+
 @dataclass
 class DetectSettings:
     """Post-processing thresholds (defaults live in the model bundle, flags override)."""
@@ -57,6 +63,8 @@ class DetectSettings:
     max_per_image: int = 100
     bbox_regression: bool = True
     vis_thresh: float = -0.8        # pictures show detections scoring above this
+    nms: str = "hard"               # hard (R-CNN) | soft (Gaussian soft-NMS)
+    box_vote_iou: float = 0.0       # > 0: box voting among same-class boxes at this IoU
 
 
 def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
@@ -65,7 +73,8 @@ def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
     """Per-class boxes (N, K, 4) and scores (N, K) -> final (boxes (M, 4), scores, labels).
 
     Steps: clip to the image, drop scores <= threshold, drop degenerate boxes, per-class NMS
-    (torchvision ``batched_nms``), keep the ``max_per_image`` best.
+    (torchvision ``batched_nms``; or soft-NMS), optional box voting, keep the
+    ``max_per_image`` best.
     """
     n, k = scores.shape
     labels = np.broadcast_to(np.arange(k), (n, k))
@@ -75,13 +84,76 @@ def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
     keep = s > settings.score_thresh
     # remove boxes collapsed by clipping
     keep &= bx.valid_mask(b, MIN_BOX_SIDE)
-    b, s, lab = b[keep], s[keep], lab[keep]
+    b, s, lab = b[keep], s[keep].astype(np.float32), lab[keep]
     # non-maximum suppression, independently per class
-    idx = batched_nms(torch.from_numpy(b), torch.from_numpy(s.astype(np.float32)),
-                      torch.from_numpy(lab.astype(np.int64)), settings.nms_iou).numpy()
+    if settings.nms == "soft":
+        idx, s_out = soft_nms(b, s, lab, settings.score_thresh)
+    else:
+        idx = batched_nms(torch.from_numpy(b), torch.from_numpy(s),
+                          torch.from_numpy(lab.astype(np.int64)), settings.nms_iou).numpy()
+        s_out = s[idx]
     # keep only the best detections
-    idx = idx[: settings.max_per_image]
-    return b[idx], s[idx].astype(np.float32), lab[idx].astype(np.int64)
+    idx, s_out = idx[: settings.max_per_image], s_out[: settings.max_per_image]
+    kept = b[idx]
+    # box voting: each kept box becomes the score-weighted mean of its class's boxes around it
+    if settings.box_vote_iou > 0 and len(idx):
+        kept = box_voting(kept, lab[idx], b, s, lab, settings.box_vote_iou)
+    return kept, s_out.astype(np.float32), lab[idx].astype(np.int64)
+
+
+def soft_nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], labels: NDArray,
+             score_thresh: float, sigma: float = SOFT_NMS_SIGMA
+             ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Gaussian soft-NMS per class (Bodla et al. 2017), for SVM margins.
+
+    Hand-written: torchvision has hard NMS only. Margins can be negative, so the decay
+    ``exp(-IoU^2 / sigma)`` applies to the height above ``score_thresh``; a box keeps its
+    place unless a better box of its class overlaps it. Neighbours of a crowd keep a lowered
+    score instead of vanishing.
+
+    Args:
+        boxes (N, 4) float32, scores (N,), labels (N,): the candidates (already thresholded).
+
+    Returns:
+        (indices into the input, best first; their decayed scores).
+    """
+    order_out, score_out = [], []
+    for c in np.unique(labels):
+        ids = np.flatnonzero(labels == c)
+        h = scores[ids].astype(np.float64) - score_thresh  # > 0
+        iou = bx.box_iou(boxes[ids], boxes[ids]).astype(np.float64)
+        alive = np.ones(len(ids), bool)
+        for _ in range(len(ids)):
+            cand = np.flatnonzero(alive)
+            if not len(cand):
+                break
+            i = cand[np.argmax(h[cand])]
+            if h[i] <= SOFT_NMS_FLOOR:
+                break
+            alive[i] = False
+            order_out.append(ids[i])
+            score_out.append(h[i] + score_thresh)
+            h[alive] *= np.exp(-(iou[i, alive] ** 2) / sigma)
+    idx = np.asarray(order_out, np.int64)
+    sc = np.asarray(score_out, np.float32)
+    o = np.argsort(-sc, kind="stable")
+    return idx[o], sc[o]
+
+
+def box_voting(kept: NDArray[np.float32], kept_labels: NDArray, boxes: NDArray[np.float32],
+               scores: NDArray[np.float32], labels: NDArray, iou_thresh: float
+               ) -> NDArray[np.float32]:
+    """Box voting (Gidaris & Komodakis, ICCV 2015): each kept box (M, 4) becomes the mean of
+    the candidate boxes (N, 4) of its class that overlap it at IoU >= ``iou_thresh``, each
+    weighted by ``exp(score)`` (SVM margins); returns the voted boxes (M, 4) float32."""
+    out = kept.copy()
+    iou = bx.box_iou(kept, boxes)
+    for m in range(len(kept)):
+        sel = (iou[m] >= iou_thresh) & (labels == kept_labels[m])
+        if sel.any():
+            w = np.exp(scores[sel].astype(np.float64) - scores[sel].max())
+            out[m] = (w[:, None] * boxes[sel]).sum(0) / w.sum()
+    return out.astype(np.float32)
 
 
 def detect_image(image: NDArray[np.uint8], model, extractor,
@@ -231,7 +303,8 @@ def model_detect_settings(model, cfg: Mapping[str, Any],
     return DetectSettings(nms_iou=float(base["nms_iou"]), score_thresh=float(base["score_thresh"]),
                           max_per_image=int(base["max_per_image"]),
                           bbox_regression=bool(extra["bbox_regression"]),
-                          vis_thresh=float(extra["vis_thresh"]))
+                          vis_thresh=float(extra["vis_thresh"]), nms=str(extra["nms"]),
+                          box_vote_iou=float(extra["box_vote_iou"]))
 
 
 def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Path,

@@ -127,6 +127,10 @@ CV_VARIANTS: dict[str, dict] = {
     "no_bbox_reg": {"bbox_regression": False},
     "nms0.4": {"nms_iou": 0.4},
     "nms0.5": {"nms_iou": 0.5},
+    "soft_nms": {"nms": "soft"},
+    "vote0.5": {"box_vote_iou": 0.5},
+    "vote0.7": {"box_vote_iou": 0.7},
+    "soft_nms_vote0.5": {"nms": "soft", "box_vote_iou": 0.5},
 }
 
 
@@ -175,7 +179,8 @@ def _spread(values: list[float]) -> dict:
             if len(v) > 1 else 0.0, "folds": [round(float(x), 4) for x in v]}
 
 
-def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: int) -> dict:
+def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: int,
+           reuse: bool = False) -> dict:
     """K-fold cross-validation over train.txt (see the module docstring)."""
     from sklearn.model_selection import KFold
 
@@ -198,8 +203,9 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
         t0 = time.perf_counter()
         for f, (tr, te) in enumerate(folds):
             model_dir = work / f"cv_model_{name}_{f}"
-            train_model(work / "feats_cv", model_dir, c, images=[ids[i] for i in tr],
-                        overwrite=True)
+            if not (reuse and (model_dir / "model.json").is_file()):
+                train_model(work / "feats_cv", model_dir, c, images=[ids[i] for i in tr],
+                            overwrite=True)
             scores = _fold_scores(model_dir, store, [ids[i] for i in te], classes, c)
             for var, m in scores.items():
                 for key, v in m.items():
@@ -224,6 +230,8 @@ def main() -> None:
     ap.add_argument("--configs", default="default",
                     help=f"--cv: comma-separated configurations of {sorted(CV_CONFIGS)}")
     ap.add_argument("--fold-seed", type=int, default=0)
+    ap.add_argument("--reuse-models", action="store_true",
+                    help="--cv: score the fold models of an earlier run (new variants only)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     data, work = Path(a.data), Path(a.work)
@@ -236,7 +244,7 @@ def main() -> None:
         if bad or a.cv < 2:
             ap.error(f"--configs: unknown {bad} (choose from {sorted(CV_CONFIGS)})" if bad
                      else "--cv needs K >= 2")
-        print(json.dumps(run_cv(data, work, cfg, a.cv, names, a.fold_seed)), flush=True)
+        print(json.dumps(run_cv(data, work, cfg, a.cv, names, a.fold_seed, a.reuse_models)), flush=True)
         return
     t0 = time.perf_counter()
     rep = propose_folder([str(data / "images")], work / "props", cfg)

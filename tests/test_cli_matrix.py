@@ -188,7 +188,8 @@ def _to_proposal(chain, row: list[str]) -> float:
 
 @pytest.mark.parametrize("flags", [["--save-vis", "--device", "auto"],
                                    ["--no-bbox-regression", "--executor", "local"],
-                                   ["--device", "cpu"]])
+                                   ["--device", "cpu"], ["--nms", "hard"],
+                                   ["--nms", "soft"], ["--box-vote-iou", "0.5"]])
 def test_detect_flags(chain, tmp_path, flags):
     run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path,
         "--config", chain["cfg"], *flags)
@@ -200,6 +201,11 @@ def test_detect_flags(chain, tmp_path, flags):
     if "--no-bbox-regression" in flags:  # every box is one of the image's proposals
         assert rows and max(_to_proposal(chain, r) for r in rows) < 0.01
         assert max(_to_proposal(chain, r) for r in ref) > 0.01  # regression moves boxes
+    elif "soft" in flags:  # overlapping boxes are kept with lower scores, not removed
+        assert len(rows) >= len(ref) and rows[0][:3] == ref[0][:3]
+    elif "--box-vote-iou" in flags:  # same detections and scores, boxes moved by voting
+        assert [r[:3] for r in rows] == [r[:3] for r in ref]
+        assert any(r[3:] != q[3:] for r, q in zip(rows, ref))
     else:
         assert len(rows) == len(ref)
 

@@ -49,6 +49,42 @@ def test_postprocess_nms_either_side_of_threshold():
     np.testing.assert_array_equal(s, np.float32([0.9, 0.7]))
 
 
+def test_soft_nms_decays_overlaps_and_keeps_classes_apart():
+    from rcnn_cli.boxes import box_iou
+    from rcnn_cli.detect import SOFT_NMS_SIGMA, soft_nms
+
+    b = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60], [1, 0, 11, 10]], np.float32)
+    s = np.array([1.0, 0.5, -1.0, 0.8], np.float32)
+    lab = np.array([0, 0, 0, 1])
+    idx, sc = soft_nms(b, s, lab, score_thresh=-2.0)
+    iou = float(box_iou(b[:1], b[1:2])[0, 0])
+    want = {0: 1.0, 3: 0.8, 1: -2.0 + 2.5 * np.exp(-iou ** 2 / SOFT_NMS_SIGMA),
+            2: -1.0}  # box 2 does not overlap box 0 (IoU 0): unchanged; class 1 untouched
+    assert sorted(idx.tolist()) == [0, 1, 2, 3]
+    for i, v in zip(idx, sc):
+        assert v == pytest.approx(want[int(i)], abs=1e-5)
+    assert (np.diff(sc) <= 0).all()  # best first
+    # through postprocess: hard NMS at 0.3 drops box 1, soft-NMS keeps it, ranked last
+    one = (b[:3, None, :], s[:3, None], (100, 100))
+    _, hs, _ = postprocess(*one, DetectSettings(0.3, -2.0, 10))
+    _, ss, _ = postprocess(*one, DetectSettings(0.3, -2.0, 10, nms="soft"))
+    assert len(hs) == 2 and len(ss) == 3 and ss[-1] < -1.0
+
+
+def test_box_voting_is_the_score_weighted_mean():
+    from rcnn_cli.detect import box_voting
+
+    cand = np.array([[0, 0, 10, 10], [2, 0, 12, 10], [40, 40, 50, 50]], np.float32)
+    sc = np.array([1.0, 0.0, 5.0], np.float32)
+    lab = np.array([0, 0, 0])
+    out = box_voting(cand[:1], np.array([0]), cand, sc, lab, 0.5)
+    w = np.exp([1.0, 0.0])
+    np.testing.assert_allclose(out[0], (w[0] * cand[0] + w[1] * cand[1]) / w.sum(), rtol=1e-6)
+    # another class never votes
+    out2 = box_voting(cand[:1], np.array([0]), cand, sc, np.array([0, 1, 0]), 0.5)
+    np.testing.assert_allclose(out2[0], cand[0])
+
+
 def test_postprocess_per_class_threshold_clip_and_cap():
     rng = np.random.default_rng(0)
     n, k = 50, 3
