@@ -11,6 +11,10 @@ Every decoded image is ``uint8 (H, W, 3)`` RGB:
 * a truncated JPEG/PNG decodes what is there (the rest is grey) with a warning, because real
   photo collections hold such files;
 * anything that cannot be decoded raises :class:`ImageError` naming the file and the reason.
+
+Folders are walked recursively in sorted order, following symlinks; a symlink loop or a
+dangling link is skipped with one warning naming it. An image's identity (:class:`ImageItem`
+``rel``) is its path relative to the input folder with its extension.
 """
 from __future__ import annotations
 

@@ -5,13 +5,14 @@ cache (a crash mid-write left a file later runs trusted): every stage folder has
 ``manifest.json`` holding a *key* = sha256(stage name, format version, stage settings,
 upstream key). Each per-image ``.npz`` is written to a temp name in the same folder and
 ``os.replace``-d into place, and carries, next to its arrays, who it is and what it was
-made from (black's cache records size and mtime the same way):
+made from (black's cache records size and mtime the same way), as one JSON string in the
+array ``_identity`` (one small read per check):
 
-* ``_key``: the store's key (settings);
-* ``_rel``: the image's identity, its path relative to the input root *with* extension;
-* ``_source``: int64 ``[size, mtime_ns]`` of the input image when it was read;
-* ``_upstream``: the ``_id`` of the upstream stage's record it read ("" for none);
-* ``_id``: sha256 of the four above, the record's own identity (downstream records store it).
+* ``key``: the store's key (settings);
+* ``rel``: the image's identity, its path relative to the input root *with* extension;
+* ``source``: ``[size, mtime_ns]`` of the input image when it was read (``[]``: unknown);
+* ``upstream``: the ``id`` of the upstream stage's record it read ("" for none);
+* ``id``: sha256 of the four above, the record's own identity (downstream records store it).
 
 An image is *done* only if its file exists, loads, and carries the current key, its own
 relative path, the current size and mtime of the image and the current id of its upstream
@@ -202,22 +203,29 @@ def check_rel(rel: str) -> str:
     return rel
 
 
-def _record_id(key: str, rel: str, source: np.ndarray, upstream: str) -> str:
-    blob = json.dumps([key, rel, [int(v) for v in source], upstream])
+def _record_id(key: str, rel: str, source: list[int], upstream: str) -> str:
+    blob = json.dumps([key, rel, source, upstream])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+IDENTITY = "_identity"
+
+
 def _read_meta(path: Path) -> dict[str, Any] | None:
-    """The identity entries of a record file, or None if it is not a readable rcnn record."""
+    """The identity of a record file (see the module docstring), or None if it is not a
+    readable rcnn record."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "_key" not in z.files:
+            if IDENTITY not in z.files:
                 return None
-            meta = {k: z[k] for k in ("_key", "_rel", "_source", "_upstream", "_id")
-                    if k in z.files}
+            meta = json.loads(str(z[IDENTITY]))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError):
         return None
-    return {k: (v if k == "_source" else str(v)) for k, v in meta.items()}
+    return meta if isinstance(meta, dict) else None
+
+
+def _same_source(meta: Mapping[str, Any], source: np.ndarray) -> bool:
+    return [int(v) for v in meta.get("source", [])] == [int(v) for v in source]
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -386,7 +394,7 @@ class StageStore:
         if not p.is_file():
             return None
         meta = _read_meta(p)
-        if meta is None or meta.get("_key") != self.key or meta.get("_rel") != rel:
+        if meta is None or meta.get("key") != self.key or meta.get("rel") != rel:
             return None
         return meta
 
@@ -394,11 +402,11 @@ class StageStore:
         """The ``_id`` of the image's record if it is valid here (this key, this ``rel``,
         and, when given, this ``source`` identity), else None."""
         meta = self._meta(rel)
-        if meta is None or "_id" not in meta:
+        if meta is None or "id" not in meta:
             return None
-        if source is not None and not np.array_equal(meta.get("_source"), source):
+        if source is not None and not _same_source(meta, source):
             return None
-        return meta["_id"]
+        return str(meta["id"])
 
     def is_done(self, rel: str, source: np.ndarray | None = None,
                 upstream: str | None = None) -> bool:
@@ -408,9 +416,9 @@ class StageStore:
         meta = self._meta(rel)
         if meta is None:
             return False
-        if source is not None and not np.array_equal(meta.get("_source"), source):
+        if source is not None and not _same_source(meta, source):
             return False
-        return upstream is None or meta.get("_upstream") == upstream
+        return upstream is None or meta.get("upstream") == upstream
 
     def save(self, rel: str, arrays: Mapping[str, np.ndarray],
              source: np.ndarray | None = None, upstream: str = "") -> Path:
@@ -423,11 +431,11 @@ class StageStore:
         if p.exists() and _read_meta(p) is None:
             raise ForeignFileError(f"{p}: exists and was not written by rcnn; not replaced "
                                    "(move it away to compute this image)")
-        src = np.zeros(0, np.int64) if source is None else np.asarray(source, np.int64)
-        meta = {"_key": np.array(self.key), "_rel": np.array(rel), "_source": src,
-                "_upstream": np.array(upstream or ""),
-                "_id": np.array(_record_id(self.key, rel, src, upstream or ""))}
-        save_npz(p, {**arrays, **meta})
+        src = [] if source is None else [int(v) for v in source]
+        up = upstream or ""
+        meta = {"key": self.key, "rel": rel, "source": src, "upstream": up,
+                "id": _record_id(self.key, rel, src, up)}
+        save_npz(p, {**arrays, IDENTITY: np.array(json.dumps(meta))})
         return p
 
     def load(self, rel: str) -> dict[str, np.ndarray]:
@@ -439,15 +447,17 @@ class StageStore:
         """
         p = self.path_for(rel)
         d = load_npz(p)
-        key, own = str(d.pop("_key", "")), str(d.pop("_rel", ""))
+        try:
+            meta = json.loads(str(d.pop(IDENTITY)))
+        except (KeyError, ValueError):
+            meta = {}
+        key, own = meta.get("key"), meta.get("rel")
         if key != self.key:
             raise StaleRecordError(f"{p}: made with other settings than {self.root}'s "
                                    f"manifest (rerun the stage)")
         if own != rel:
             raise StaleRecordError(f"{p}: holds the record of {own!r}, not {rel!r} (a copied "
                                    "or moved file; rerun the stage)")
-        for k in ("_source", "_upstream", "_id"):
-            d.pop(k, None)
         return d
 
     def done_rels(self) -> list[str]:
@@ -458,11 +468,11 @@ class StageStore:
         for p in sorted(self.root.rglob("*.npz")):
             rel = p.relative_to(self.root).as_posix()[: -len(".npz")]
             meta = _read_meta(p)
-            if meta is None or meta.get("_key") != self.key:
+            if meta is None or meta.get("key") != self.key:
                 continue
-            if meta.get("_rel") != rel:
+            if meta.get("rel") != rel:
                 log.warning("%s: holds the record of %r, not of %r (a copied or moved file); "
-                            "skipped", p, meta.get("_rel"), rel)
+                            "skipped", p, meta.get("rel"), rel)
                 continue
             out.append(rel)
         return out
@@ -473,7 +483,7 @@ class StageStore:
         h = hashlib.sha256(self.key.encode())
         for rel in (self.done_rels() if rels is None else rels):
             meta = self._meta(rel) or {}
-            h.update(f"{rel}\0{meta.get('_id', '')}\n".encode())
+            h.update(f"{rel}\0{meta.get('id', '')}\n".encode())
         return h.hexdigest()[:32]
 
 
