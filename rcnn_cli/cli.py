@@ -395,6 +395,9 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
 @click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo "
                                 "(default csv,coco).")
 @click.option("--nms-iou", type=click.FloatRange(0, 1), help="Per-class NMS IoU (0.3).")
+@click.option("--coco-ids", type=click.Path(exists=True, dir_okay=False),
+              help="COCO instances .json: detections.json uses its image_id and category_id "
+                   "values (matched by file name and class name), so it scores them directly.")
 @click.option("--nms", type=click.Choice(["hard", "soft"]),
               help="hard: R-CNN's greedy NMS; soft: Gaussian soft-NMS (crowded scenes).")
 @click.option("--box-vote-iou", type=click.FloatRange(0, 1),
@@ -405,7 +408,7 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
               help="Do not refine boxes with the model's regressors.")
 @common_options
 @cluster_options
-def detect(images, model_dir, out, split, save_vis, formats, nms_iou, nms, box_vote_iou,
+def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, nms, box_vote_iou,
            score_thresh, max_per_image, no_bbox_regression, config_file, common, overwrite):
     """Detect objects in every image of IMAGES (folders, files or list files) with a model.
 
@@ -427,7 +430,7 @@ def detect(images, model_dir, out, split, save_vis, formats, nms_iou, nms, box_v
     explicit.update({k: v for k, v in flags.items() if v is not None})
     overrides = {k: cfg["detect"][k] for k in explicit}
     report = detect_folder(list(images), model_dir, out, cfg, split=split, save_vis=save_vis,
-                           overwrite=overwrite, overrides=overrides)
+                           overwrite=overwrite, overrides=overrides, coco_ids=coco_ids)
     for name in ("detections.csv", "detections.json"):
         if (Path(out) / name).exists():
             click.echo(str(Path(out) / name))

@@ -311,16 +311,20 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                   cfg: Mapping[str, Any], split: str | Path | None = None,
                   save_vis: bool = False, formats: list[str] | None = None,
                   overwrite: bool = False,
-                  overrides: Mapping[str, Any] | None = None) -> Report:
+                  overrides: Mapping[str, Any] | None = None,
+                  coco_ids: str | Path | None = None) -> Report:
     """Detect objects in folders of images with a model bundle; write all outputs to ``out``.
 
     Thresholds come from the model bundle unless ``overrides`` (the user's explicit
     [detect] settings) change them; see :func:`model_detect_settings`. Per-image results
     stream to ``out/per_image`` (a killed run resumes); the summary files are written at
-    the end from those.
+    the end from those. ``coco_ids``: a COCO instances file whose ``image_id`` and
+    ``category_id`` values ``detections.json`` uses (:func:`coco_ids_for`).
     """
     check_detect_folder(out, inputs, model_dir, overwrite)
     model = _get_model(str(model_dir))
+    items = list_images(inputs, split=split, exclude=[out])
+    ids = None if coco_ids is None else coco_ids_for(items, coco_ids, model.classes)
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
@@ -331,18 +335,41 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                         "post": {k: v for k, v in settings.__dict__.items() if k != "vis_thresh"}},
                        format_version=DETECT_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "detect"])
-    items = list_images(inputs, split=split, exclude=[out])
     vis_dir = str(Path(out) / "vis") if save_vis else None
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
                            extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir)
     report = run_stage(fn, items, is_done=lambda it: is_current(store, it),
                        desc="detect", **execution(cfg, ext.device.type))
-    write_outputs(out, store, items, model.classes, formats or d["formats"])
+    write_outputs(out, store, items, model.classes, formats or d["formats"], coco_ids=ids)
     return report
 
 
+def coco_ids_for(items: list[ImageItem], annotations: str | Path, classes: list[str]
+                 ) -> tuple[dict[str, int], list[int]]:
+    """The user's COCO ids for detect's outputs: (image rel -> image_id, the category_id of
+    each model class), from a COCO instances file paired with ``items`` by file name.
+
+    Raises:
+        ValueError: the file is not COCO, or a model class has no category of that name.
+    """
+    from rcnn_cli.datasets import load_dataset, match_annotations
+
+    full = load_dataset(annotations)
+    if full.category_ids is None:
+        raise ValueError(f"{annotations}: --coco-ids needs a COCO instances .json")
+    by_name = dict(zip(full.classes, full.category_ids))
+    missing = [c for c in classes if c not in by_name]
+    if missing:
+        raise ValueError(f"{annotations}: no category named {missing[0]!r} (the model's "
+                         f"classes: {classes})")
+    ds, _ = match_annotations(items, full)
+    image_ids = {r.file_name: r.image_id for r in ds.records if r.image_id is not None}
+    return image_ids, [int(by_name[c]) for c in classes]
+
+
 def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
-                  classes: list[str], formats: list[str]) -> list[Path]:
+                  classes: list[str], formats: list[str],
+                  coco_ids: tuple[dict[str, int], list[int]] | None = None) -> list[Path]:
     """Summary files of a detect run from its per-image results (images that failed, or
     changed since they were detected, are left out)."""
     from rcnn_cli import evaluate as ev
@@ -362,7 +389,8 @@ def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
     if "csv" in formats:
         written.append(ev.write_detections_csv(out / "detections.csv", dets, classes))
     if "coco" in formats:
-        written += ev.write_coco_results(out, dets, sizes, classes)
+        image_ids, cat_ids = coco_ids if coco_ids is not None else (None, None)
+        written += ev.write_coco_results(out, dets, sizes, classes, image_ids, cat_ids)
     if "voc" in formats:
         written += ev.write_voc_results(out / "voc", dets, classes)
     if "yolo" in formats:

@@ -300,12 +300,15 @@ def _f32(v: float) -> float:
     return float(np.format_float_positional(np.float32(v), unique=True, trim="0"))
 
 
-def _coco_results(dets: Mapping[str, Detections], ids: Mapping[str, int]) -> list[dict]:
-    """COCO results list (image_id, category_id = label + 1, bbox xywh, score)."""
+def _coco_results(dets: Mapping[str, Detections], ids: Mapping[str, int],
+                  cat_ids: Sequence[int] | None = None) -> list[dict]:
+    """COCO results list (image_id, category_id = ``cat_ids[label]`` or label + 1, bbox xywh,
+    score)."""
     out = []
     for k, det in dets.items():
         for xywh, s, c in zip(to_xywh(det.boxes), det.scores, det.labels):
-            out.append({"image_id": ids[k], "category_id": int(c) + 1,
+            cid = int(c) + 1 if cat_ids is None else cat_ids[int(c)]
+            out.append({"image_id": ids[k], "category_id": cid,
                         "bbox": [_f32(v) for v in xywh], "score": _f32(s)})
     return out
 

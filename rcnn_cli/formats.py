@@ -87,30 +87,44 @@ def write_detections_csv(path: str | Path, dets: Mapping[str, Any],
     return path
 
 
-def _image_list(image_sizes: Mapping[str, tuple[int, int]]) -> list[dict]:
-    return [{"id": i + 1, "file_name": k, "height": int(hw[0]), "width": int(hw[1])}
-            for i, (k, hw) in enumerate(image_sizes.items())]
+def _image_list(image_sizes: Mapping[str, tuple[int, int]],
+                image_ids: Mapping[str, int] | None = None) -> list[dict]:
+    given = dict(image_ids or {})
+    nxt = max([v for v in given.values() if isinstance(v, int)], default=0) + 1
+    out = []
+    for k, hw in image_sizes.items():
+        if k not in given:
+            given[k], nxt = nxt, nxt + 1
+        out.append({"id": given[k], "file_name": k, "height": int(hw[0]), "width": int(hw[1])})
+    return out
 
 
 def write_coco_results(out_dir: str | Path, dets: Mapping[str, Any],
                        image_sizes: Mapping[str, tuple[int, int]],
-                       classes: Sequence[str]) -> list[Path]:
+                       classes: Sequence[str], image_ids: Mapping[str, int] | None = None,
+                       category_ids: Sequence[int] | None = None) -> list[Path]:
     """Write ``detections.json``, ``images.json`` and ``categories.json`` into ``out_dir``.
 
-    ``image_sizes`` (file_name -> (height, width)) lists every image, in order; ids are
-    1..N and every image appears in ``images.json`` even without detections (``file_name``
-    = the key, the identity with extension). Category id = class index + 1. Returns the
-    three paths.
+    ``image_sizes`` (file_name -> (height, width)) lists every image, in order; every image
+    appears in ``images.json`` even without detections (``file_name`` = the key, the identity
+    with extension). Ids are the user's where given (``image_ids``: file_name -> COCO image
+    id; ``category_ids``: the COCO category id of each class index, so the user's own
+    instances file scores ``detections.json``), else 1..N and class index + 1 (images
+    without a given id are numbered after the largest given one). Returns the three paths.
     """
     from rcnn_cli.evaluate import _coco_results, as_detections
 
     unknown = [k for k in dets if k not in image_sizes]
     if unknown:
         raise ValueError(f"dets: image {unknown[0]!r} is not in image_sizes")
-    images = _image_list(image_sizes)
+    if category_ids is not None and len(category_ids) != len(classes):
+        raise ValueError(f"category_ids: {len(category_ids)} ids for {len(classes)} classes")
+    images = _image_list(image_sizes, image_ids)
     ids = {im["file_name"]: im["id"] for im in images}
-    results = _coco_results({k: as_detections(v) for k, v in dets.items()}, ids)
-    cats = [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(classes)]
+    results = _coco_results({k: as_detections(v) for k, v in dets.items()}, ids, category_ids)
+    cat_ids = category_ids if category_ids is not None else range(1, len(classes) + 1)
+    cats = [{"id": int(i), "name": n, "supercategory": "none"}
+            for i, n in zip(cat_ids, classes)]
     out = Path(out_dir)
     paths = [out / "detections.json", out / "images.json", out / "categories.json"]
     for p, obj in zip(paths, (results, images, cats)):

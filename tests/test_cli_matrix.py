@@ -231,6 +231,51 @@ def test_evaluate_detections_and_proposals(chain, tmp_path):
     assert json.dumps(m).count("recall") and "summary" in m
 
 
+def test_detect_coco_ids_are_the_users(chain, tmp_path):
+    """--coco-ids: detections.json carries the user's image and category ids, so the user's
+    own instances file scores it (same AP as our own ids against the CSV ground truth)."""
+    from rcnn_cli.datasets import load_dataset
+
+    ds = load_dataset(chain["ann"])
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": 10 + 3 * i, "name": n} for i, n in enumerate(CLASSES[::-1])]}
+    cid = {c["name"]: c["id"] for c in coco["categories"]}
+    for n, r in enumerate(ds.records):
+        coco["images"].append({"id": 100 + n, "file_name": r.file_name, "height": r.height,
+                               "width": r.width})
+        for b, lab in zip(r.boxes, r.labels):
+            x1, y1, x2, y2 = (float(v) for v in b)
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": 100 + n,
+                                        "category_id": cid[ds.classes[lab]], "iscrowd": 0,
+                                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                        "area": (x2 - x1) * (y2 - y1)})
+    gt = tmp_path / "instances.json"
+    gt.write_text(json.dumps(coco))
+    out = tmp_path / "det"
+    run("detect", chain["img"], "--model", chain["model"], "-o", out, "--config", chain["cfg"],
+        "--coco-ids", gt)
+    dets = json.loads((out / "detections.json").read_text())
+    assert dets and {d["image_id"] for d in dets} <= {100, 101}
+    assert {d["category_id"] for d in dets} <= set(cid.values())
+    cats = json.loads((out / "categories.json").read_text())
+    assert {c["name"]: c["id"] for c in cats} == cid
+    ours = tmp_path / "ours"
+    shutil.copytree(chain["det"], ours)
+    for d in (out, ours):  # evaluate reads the COCO files
+        (d / "detections.csv").unlink()
+    run("evaluate", "--annotations", gt, "--detections", out, "-o", tmp_path / "e1")
+    run("evaluate", "--annotations", chain["ann"], "--detections", ours, "-o", tmp_path / "e2")
+    m1, m2 = (json.loads((tmp_path / e / "metrics.json").read_text()) for e in ("e1", "e2"))
+    assert m1["mAP_voc"] == pytest.approx(m2["mAP_voc"])
+    assert m1["coco"]["AP"] == pytest.approx(m2["coco"]["AP"])
+    # a model class the file does not name: one line, before any work
+    coco["categories"] = coco["categories"][:1]
+    gt.write_text(json.dumps(coco))
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "det2",
+            "--coco-ids", gt, code=1)
+    assert "no category named" in r.output and not (tmp_path / "det2" / "per_image").exists()
+
+
 # ---------------------------------------------------------------- errors before any work
 def _copy_model(chain, tmp_path, edit) -> Path:
     d = tmp_path / "m"
