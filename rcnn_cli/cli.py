@@ -553,7 +553,7 @@ def localize_predict(images, model_dir, out, split, formats, annotations, save_v
             res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
                                      annotations=annotations, save_vis=save_vis,
                                      device=cfg["common"]["device"], overwrite=overwrite)
-        except loc.LocalizeError as e:
+        except (ValueError, RuntimeError) as e:  # bad bundle, annotations, device, weights
             raise click.ClickException(str(e)) from None
     for p in res.written:
         if p.name in ("detections.csv", "detections.json", "metrics.json"):

@@ -31,7 +31,8 @@ Recipe:
   box targets the same way), so one learning rate fits both heads and predicting 0 is the
   mean box;
 * SGD with momentum 0.9, weight decay 5e-4, dropout 0.5 after fc6 / fc7, lr x 0.1 at 2/3
-  of the run (R-CNN's fine-tuning schedule); every random draw comes from a seeded
+  of the run (R-CNN's fine-tuning schedule), gradient norm clipped at :data:`GRAD_CLIP`
+  (K-part targets diverged without it); every random draw comes from a seeded
   ``torch.Generator``, never the global RNG.
 
 **K-part regression** (DeepPose's idea for articulated objects): with ``parts=K`` the
@@ -176,7 +177,8 @@ class Backbone:
         self.device = resolve_device(device)
         model = load_backbone(name, weights, seed)
         frozen, tail = split_backbone(name, model, finetune)
-        self.frozen = frozen.to(self.device).eval()
+        # channels-last: ~2x faster convolutions on a CPU (as features.py's shared mode)
+        self.frozen = frozen.to(self.device, memory_format=torch.channels_last).eval()
         self.tail = tail.eval()
         for p in self.frozen.parameters():
             p.requires_grad_(False)
@@ -203,7 +205,8 @@ class Backbone:
             batch = np.stack([resize_image(im, self.input_size)
                               for im in images[i:i + EXTRACT_BATCH]])
             t = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().div_(255)
-            out.append(self.frozen((t - self._mean) / self._std).float().cpu())
+            t = ((t - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+            out.append(self.frozen(t).float().contiguous().cpu())
         return torch.cat(out)
 
 
