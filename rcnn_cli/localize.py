@@ -172,7 +172,9 @@ class Backbone:
         self.input_size = int(input_size or spec.input_size)
         if self.input_size < 32:
             raise ValueError(f"input_size must be >= 32, got {self.input_size}")
-        self.weights = None if weights is None else str(weights)
+        # a weights file is recorded by absolute path (and its hash, in weights_id)
+        self.weights = (None if weights is None else "random" if str(weights) == "random"
+                        else str(Path(weights).resolve()))
         self.weights_id = weights_id(weights, name, seed)
         self.device = resolve_device(device)
         model = load_backbone(name, weights, seed)
@@ -332,6 +334,10 @@ class Localizer:
         backbone = Backbone(e["backbone"], e["weights"], e["seed"],
                             finetune=e["finetune_blocks"] > 0, input_size=e["input_size"],
                             device=device)
+        if backbone.weights_id != e["weights_id"]:
+            raise LocalizeError(f"{e['weights']}: backbone weights differ from those the "
+                                f"model was trained with ({backbone.weights_id} != "
+                                f"{e['weights_id']})")
         tail = backbone.tail
         if e["finetune_blocks"]:
             state = {k[len(TAIL_PREFIX):]: torch.from_numpy(np.array(v))

@@ -430,3 +430,25 @@ def test_bad_options_rejected():
         L.train_localizer(ds, loss="l1")
     with pytest.raises(L.LocalizeError, match="2 classes"):
         L.train_localizer(ds, parts=3)
+
+
+def test_cli_weights_file(data, tmp_path):
+    """--weights PATH: recorded with its hash; predict refuses a changed or missing file."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    w = tmp_path / "w.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), w)
+    res = _invoke(["localize", "train", "--annotations", str(data[0]), "--images",
+                   str(data[1]), "-o", str(tmp_path / "m"), "--weights", str(w),
+                   "--input-size", "32", "--iterations", "2"])
+    assert res.exit_code == 0, res.output
+    assert _predict(data, tmp_path / "m", tmp_path / "o1").exit_code == 0
+    torch.save({k: v + 1 if v.is_floating_point() else v
+                for k, v in torch.load(w, weights_only=True).items()}, w)
+    res = _predict(data, tmp_path / "m", tmp_path / "o2")
+    assert res.exit_code == 1 and "differ" in res.output and "Traceback" not in res.output
+    w.unlink()
+    res = _predict(data, tmp_path / "m", tmp_path / "o3")
+    assert res.exit_code == 1 and "w.pth" in res.output and "Traceback" not in res.output
