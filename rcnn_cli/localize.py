@@ -982,6 +982,9 @@ def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str
 
         ds = load_dataset(annotations, split)
     items = list_images(list(inputs), split=split)
+    if not items:
+        raise LocalizeError(f"no images in {', '.join(map(str, inputs))}"
+                            + (f" listed in {split}" if split else ""))
     loc.build(device)  # load the backbone once, before the loop: fails early on weights
     report, preds, sizes, t0 = Report(), {}, {}, time.perf_counter()
     for it in items:

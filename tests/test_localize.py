@@ -452,3 +452,11 @@ def test_cli_weights_file(data, tmp_path):
     w.unlink()
     res = _predict(data, tmp_path / "m", tmp_path / "o3")
     assert res.exit_code == 1 and "w.pth" in res.output and "Traceback" not in res.output
+
+
+def test_cli_no_images_is_an_error(data, tiny_model, tmp_path):
+    split = tmp_path / "split.txt"
+    split.write_text("nothing_here\n")
+    res = _predict(data, tiny_model, tmp_path / "out", "--split", str(split))
+    assert res.exit_code == 1 and "no images" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out" / "detections.csv").exists()
