@@ -74,7 +74,7 @@ def _train(data, out, *extra):
 
 
 def _predict(data, model, out, *extra):
-    ann, images = data
+    images = data[1]
     return _invoke(["localize", "predict", str(images), "--model", str(model), "-o", str(out),
                     *extra])
 
@@ -119,7 +119,7 @@ def test_learns_parts_in_order(tmp_path):
                             hidden=64)
     preds = {r.file_name: loc.predict([read_image(te.image_root / r.file_name)])[0]
              for r in te.records}
-    b, s, lab = next(iter(preds.values()))
+    b, _, lab = next(iter(preds.values()))
     assert b.shape == (4, 4) and lab.tolist() == [0, 1, 2, 3]
     centres = np.stack([(p[0][:, :2] + p[0][:, 2:]) / 2 for p in preds.values()])  # (N, 4, 2)
     assert (centres[:, 0, 0] <= centres[:, 1, 0]).mean() >= 0.9  # q0 left of q1
@@ -146,7 +146,7 @@ def test_bundle_round_trip(tiny_model, data):
         np.testing.assert_array_equal(loc.arrays[k], loc2.arrays[k])
     img = read_image(next(Path(data[1]).glob("*.png")))
     (b1, s1, l1), = loc.predict([img])
-    (b2, s2, l2), = loc2.predict([img])
+    (b2, _, l2), = loc2.predict([img])
     np.testing.assert_array_equal(b1, b2)
     assert b1.shape == (1, 4) and l1 == l2 and 0 < s1[0] <= 1
     with pytest.raises(FileExistsError):
@@ -154,8 +154,9 @@ def test_bundle_round_trip(tiny_model, data):
 
 
 def _rewrite_npz(d: Path, arrays, fix_sha=True):
-    from rcnn_cli.store import npz_bytes
     import hashlib
+
+    from rcnn_cli.store import npz_bytes
 
     data = npz_bytes(arrays)
     (d / L.ARRAYS_NAME).write_bytes(data)
@@ -355,8 +356,8 @@ def test_largest_object_used_and_logged(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="rcnn_cli.localize"):
         L.train_localizer(ds, weights="random", input_size=32, iterations=1, hidden=8)
     msgs = [r.getMessage() for r in caplog.records if "several" in r.getMessage()]
-    assert msgs == ["localize: 1 of 2 training images hold several objects; each uses its "
-                    "largest"]
+    assert msgs == [("localize: 1 of 2 training images hold several objects; each uses its "
+                     "largest")]
 
 
 # ------------------------------------------------------------------ metrics
@@ -460,3 +461,10 @@ def test_cli_no_images_is_an_error(data, tiny_model, tmp_path):
     res = _predict(data, tiny_model, tmp_path / "out", "--split", str(split))
     assert res.exit_code == 1 and "no images" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out" / "detections.csv").exists()
+
+
+@pytest.mark.parametrize("args", [["localize"], ["localize", "train"],
+                                  ["localize", "predict"]])
+def test_localize_help_has_example(args):
+    res = _invoke([*args, "--help"])
+    assert res.exit_code == 0 and "Example:" in res.output
