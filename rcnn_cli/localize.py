@@ -224,7 +224,7 @@ def _dropout(x: torch.Tensor, p: float, gen: torch.Generator | None) -> torch.Te
     """Inverted dropout drawing its mask from ``gen`` (None: no dropout, i.e. inference)."""
     if gen is None or p <= 0:
         return x
-    keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
+    keep = (torch.rand(x.shape, generator=gen) >= p).to(x.device)  # CPU generator
     return x * keep / (1 - p)
 
 
