@@ -524,3 +524,126 @@ def demo(out, data, no_vis, config_file, common, overwrite):
     for p in res["pictures"][:8]:
         click.echo(p)
     click.echo(f"seconds per stage: {json.dumps(res['seconds'])}", err=True)
+
+
+# ------------------------------------------------------------------ localize (issue 14)
+@cli.group()
+def localize():
+    """Classification + localisation by regression: one class and one box per image (the
+    approach R-CNN grew out of), for images with one main object.
+
+    Example: rcnn localize train --annotations data --split data/train.txt -o runs/loc
+    """
+
+
+@localize.command("train")
+@click.option("--annotations", required=True, type=click.Path(exists=True),
+              help="Training ground truth (VOC folder, COCO .json or .csv).")
+@click.option("--split", help="Stems file (or train/test/val of the VOC folder).")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder the annotation file names are relative to (COCO/CSV; default: "
+                   "next to the file).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder (localize.json + localize.npz).")
+@click.option("--attach", type=click.Choice(["conv", "fc"]), default="fc", show_default=True,
+              help="Box regressor on the conv features (VGG-style) or after the shared fc "
+                   "layers (DeepPose-style).")
+@click.option("--loss", type=click.Choice(["l2", "smooth_l1"]), default="l2",
+              show_default=True, help="Box regression loss.")
+@click.option("--finetune", is_flag=True, help="Also train the backbone's last blocks.")
+@click.option("--parts", type=click.IntRange(min=1), default=None,
+              help="Regress K part boxes per image (the K classes, ordered by name).")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="SGD iterations (default 1500).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the init, batches and dropout (and of --weights random).")
+@click.option("--backbone", type=click.Choice(["mobilenet_v2", "resnet18", "resnet50",
+                                               "vgg16", "alexnet"]), default="mobilenet_v2",
+              show_default=True, help="Backbone network.")
+@click.option("--weights", help="Backbone weights: .safetensors / .pth path, or 'random' "
+                                "(default ImageNet).")
+@click.option("--input-size", type=click.IntRange(min=32), default=None,
+              help="Side the whole image is resized to (default: the backbone's, 224).")
+@common_options
+def localize_train(annotations, split, images_dir, out, attach, loss, finetune, parts,
+                   iterations, seed, backbone, weights, input_size, config_file, common,
+                   overwrite):
+    """Train a softmax classifier and a box regressor on whole images (largest object of
+    each image); prints the bundle folder.
+
+    Example: rcnn localize train --annotations data --split data/train.txt -o runs/loc --attach conv
+    """
+    from rcnn_cli import localize as loc
+    from rcnn_cli.datasets import AnnotationError, load_dataset
+
+    cfg = load_config(config_file, common=common)
+    if not overwrite and (Path(out) / loc.JSON_NAME).exists():
+        raise click.UsageError(f"{out}: a localize bundle exists; pass --overwrite")
+    try:
+        ds = load_dataset(annotations, split=split, image_root=images_dir)
+        if images_dir and Path(annotations).is_dir():
+            ds.image_root = Path(images_dir)
+        loc.training_targets(ds, parts)  # checks --parts against the classes first
+    except (AnnotationError, loc.LocalizeError) as e:
+        raise click.BadParameter(str(e), param_hint="--parts" if parts else "--annotations")
+    with usage_errors():
+        try:
+            model = loc.train_localizer(
+                ds, attach=attach, loss=loss, finetune=finetune, parts=parts,
+                iterations=iterations or loc.ITERATIONS, seed=seed, backbone=backbone,
+                weights=weights or None, input_size=input_size,
+                device=cfg["common"]["device"])
+        except (ValueError, RuntimeError) as e:
+            raise click.ClickException(str(e)) from None
+        loc.save_localizer(out, model, overwrite=overwrite)
+    s = model.training_stats
+    click.echo(f"localize: {s['images']} images, {s['several_objects']} with several objects "
+               f"(largest used), loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} in "
+               f"{s['seconds']:.0f} s", err=True)
+    click.echo(str(Path(out)))
+
+
+@localize.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "model_dir", required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Bundle folder from `rcnn localize train`.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: detections.csv, detections.json, images.json, "
+                   "categories.json, localize.json.")
+@click.option("--split", type=click.Path(exists=True, dir_okay=False),
+              help="File of image stems: only these images are processed.")
+@click.option("--formats", default="csv,coco", show_default=True,
+              help="Comma-separated outputs: csv, coco, voc, yolo.")
+@click.option("--annotations", type=click.Path(exists=True),
+              help="Ground truth: also write OUT/metrics.json (classification and "
+                   "localisation accuracy, mean IoU).")
+@click.option("--save-vis", is_flag=True, help="Draw the predictions into OUT/vis/.")
+@common_options
+def localize_predict(images, model_dir, out, split, formats, annotations, save_vis,
+                     config_file, common, overwrite):
+    """One class and one box (or K part boxes) per image of IMAGES, written in the formats
+    of `rcnn detect` (one row per image in detections.csv).
+
+    Example: rcnn localize predict data/images --split data/test.txt --model runs/loc -o runs/locdet --annotations data
+    """
+    from rcnn_cli import localize as loc
+
+    try:
+        fmts = loc.check_formats(formats.split(","))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--formats") from None
+    cfg = load_config(config_file, common=common)
+    with usage_errors():
+        try:
+            res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
+                                     annotations=annotations, save_vis=save_vis,
+                                     device=cfg["common"]["device"], overwrite=overwrite)
+        except (ValueError, RuntimeError) as e:  # bad bundle, annotations, device, weights
+            raise click.ClickException(str(e)) from None
+    for p in res.written:
+        if p.name in ("detections.csv", "detections.json", "metrics.json"):
+            click.echo(str(p))
+    if res.metrics is not None:
+        click.echo(res.metrics["summary"], err=True)
+    finish(res.report)
