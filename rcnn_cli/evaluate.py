@@ -838,6 +838,28 @@ def _split_filter(annotations: str | Path, split: str | Path | None, names: Iter
     return outside
 
 
+def _add_localization(metrics: dict[str, Any], ds: Any, dets: Mapping[str, Any],
+                      classes: Sequence[str], detections_dir: str | Path, out: Path
+                      ) -> dict[str, Any]:
+    """Add the CLS-LOC scores of a `rcnn localize predict` output (one prediction per image:
+    classification accuracy, localisation accuracy, mean IoU; per-part IoU for K-part
+    models) to ``metrics`` and rewrite ``metrics.json``."""
+    from rcnn_cli import localize as L
+
+    marker = json.loads((Path(detections_dir) / "localize.json").read_text())
+    names = match_image_names(dets.keys(), [r.file_name for r in ds.records])
+    preds = {names[k]: v for k, v in dets.items() if k in names}
+    fn = L.parts_metrics if marker.get("parts") else L.localization_metrics
+    loc = fn(ds, preds, classes=list(classes))
+    metrics = {**metrics, "localization": loc}
+    if not marker.get("parts"):
+        metrics["summary"] += (f"; localisation: cls. acc. {loc['classification_accuracy']:.3f},"
+                               f" loc. acc. {loc['localization_accuracy']:.3f}, "
+                               f"mean IoU {loc['mean_iou']:.3f}")
+    atomic_write_bytes(out / "metrics.json", json.dumps(_nan_to_none(metrics), indent=2).encode())
+    return metrics
+
+
 def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
                     proposals_dir: str | Path | None, split: str | Path | None,
                     out: str | Path | None, cfg: Mapping[str, Any], diagnose: bool = False,
@@ -899,6 +921,8 @@ def evaluate_folder(annotations: str | Path, detections_dir: str | Path | None,
                     "proposals": read_proposals(proposals_dir) if proposals_dir else None}
         metrics, _ = evaluate_detections(ds, dets, classes=classes, out_dir=out, iou_thresh=iou,
                                          diagnosis=diag)
+        if (Path(detections_dir) / "localize.json").is_file():  # `rcnn localize predict`
+            metrics = _add_localization(metrics, ds, dets, classes, detections_dir, out)
         return metrics, out / "metrics.json"
     from rcnn_cli.proposals.metrics import plot_recall_curve
 

@@ -246,6 +246,14 @@ def test_cli_train_predict(data, tmp_path, attach, loss):
     assert marker["kind"] == "localize" and marker["images"] == 6
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 6 and 0 <= metrics["mean_iou"] <= 1
+    # `rcnn evaluate` recognises a localize output and reports the same CLS-LOC scores
+    ev = CliRunner().invoke(cli, ["evaluate", "--annotations", str(data[0]), "--detections",
+                                  str(out), "-o", str(tmp_path / "ev")])
+    assert ev.exit_code == 0, ev.output
+    loc = json.loads((tmp_path / "ev" / "metrics.json").read_text())["localization"]
+    assert loc["mean_iou"] == pytest.approx(metrics["mean_iou"])
+    assert loc["localization_accuracy"] == pytest.approx(metrics["localization_accuracy"])
+    assert "loc. acc." in ev.output
 
 
 def test_cli_finetune(data, tmp_path):
