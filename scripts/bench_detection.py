@@ -119,6 +119,7 @@ CV_CONFIGS: dict[str, dict] = {
     "lambda300": {"train_svm": {"bbox_lambda": 300.0}},
     "lambda3000": {"train_svm": {"bbox_lambda": 3000.0}},
     "reg_iou05": {"train_svm": {"bbox_min_overlap": 0.5}},
+    "neg_overlap05": {"train_svm": {"neg_overlap": 0.5}},
 }
 
 #: Post-processing variants scored offline on every trained fold model.
@@ -213,6 +214,12 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
         res["configs"][name] = {"seconds": round(time.perf_counter() - t0, 1),
                                 **{var: {key: _spread(v) for key, v in m.items()}
                                    for var, m in per.items()}}
+        # paired against the first configuration's default post-processing, fold by fold
+        # (the folds' own spread is mostly which images they hold; the paired one is not)
+        base = res["configs"][configs[0]]["default"]["ap50_voc07"]["folds"]
+        res["configs"][name]["paired_ap50_voc07_vs_first"] = {
+            var: _spread(list(np.round(np.asarray(m["ap50_voc07"]) - base, 4)))
+            for var, m in per.items()}
         print(json.dumps({"config": name, **res["configs"][name]}), file=sys.stderr,
               flush=True)
     return res
