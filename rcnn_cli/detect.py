@@ -63,8 +63,8 @@ class DetectSettings:
     max_per_image: int = 100
     bbox_regression: bool = True
     vis_thresh: float = -0.8        # pictures show detections scoring above this
-    nms: str = "hard"               # hard (R-CNN) | soft (Gaussian soft-NMS)
-    box_vote_iou: float = 0.0       # > 0: box voting among same-class boxes at this IoU
+    nms: str = "soft"               # soft (Gaussian soft-NMS; CV) | hard (R-CNN's greedy NMS)
+    box_vote_iou: float = 0.5       # box voting among same-class boxes at this IoU (0 = off)
 
 
 def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
@@ -87,7 +87,7 @@ def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
     b, s, lab = b[keep], s[keep].astype(np.float32), lab[keep]
     # non-maximum suppression, independently per class
     if settings.nms == "soft":
-        idx, s_out = soft_nms(b, s, lab, settings.score_thresh)
+        idx, s_out = soft_nms(b, s, lab, settings.score_thresh, limit=settings.max_per_image)
     else:
         idx = batched_nms(torch.from_numpy(b), torch.from_numpy(s),
                           torch.from_numpy(lab.astype(np.int64)), settings.nms_iou).numpy()
@@ -102,7 +102,7 @@ def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
 
 
 def soft_nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], labels: NDArray,
-             score_thresh: float, sigma: float = SOFT_NMS_SIGMA
+             score_thresh: float, sigma: float = SOFT_NMS_SIGMA, limit: int | None = None
              ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """Gaussian soft-NMS per class (Bodla et al. 2017), for SVM margins.
 
@@ -113,6 +113,8 @@ def soft_nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], labels: ND
 
     Args:
         boxes (N, 4) float32, scores (N,), labels (N,): the candidates (already thresholded).
+        limit: stop after this many boxes per class (the picked scores never increase, so
+            these are the class's best ``limit`` boxes; the rest cannot make the cap).
 
     Returns:
         (indices into the input, best first; their decayed scores).
@@ -123,7 +125,7 @@ def soft_nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], labels: ND
         h = scores[ids].astype(np.float64) - score_thresh  # > 0
         iou = bx.box_iou(boxes[ids], boxes[ids]).astype(np.float64)
         alive = np.ones(len(ids), bool)
-        for _ in range(len(ids)):
+        for _ in range(len(ids) if limit is None else min(limit, len(ids))):
             cand = np.flatnonzero(alive)
             if not len(cand):
                 break

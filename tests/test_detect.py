@@ -14,6 +14,9 @@ from rcnn_cli.cli import cli
 from rcnn_cli.detect import DetectSettings, postprocess
 from rcnn_cli.model import load_model
 
+#: R-CNN's plain post-processing (greedy NMS, no box voting)
+HARD = {"nms": "hard", "box_vote_iou": 0.0}
+
 
 def _plain_nms(boxes, scores, thresh):
     """Reference: greedy NMS in plain Python (suppress IoU > thresh)."""
@@ -42,7 +45,7 @@ def test_postprocess_nms_either_side_of_threshold():
     b2 = [0, 0, 100, 29.9]   # IoU 0.299 < 0.3
     boxes = np.array([b0, b1, b2], np.float32)[:, None, :]  # (N, K=1, 4)
     scores = np.array([[0.9], [0.8], [0.7]], np.float32)
-    b, s, _ = postprocess(boxes, scores, (200, 200), DetectSettings(nms_iou=0.3))
+    b, s, _ = postprocess(boxes, scores, (200, 200), DetectSettings(nms_iou=0.3, **HARD))
     ref = _plain_nms(boxes[:, 0].tolist(), scores[:, 0].tolist(), 0.3)
     assert ref == [0, 2]
     np.testing.assert_array_equal(b, boxes[ref, 0])
@@ -66,8 +69,8 @@ def test_soft_nms_decays_overlaps_and_keeps_classes_apart():
     assert (np.diff(sc) <= 0).all()  # best first
     # through postprocess: hard NMS at 0.3 drops box 1, soft-NMS keeps it, ranked last
     one = (b[:3, None, :], s[:3, None], (100, 100))
-    _, hs, _ = postprocess(*one, DetectSettings(0.3, -2.0, 10))
-    _, ss, _ = postprocess(*one, DetectSettings(0.3, -2.0, 10, nms="soft"))
+    _, hs, _ = postprocess(*one, DetectSettings(0.3, -2.0, 10, **HARD))
+    _, ss, _ = postprocess(*one, DetectSettings(0.3, -2.0, 10, nms="soft", box_vote_iou=0.0))
     assert len(hs) == 2 and len(ss) == 3 and ss[-1] < -1.0
 
 
@@ -91,7 +94,7 @@ def test_postprocess_per_class_threshold_clip_and_cap():
     xy = rng.uniform(-20, 150, (n, k, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(5, 80, (n, k, 2))], 2).astype(np.float32)
     scores = rng.normal(0, 1, (n, k)).astype(np.float32)
-    st = DetectSettings(nms_iou=0.5, score_thresh=0.0, max_per_image=1000)
+    st = DetectSettings(nms_iou=0.5, score_thresh=0.0, max_per_image=1000, **HARD)
     b, s, lab = postprocess(boxes, scores, (120, 160), st)
     assert (s > 0).all() and np.all(np.diff(s) <= 0)
     assert b[:, 0].min() >= 0 and b[:, 2].max() <= 160 and b[:, 3].max() <= 120
@@ -100,7 +103,7 @@ def test_postprocess_per_class_threshold_clip_and_cap():
         m = (scores[:, c] > 0) & (cb[:, 2] - cb[:, 0] > 0.01) & (cb[:, 3] - cb[:, 1] > 0.01)
         ref = _plain_nms(cb[m].tolist(), scores[m, c].tolist(), 0.5)
         np.testing.assert_allclose(np.sort(s[lab == c]), np.sort(scores[m, c][ref]))
-    _, s2, _ = postprocess(boxes, scores, (120, 160), DetectSettings(0.5, 0.0, 3))
+    _, s2, _ = postprocess(boxes, scores, (120, 160), DetectSettings(0.5, 0.0, 3, **HARD))
     assert len(s2) == 3 and np.array_equal(s2, s[:3])
 
 
