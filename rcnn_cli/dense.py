@@ -113,38 +113,63 @@ def _weights(iv: torch.Tensor, cells: int, n: int, scale: float) -> torch.Tensor
     return _cell_weights(iv[:, 0] * scale, iv[:, 1] * scale, cells, n)
 
 
-def dense_grid_features(mid: torch.Tensor, top: torch.Tensor, xs: NDArray[np.float32],
-                        ys: NDArray[np.float32], head: GridHead) -> torch.Tensor:
-    """``grid`` features of every window ``xs[i] x ys[j]`` in one pass over the two maps.
+def dense_grid_features(mid: torch.Tensor, top: torch.Tensor,
+                        grids: Sequence[tuple[NDArray[np.float32], NDArray[np.float32]]],
+                        head: GridHead) -> torch.Tensor:
+    """``grid`` features of every window of every shape, in one pass over the two maps.
+
+    A window's vector is separable: ``what[c] = sum_yx wy[y] wx[x] top[c, y, x]`` with
+    ``wx``, ``wy`` the pooling weights of its x- and y-interval (and likewise for each of the
+    grid x grid parts of its context-padded box on the mid map). So the maps are first
+    contracted along x with the weights of *all* x-intervals of all shapes (one matrix product
+    per map), then, per shape, along y with the weights of its y-intervals, which yields the
+    ``ny x nx`` windows of the shape at once (their Cartesian product). The intermediate
+    layouts are chosen so that these products write rows in the final order (few copies).
 
     Args:
         mid (Tensor[C_mid, H_mid, W_mid]), top (Tensor[C_top, H_top, W_top]): the trunk's
             maps of one image (float32).
-        xs (NDArray[nx, 2]), ys (NDArray[ny, 2]): window intervals in the pixels of the
-            image the trunk saw (:func:`window_grid`).
+        grids: per window shape, (xs (NDArray[nx, 2]), ys (NDArray[ny, 2])) window intervals
+            in the pixels of the image the trunk saw (:func:`window_grid`).
         head: the extractor's :class:`GridHead` (grid size, strides, context factor).
     Returns:
-        Tensor[ny * nx, C_top + C_mid * grid**2]: row ``j * nx + i`` is window (ys[j], xs[i]),
-        laid out as :class:`GridHead` lays out a box's vector.
+        Tensor[sum ny * nx, C_top + C_mid * grid**2]: shape after shape, row ``j * nx + i``
+        of a shape its window (ys[j], xs[i]), laid out as :class:`GridHead` lays out a box's
+        vector (the top-map mean, then the mid map's parts as (C_mid, grid_y, grid_x)).
     """
-    dev = mid.device
-    tx, ty = torch.from_numpy(xs).to(dev), torch.from_numpy(ys).to(dev)
-    # "what": the top map averaged over each window, a separable box filter
-    wx = _weights(tx, 1, top.shape[2], 1.0 / head.top_stride)[:, 0]  # (nx, W_top)
-    wy = _weights(ty, 1, top.shape[1], 1.0 / head.top_stride)[:, 0]  # (ny, H_top)
-    what = torch.einsum("jy,cyi->jic", wy, torch.einsum("cyx,ix->cyi", top, wx))
-    # "where": the mid map averaged over grid x grid parts of each context-padded window
-    def padded(t: torch.Tensor) -> torch.Tensor:
+    dev, g = mid.device, head.grid
+    ct, ht, wt = top.shape
+    cm, hm, wm = mid.shape
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # the context-padded intervals
         c, half = t.mean(1, keepdim=True), (t[:, 1:] - t[:, :1]) / 2 * head.context
         return torch.cat([c - half, c + half], 1)
 
-    g = head.grid
-    px = _weights(padded(tx), g, mid.shape[2], 1.0 / head.mid_stride)  # (nx, g, W_mid)
-    py = _weights(padded(ty), g, mid.shape[1], 1.0 / head.mid_stride)  # (ny, g, H_mid)
-    t = torch.einsum("cyx,ikx->cyik", mid, px)  # (C, H_mid, nx, g_x)
-    where = torch.einsum("cyik,jly->jiclk", t, py)  # (ny, nx, C, g_y, g_x)
-    ny, nx = len(ys), len(xs)
-    return torch.cat([what.reshape(ny * nx, -1), where.reshape(ny * nx, -1)], 1)
+    tx = [torch.from_numpy(xs).to(dev) for xs, _ in grids]
+    ty = [torch.from_numpy(ys).to(dev) for _, ys in grids]
+    # 1. contract x for all x-intervals of all shapes, in the layout the rows want:
+    #    top_x (H_top, sum nx, C_top), mid_x (H_mid, sum nx, C_mid, g_x)
+    wx = torch.cat([_weights(t, 1, wt, 1.0 / head.top_stride)[:, 0] for t in tx])
+    px = torch.cat([_weights(padded(t), g, wm, 1.0 / head.mid_stride) for t in tx])
+    top_x = torch.matmul(wx, top.permute(1, 2, 0))
+    mid_x = torch.matmul(mid.permute(1, 0, 2), px.reshape(-1, wm).T) \
+        .view(hm, cm, -1, g).permute(0, 2, 1, 3).contiguous()
+    # 2. per shape, contract y: every (y-interval, x-interval) pair is a window
+    n = sum(len(x) * len(y) for x, y in zip(tx, ty))
+    out = top.new_empty((n, ct + cm * g * g))
+    r0 = c0 = 0
+    for x, y in zip(tx, ty):
+        nx, ny = len(x), len(y)
+        wy = _weights(y, 1, ht, 1.0 / head.top_stride)[:, 0]  # (ny, H_top)
+        py = _weights(padded(y), g, hm, 1.0 / head.mid_stride)  # (ny, g_y, H_mid)
+        what = wy @ top_x[:, c0:c0 + nx].reshape(ht, -1)  # (ny, nx * C_top)
+        where = py.reshape(ny * g, hm) @ mid_x[:, c0:c0 + nx].reshape(hm, -1)
+        rows = out[r0:r0 + ny * nx]
+        rows[:, :ct].copy_(what.view(ny * nx, ct))
+        rows[:, ct:].view(ny, nx, cm, g, g).copy_(  # (ny, g_y, nx, C, g_x) -> GridHead's
+            where.view(ny, g, nx, cm, g).permute(0, 2, 3, 1, 4))
+        r0, c0 = r0 + ny * nx, c0 + nx
+    return out
 
 
 def local_maxima(scores: NDArray[np.float32], kernel: int = PEAK_KERNEL) -> NDArray[np.bool_]:
@@ -184,17 +209,13 @@ def dense_windows(image: NDArray[np.uint8], extractor,
     mid, top = mid[0].float(), top[0].float()
     size = (round(h * f_y), round(w * f_x))  # the resized image the trunk saw
     # 2. every window of every shape, with its feature, in one pass per shape
-    shapes, feats, boxes = [], [], []
-    for s in scales:
-        for a in ratios:
-            xs, ys = window_grid(size, s * min(size), a, stride)
-            feats.append(dense_grid_features(mid, top, xs, ys, extractor.head))
-            b = np.stack(np.broadcast_arrays(xs[None, :, 0], ys[:, None, 0],
-                                             xs[None, :, 1], ys[:, None, 1]), -1)
-            boxes.append(b.reshape(-1, 4))
-            shapes.append((len(ys), len(xs)))
+    grids = [window_grid(size, s * min(size), a, stride) for s in scales for a in ratios]
+    feats = dense_grid_features(mid, top, grids, extractor.head)
+    boxes = [np.stack(np.broadcast_arrays(xs[None, :, 0], ys[:, None, 0], xs[None, :, 1],
+                                          ys[:, None, 1]), -1).reshape(-1, 4)
+             for xs, ys in grids]
     windows = bx.scale(np.concatenate(boxes), 1.0 / f_y, 1.0 / f_x)  # original pixels
-    return windows, torch.cat(feats).cpu().numpy(), shapes
+    return windows, feats.cpu().numpy(), [(len(ys), len(xs)) for xs, ys in grids]
 
 
 def detect_dense(image: NDArray[np.uint8], model, extractor, settings,

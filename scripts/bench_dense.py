@@ -11,10 +11,11 @@ three ways, with the bundle's thresholds and post-processing:
   one pass, local maxima of the score maps).
 
 Reports AP50 (VOC07 11-point and all-point) and seconds per image (decoded image in,
-detections out; one image at a time, after one warm-up image). Prints a Markdown table on
+detections out; one image at a time, after one warm-up image; the methods take turns
+on each image so that a change of machine load hits them alike). Prints a Markdown table on
 stderr and one JSON line on stdout. The bundle is only read.
 
-usage: python scripts/bench_dense.py --model runs/model [--data DIR] [--split test]
+usage: python scripts/bench_dense.py --model runs/model [--data DIR (default $RCNN_RACCOON)] [--split test]
        [--threads 2] [--limit N] [--methods selective_search,sliding,dense]
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model bundle folder (read only)")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "raccoon"))
+    ap.add_argument("--data", default=os.environ.get(
+        "RCNN_RACCOON", str(ROOT.parent / "shared" / "data" / "raccoon")))
     ap.add_argument("--split", default="test")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
@@ -63,24 +66,29 @@ def main() -> None:
             "sliding": lambda im: detect_image(im, sliding, ext, settings),
             "dense": lambda im: detect_dense(im, model, ext, settings)}
     images = {r.file_name: read_image(ds.image_root / r.file_name) for r in records}
-    rows = []
-    for name in args.methods.split(","):
-        fn = runs[name]
-        fn(next(iter(images.values())))  # warm-up
-        dets, steps, t = {}, {}, time.perf_counter()
-        for rel, im in images.items():
-            out = fn(im)
-            dets[rel] = Detections(out["boxes"], out["scores"], out["labels"])
+    names = args.methods.split(",")
+    first = next(iter(images.values()))
+    for name in names:
+        runs[name](first)  # warm-up
+    # the methods take turns on each image, so a change of machine load hits all alike
+    dets = {n: {} for n in names}
+    secs = {n: 0.0 for n in names}
+    steps = {n: {} for n in names}
+    for rel, im in images.items():
+        for name in names:
+            t = time.perf_counter()
+            out = runs[name](im)
+            secs[name] += time.perf_counter() - t
+            dets[name][rel] = Detections(out["boxes"], out["scores"], out["labels"])
             for k, v in out["times"].items():
-                steps[k] = steps.get(k, 0.0) + v
-        spi = (time.perf_counter() - t) / len(images)
-        m, _ = evaluate_detections(ds, dets, plot=False)
-        rows.append({"method": name, "images": len(images), "ap50_voc07": m["mAP_voc07"],
+                steps[name][k] = steps[name].get(k, 0.0) + v
+    rows, n = [], len(images)
+    for name in names:
+        m, _ = evaluate_detections(ds, dets[name], plot=False)
+        rows.append({"method": name, "images": n, "ap50_voc07": m["mAP_voc07"],
                      "ap50_voc": m["mAP_voc"], "detections": m["num_detections"],
-                     "seconds_per_image": round(spi, 3),
-                     "step_seconds": {k: round(v / len(images), 3) for k, v in steps.items()}})
-        print(f"{name}: AP50 VOC07 {m['mAP_voc07']:.4f}, all-point {m['mAP_voc']:.4f}, "
-              f"{spi:.2f} s/image", file=sys.stderr)
+                     "seconds_per_image": round(secs[name] / n, 3),
+                     "step_seconds": {k: round(v / n, 3) for k, v in steps[name].items()}})
     print("| method | AP50 VOC07 | AP50 all-point | s / image |", file=sys.stderr)
     print("|---|---|---|---|", file=sys.stderr)
     for r in rows:
