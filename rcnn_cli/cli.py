@@ -406,10 +406,14 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
 @click.option("--max-per-image", type=click.IntRange(min=1), help="Detections per image cap.")
 @click.option("--no-bbox-regression", is_flag=True, default=None,
               help="Do not refine boxes with the model's regressors.")
+@click.option("--dense", is_flag=True,
+              help="OverFeat-style: score sliding windows at every position in one conv pass "
+                   "instead of proposals (mobilenet_v2 shared 'grid' models).")
 @common_options
 @cluster_options
 def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, nms, box_vote_iou,
-           score_thresh, max_per_image, no_bbox_regression, config_file, common, overwrite):
+           score_thresh, max_per_image, no_bbox_regression, dense, config_file, common,
+           overwrite):
     """Detect objects in every image of IMAGES (folders, files or list files) with a model.
 
     Writes OUT/detections.csv (image,class,score,x1,y1,x2,y2 in original pixels),
@@ -430,7 +434,8 @@ def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, 
     explicit.update({k: v for k, v in flags.items() if v is not None})
     overrides = {k: cfg["detect"][k] for k in explicit}
     report = detect_folder(list(images), model_dir, out, cfg, split=split, save_vis=save_vis,
-                           overwrite=overwrite, overrides=overrides, coco_ids=coco_ids)
+                           overwrite=overwrite, overrides=overrides, coco_ids=coco_ids,
+                           dense=dense)
     for name in ("detections.csv", "detections.json"):
         if (Path(out) / name).exists():
             click.echo(str(Path(out) / name))

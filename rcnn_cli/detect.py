@@ -243,15 +243,22 @@ def model_key(model_dir: str | Path) -> str:
 
 def detect_one(item: ImageItem, store: StageStore, model_dir: str,
                extractor_kwargs: Mapping[str, Any], settings: DetectSettings,
-               vis_dir: str | None) -> dict:
-    """Per-image work of `rcnn detect` (one process loads model and backbone once)."""
+               vis_dir: str | None, dense: bool = False) -> dict:
+    """Per-image work of `rcnn detect` (one process loads model and backbone once);
+    ``dense``: score dense sliding windows (:func:`rcnn_cli.dense.detect_dense`) instead of
+    the model's proposals."""
     t0 = time.perf_counter()
     source = file_identity(item.path)
     img = read_image(item.path)
     model = _get_model(model_dir)
     ext = get_extractor(extractor_kwargs)
     t_dec = time.perf_counter() - t0
-    out = detect_image(img, model, ext, settings)
+    if dense:
+        from rcnn_cli.dense import detect_dense
+
+        out = detect_dense(img, model, ext, settings)
+    else:
+        out = detect_image(img, model, ext, settings)
     store.save(item.rel, {"boxes": out["boxes"], "scores": out["scores"],
                           "labels": out["labels"],
                           "image_size": np.array(img.shape[:2], np.int64)}, source=source)
@@ -314,14 +321,16 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                   save_vis: bool = False, formats: list[str] | None = None,
                   overwrite: bool = False,
                   overrides: Mapping[str, Any] | None = None,
-                  coco_ids: str | Path | None = None) -> Report:
+                  coco_ids: str | Path | None = None, dense: bool = False) -> Report:
     """Detect objects in folders of images with a model bundle; write all outputs to ``out``.
 
     Thresholds come from the model bundle unless ``overrides`` (the user's explicit
     [detect] settings) change them; see :func:`model_detect_settings`. Per-image results
     stream to ``out/per_image`` (a killed run resumes); the summary files are written at
     the end from those. ``coco_ids``: a COCO instances file whose ``image_id`` and
-    ``category_id`` values ``detections.json`` uses (:func:`coco_ids_for`).
+    ``category_id`` values ``detections.json`` uses (:func:`coco_ids_for`). ``dense``:
+    score dense sliding windows instead of proposals (:mod:`rcnn_cli.dense`; the model must
+    have shared-mode ``grid`` features, else :class:`ConfigError` before any work).
     """
     check_detect_folder(out, inputs, model_dir, overwrite)
     model = _get_model(str(model_dir))
@@ -331,15 +340,21 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
     ext = get_extractor(kwargs)  # load once here: fails early on missing weights
-    store = StageStore(Path(out) / "per_image", "detect",
-                       {"model": model_key(model_dir), "proposals": model.proposal_settings,
-                        "features": ext.settings(),
-                        "post": {k: v for k, v in settings.__dict__.items() if k != "vis_thresh"}},
+    key = {"model": model_key(model_dir), "proposals": model.proposal_settings,
+           "features": ext.settings(),
+           "post": {k: v for k, v in settings.__dict__.items() if k != "vis_thresh"}}
+    if dense:  # dense windows replace the proposals: their results never mix
+        from rcnn_cli.dense import check_dense, dense_settings
+
+        check_dense(ext)
+        key["dense"] = dense_settings()
+    store = StageStore(Path(out) / "per_image", "detect", key,
                        format_version=DETECT_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "detect"])
     vis_dir = str(Path(out) / "vis") if save_vis else None
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
-                           extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir)
+                           extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir,
+                           dense=dense)
     report = run_stage(fn, items, is_done=lambda it: is_current(store, it),
                        desc="detect", **execution(cfg, ext.device.type))
     write_outputs(out, store, items, model.classes, formats or d["formats"], coco_ids=ids)

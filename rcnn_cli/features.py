@@ -703,7 +703,12 @@ class FeatureExtractor:
             out.append(self._forward_net(crops))
         return torch.cat(out)
 
-    def _extract_shared(self, image, boxes: NDArray[np.float32]) -> torch.Tensor:
+    def shared_maps(self, image: NDArray[np.uint8] | torch.Tensor
+                    ) -> tuple[Any, tuple[float, float]]:
+        """Shared mode's trunk output for one image and the scale factors ``(f_y, f_x)``
+        from original pixels to the pixels of the resized image the trunk saw
+        (:func:`shared_resize`). The output is the trunk's: one map, or (mid, top) for the
+        ``grid`` tap (:class:`TwoMapTrunk`). Call under ``torch.inference_mode()``."""
         h, w = image.shape[:2]
         f = shared_resize((h, w), *self.shared_scale)
         t = self.image_tensor(image)
@@ -714,9 +719,13 @@ class FeatureExtractor:
             f_y, f_x = size[0] / h, size[1] / w
         else:
             f_y = f_x = 1.0
+        with self._autocast():
+            return self.trunk(t.contiguous(memory_format=torch.channels_last)), (f_y, f_x)
+
+    def _extract_shared(self, image, boxes: NDArray[np.float32]) -> torch.Tensor:
+        fmap, (f_y, f_x) = self.shared_maps(image)
         scaled = torch.from_numpy(box_ops.scale(boxes, f_y, f_x)).to(self.device)
         with self._autocast():
-            fmap = self.trunk(t.contiguous(memory_format=torch.channels_last))
             out = [self.head(fmap, [scaled[i:i + self.batch_size]]).float()
                    for i in range(0, len(boxes), self.batch_size)]
         return torch.cat(out)

@@ -294,6 +294,14 @@ def _detect(chain, model, out, *flags, code):
                *flags, code=code)
 
 
+def test_detect_dense_needs_a_grid_model(chain, tmp_path):
+    """--dense densifies shared-mode mobilenet_v2 'grid' features only: the chain's resnet18
+    model is refused with exit 2, naming the flag and the model's tap, before any work."""
+    r = _detect(chain, chain["model"], tmp_path / "o", "--dense", code=2)
+    assert "--dense" in r.output and "'grid'" in r.output and "resnet18" in r.output
+    assert not (tmp_path / "o" / "per_image").exists()
+
+
 def test_bogus_format_is_refused_before_any_work(chain, tmp_path):
     r = _detect(chain, chain["model"], tmp_path / "o", "--formats", "csv,bogus", code=2)
     assert "--formats" in r.output and "bogus" in r.output
