@@ -150,7 +150,10 @@ class RcnnCommand(click.Command):
 
 
 class RcnnGroup(click.Group):
+    """Every subcommand (and sub-group, e.g. ``rcnn localize``) maps errors the same way."""
+
     command_class = RcnnCommand
+    group_class = type
 
 
 @contextlib.contextmanager
