@@ -6,7 +6,6 @@ failed, or a missing file) or 2 (bad usage).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -154,12 +153,6 @@ class RcnnGroup(click.Group):
 
     command_class = RcnnCommand
     group_class = type
-
-
-@contextlib.contextmanager
-def usage_errors():
-    """Kept for callers; errors are mapped in one place (:class:`RcnnCommand`)."""
-    yield
 
 
 def load_config(config_file, **sections):
@@ -488,17 +481,16 @@ def evaluate(annotations, detections_dir, proposals_dir, split, out, diagnose, s
     if not diagnose and (similar or images_dir):
         raise click.UsageError("--similar and --images go with --diagnose")
     cfg = load_config(config_file, common=common)
-    with usage_errors():
-        try:
-            metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split,
-                                            out, cfg, diagnose=diagnose, similar=similar,
-                                            images_dir=images_dir)
-        except AnnotationError as e:
-            raise click.BadParameter(str(e), param_hint="--annotations") from None
-        except DetectionsError as e:
-            raise click.BadParameter(str(e), param_hint="--detections") from None
-        except ValueError as e:  # nothing to score (no image on both sides), bad --similar
-            raise click.UsageError(str(e)) from None
+    try:
+        metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split,
+                                        out, cfg, diagnose=diagnose, similar=similar,
+                                        images_dir=images_dir)
+    except AnnotationError as e:
+        raise click.BadParameter(str(e), param_hint="--annotations") from None
+    except DetectionsError as e:
+        raise click.BadParameter(str(e), param_hint="--detections") from None
+    except ValueError as e:  # nothing to score (no image on both sides), bad --similar
+        raise click.UsageError(str(e)) from None
     click.echo(str(path))
     click.echo(metrics["summary"], err=True)
     if diagnose:
@@ -594,16 +586,15 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
         loc.training_targets(ds, parts)  # checks --parts against the classes first
     except (AnnotationError, loc.LocalizeError) as e:
         raise click.BadParameter(str(e), param_hint="--parts" if parts else "--annotations")
-    with usage_errors():
-        try:
-            model = loc.train_localizer(
-                ds, attach=attach, loss=loss, finetune=finetune, parts=parts,
-                iterations=iterations or loc.ITERATIONS, seed=seed, backbone=backbone,
-                weights=weights or None, input_size=input_size,
-                device=cfg["common"]["device"])
-        except (ValueError, RuntimeError) as e:
-            raise click.ClickException(str(e)) from None
-        loc.save_localizer(out, model, overwrite=overwrite)
+    try:
+        model = loc.train_localizer(
+            ds, attach=attach, loss=loss, finetune=finetune, parts=parts,
+            iterations=iterations or loc.ITERATIONS, seed=seed, backbone=backbone,
+            weights=weights or None, input_size=input_size,
+            device=cfg["common"]["device"])
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    loc.save_localizer(out, model, overwrite=overwrite)
     s = model.training_stats
     click.echo(f"localize: {s['images']} images, {s['several_objects']} with several objects "
                f"(largest used), loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} in "
@@ -642,13 +633,12 @@ def localize_predict(images, model_dir, out, split, formats, annotations, save_v
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--formats") from None
     cfg = load_config(config_file, common=common)
-    with usage_errors():
-        try:
-            res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
-                                     annotations=annotations, save_vis=save_vis,
-                                     device=cfg["common"]["device"], overwrite=overwrite)
-        except (ValueError, RuntimeError) as e:  # bad bundle, annotations, device, weights
-            raise click.ClickException(str(e)) from None
+    try:
+        res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
+                                 annotations=annotations, save_vis=save_vis,
+                                 device=cfg["common"]["device"], overwrite=overwrite)
+    except (ValueError, RuntimeError) as e:  # bad bundle, annotations, device, weights
+        raise click.ClickException(str(e)) from None
     for p in res.written:
         if p.name in ("detections.csv", "detections.json", "metrics.json"):
             click.echo(str(p))
