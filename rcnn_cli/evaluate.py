@@ -340,13 +340,14 @@ def match_image_names(det_names: Iterable[str], gt_names: Iterable[str]) -> dict
         by_stem.setdefault(parts[-1] if parts else "", []).append(g)
     out: dict[str, str] = {}
     rest = []
+    taken: set[str] = set()
     for d in det_names:
         g = by_path.get(_norm_name(d))
         if g is None:
             rest.append(d)
-        elif g not in out.values():  # "./a.jpg" and "a.jpg": the first one wins
+        elif g not in taken:  # "./a.jpg" and "a.jpg": the first one wins
             out[d] = g
-    taken = set(out.values())
+            taken.add(g)
 
     def same(p: tuple[str, ...], q: tuple[str, ...]) -> bool:
         return p == q

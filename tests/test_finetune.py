@@ -281,7 +281,7 @@ def test_bad_arguments(data, tmp_path):
         ft.finetune(ds, props, tmp_path, **{**run, "val_fraction": 1.0})
     with pytest.raises(ValueError, match="backbone"):
         ft.finetune(ds, props, tmp_path, **{**run, "backbone": "lenet"})
-    with pytest.raises(KeyError, match="img0.png"):
+    with pytest.raises(ValueError, match="img0.png"):
         ft.finetune(ds, {}, tmp_path, **run)
     with pytest.raises(TypeError, match="proposals"):
         ft.finetune(ds, [1, 2], tmp_path, **run)
