@@ -633,12 +633,9 @@ def localize_predict(images, model_dir, out, split, formats, annotations, save_v
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--formats") from None
     cfg = load_config(config_file, common=common)
-    try:
-        res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
-                                 annotations=annotations, save_vis=save_vis,
-                                 device=cfg["common"]["device"], overwrite=overwrite)
-    except (ValueError, RuntimeError) as e:  # bad bundle, annotations, device, weights
-        raise click.ClickException(str(e)) from None
+    res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
+                             annotations=annotations, save_vis=save_vis,
+                             device=cfg["common"]["device"], overwrite=overwrite)
     for p in res.written:
         if p.name in ("detections.csv", "detections.json", "metrics.json"):
             click.echo(str(p))

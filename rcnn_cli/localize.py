@@ -623,6 +623,9 @@ def training_targets(dataset: Any, parts: int | None = None) -> TrainingSet:
                 continue
             multi += len(b) > k
             chosen, lab = np.stack(rows), 0
+        if r.height <= 0 or r.width <= 0:
+            skipped[r.file_name] = "image size unknown (image not found)"
+            continue
         names.append(r.file_name)
         labels.append(lab)
         boxes.append(bx.scale(chosen, 1.0 / r.height, 1.0 / r.width))
@@ -691,7 +694,9 @@ def train_localizer(dataset: Any, *, attach: str = "fc", loss: str = "l2",
     images, keep = [], []
     for i, name in enumerate(targets.images):
         try:
-            images.append(read(Path(dataset.image_root) / name))
+            # resized at once: the network sees input_size² only, and thousands of
+            # full-size photos (and their mirrors) would not fit in memory
+            images.append(resize_image(read(Path(dataset.image_root) / name), bb.input_size))
             keep.append(i)
         except (ImageError, OSError) as e:
             log.error("%s", e)
@@ -972,16 +977,24 @@ def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str
     fmts = check_formats(formats)
     loc = load_localizer(model_dir)
     out = Path(out)
-    clash = [n for n in OUTPUT_FILES if (out / n).exists()]
+    # the same folder rules as `rcnn detect`: never the model or an input folder, never a
+    # folder of someone else's files without --overwrite, never over a file we did not write
+    from rcnn_cli.store import check_output_folder, claim_folder
+
+    check_output_folder(out, [model_dir], overwrite=False, what="-o, --model")
+    check_output_folder(out, list(inputs), overwrite)
+    ours = (out / "localize.json").is_file() and (out / "images.json").is_file()
+    clash = [n for n in OUTPUT_FILES + ("vis", "voc", "yolo") if (out / n).exists()]
     if clash and not overwrite:
         raise FileExistsError(f"{out}: holds {clash[0]}; choose another folder or pass "
                               "--overwrite")
+    claim_folder(out, ours, OUTPUT_FILES + ("vis", "voc", "yolo"), overwrite)
     ds = None
     if annotations is not None:
         from rcnn_cli.datasets import load_dataset
 
         ds = load_dataset(annotations, split)
-    items = list_images(list(inputs), split=split)
+    items = list_images(list(inputs), split=split, exclude=[out])
     if not items:
         raise LocalizeError(f"no images in {', '.join(map(str, inputs))}"
                             + (f" listed in {split}" if split else ""))
@@ -1002,7 +1015,9 @@ def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str
         if save_vis:
             from rcnn_cli.visualize import draw_detections, save_image
 
-            save_image(out / "vis" / f"{it.stem_rel}.jpg",
+            from rcnn_cli.detect import vis_path
+
+            save_image(vis_path(out / "vis", it.rel),
                        draw_detections(img, boxes, labels, None if loc.parts else scores,
                                        loc.classes))
     report.seconds = time.perf_counter() - t0

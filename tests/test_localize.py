@@ -476,3 +476,41 @@ def test_cli_no_images_is_an_error(data, tiny_model, tmp_path):
 def test_localize_help_has_example(args):
     res = _invoke([*args, "--help"])
     assert res.exit_code == 0 and "Example:" in res.output
+
+
+def test_predict_output_folder_rules_and_one_picture_per_image(data, tiny_model, tmp_path):
+    """Regressions from review: predict wrote vis/<stem>.jpg (img.jpg and img.png shared one
+    picture), took -o = the input folder (and read its own pictures back), and wrote over a
+    user's file in vis/."""
+    import shutil
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    src = sorted(Path(data[1]).glob("*.png"))[0]
+    shutil.copy(src, imgs / "a.png")
+    Image.open(src).convert("RGB").save(imgs / "a.jpg")
+    res = _invoke(["localize", "predict", str(imgs), "--model", str(tiny_model), "-o",
+                   str(tmp_path / "out"), "--save-vis"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out" / "vis").iterdir()) == ["a.jpg.jpg",
+                                                                           "a.png.jpg"]
+    res = _invoke(["localize", "predict", str(imgs), "--model", str(tiny_model), "-o",
+                   str(imgs)])
+    assert res.exit_code == 2 and "input" in res.output
+    user = tmp_path / "user"
+    (user / "vis").mkdir(parents=True)
+    (user / "vis" / "a.png.jpg").write_bytes(b"mine")
+    res = _invoke(["localize", "predict", str(imgs), "--model", str(tiny_model), "-o",
+                   str(user), "--save-vis", "--overwrite"])
+    assert res.exit_code == 2 and (user / "vis" / "a.png.jpg").read_bytes() == b"mine"
+
+
+def test_training_skips_records_without_a_size():
+    from rcnn_cli.datasets import Dataset, ImageRecord
+
+    ok = ImageRecord("a.jpg", 100, 200, np.array([[10, 10, 50, 60]], np.float32),
+                     np.zeros(1, np.int64), np.zeros(1, bool))
+    gone = ImageRecord("gone.jpg", 0, 0, np.array([[1, 1, 5, 5]], np.float32),
+                       np.zeros(1, np.int64), np.zeros(1, bool))
+    t = L.training_targets(Dataset([ok, gone], ["cat"], Path(".")))
+    assert t.images == ["a.jpg"] and "gone.jpg" in t.skipped
