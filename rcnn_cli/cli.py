@@ -390,7 +390,8 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
 @click.option("--save-vis", is_flag=True, help="Draw the detections into OUT/vis/.")
 @click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo "
                                 "(default csv,coco).")
-@click.option("--nms-iou", type=click.FloatRange(0, 1), help="Per-class NMS IoU (0.3).")
+@click.option("--nms-iou", type=click.FloatRange(0, 1),
+              help="Per-class IoU of greedy NMS (0.3; with --nms hard only).")
 @click.option("--coco-ids", type=click.Path(exists=True, dir_okay=False),
               help="COCO instances .json: detections.json uses its image_id and category_id "
                    "values (matched by file name and class name), so it scores them directly.")

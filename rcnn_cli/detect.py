@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,13 +45,17 @@ DETECT_FORMAT = 2
 #: what detect writes at the top of its output folder (never over a file it did not write)
 OUTPUT_FILES = ("per_image", "vis", "voc", "yolo", "detections.csv", "detections.json",
                 "images.json", "categories.json", "summary.json", "config.toml")
+#: the files each output format writes into the output folder
+FORMAT_FILES = {"csv": ("detections.csv",),
+                "coco": ("detections.json", "images.json", "categories.json"),
+                "voc": ("voc",), "yolo": ("yolo",)}
 #: boxes thinner than this (pixels) after regression and clipping are dropped
 MIN_BOX_SIDE = 1e-2
 
 
 #: Soft-NMS (Bodla et al., ICCV 2017): Gaussian decay width of the overlapping scores.
 SOFT_NMS_SIGMA = 0.5
-#: Soft-NMS: boxes whose decayed score falls more than this below the threshold are dropped.
+#: Soft-NMS: boxes whose decayed score is less than this above the threshold are dropped.
 SOFT_NMS_FLOOR = 1e-3
 
 
@@ -355,7 +360,9 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
                            extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir,
                            dense=dense)
-    report = run_stage(fn, items, is_done=lambda it: is_current(store, it),
+    # an image is done when its result is current (and its picture exists, with --save-vis)
+    report = run_stage(fn, items, is_done=lambda it: is_current(store, it) and (
+                           vis_dir is None or vis_path(vis_dir, it.rel).is_file()),
                        desc="detect", **execution(cfg, ext.device.type))
     write_outputs(out, store, items, model.classes, formats or d["formats"], coco_ids=ids)
     return report
@@ -403,6 +410,16 @@ def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
     unknown = set(formats) - {"csv", "coco", "voc", "yolo"}
     if unknown:
         raise ValueError(f"formats: unknown {sorted(unknown)} (choose csv, coco, voc, yolo)")
+    # outputs of formats not asked for this time are an earlier run's: remove them, so that
+    # evaluate never scores stale files next to fresh ones (the folder is ours: claim_folder)
+    for fmt, names in FORMAT_FILES.items():
+        if fmt not in formats:
+            for name in names:
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.is_file():
+                    p.unlink()
     if "csv" in formats:
         written.append(ev.write_detections_csv(out / "detections.csv", dets, classes))
     if "coco" in formats:

@@ -122,16 +122,17 @@ CV_CONFIGS: dict[str, dict] = {
     "neg_overlap05": {"train_svm": {"neg_overlap": 0.5}},
 }
 
-#: Post-processing variants scored offline on every trained fold model.
+#: Post-processing variants scored offline on every trained fold model ("default" is the
+#: current [detect] default: soft-NMS + box voting at 0.5; "rcnn" is R-CNN's greedy NMS 0.3).
 CV_VARIANTS: dict[str, dict] = {
     "default": {},
+    "rcnn": {"nms": "hard", "box_vote_iou": 0.0},
     "no_bbox_reg": {"bbox_regression": False},
-    "nms0.4": {"nms_iou": 0.4},
-    "nms0.5": {"nms_iou": 0.5},
-    "soft_nms": {"nms": "soft"},
-    "vote0.5": {"box_vote_iou": 0.5},
-    "vote0.7": {"box_vote_iou": 0.7},
-    "soft_nms_vote0.5": {"nms": "soft", "box_vote_iou": 0.5},
+    "hard_nms0.4": {"nms": "hard", "box_vote_iou": 0.0, "nms_iou": 0.4},
+    "hard_nms0.5": {"nms": "hard", "box_vote_iou": 0.0, "nms_iou": 0.5},
+    "soft_nms_only": {"nms": "soft", "box_vote_iou": 0.0},
+    "hard_nms_vote0.5": {"nms": "hard", "box_vote_iou": 0.5},
+    "soft_nms_vote0.7": {"nms": "soft", "box_vote_iou": 0.7},
 }
 
 

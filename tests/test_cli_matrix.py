@@ -213,6 +213,20 @@ def test_detect_flags(chain, tmp_path, flags):
         assert rows == ref
 
 
+def test_detect_rerun_draws_missing_pictures_and_drops_stale_formats(chain, tmp_path):
+    # regressions from review: a rerun with --save-vis found every image "done" and drew
+    # nothing; a rerun with fewer --formats left the old run's detections.json, which
+    # evaluate then scored
+    out = tmp_path / "det"
+    shutil.copytree(chain["det"], out)
+    assert not (out / "vis").exists() and (out / "detections.json").is_file()
+    run("detect", chain["img"], "--model", chain["model"], "-o", out, "--config", chain["cfg"],
+        "--save-vis", "--formats", "csv")
+    assert sorted(p.name for p in (out / "vis").iterdir()) == ["a.png.jpg", "b.png.jpg"]
+    assert not (out / "detections.json").exists() and not (out / "images.json").exists()
+    assert (out / "detections.csv").is_file()
+
+
 def test_detect_shards_cover_the_images_once(chain, tmp_path):
     for i in range(2):
         run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / str(i),
