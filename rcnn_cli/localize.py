@@ -1013,9 +1013,8 @@ def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str
         sizes[it.rel] = img.shape[:2]
         report.done += 1
         if save_vis:
-            from rcnn_cli.visualize import draw_detections, save_image
-
             from rcnn_cli.detect import vis_path
+            from rcnn_cli.visualize import draw_detections, save_image
 
             save_image(vis_path(out / "vis", it.rel),
                        draw_detections(img, boxes, labels, None if loc.parts else scores,
