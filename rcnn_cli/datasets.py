@@ -43,6 +43,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rcnn_cli import boxes as bx
+from rcnn_cli.formats import safe_filename
 from rcnn_cli.images import (
     IMAGE_EXTENSIONS,
     ImageError,
@@ -149,21 +150,8 @@ def safe_rel(name: str, where: str) -> str | None:
     return "/".join(parts) or None
 
 
-_UNSAFE_CHARS = re.compile(r"[/\\%:\x00-\x1f\x7f]")
-
-
-def safe_name(name: str) -> str:
-    """``name`` (a class name, a label) made safe as one file-name component.
-
-    Path separators, ``%``, ``:`` and control characters are %-escaped (``a/b`` -> ``a%2Fb``),
-    and so is a leading dot (``..`` -> ``%2E.``), so the result never names another folder,
-    a hidden file or ``.``/``..``; distinct names stay distinct. Other names are returned
-    unchanged. Writers that name files after classes (VOC result files) use this.
-    """
-    if not name:
-        return "%"
-    s = _UNSAFE_CHARS.sub(lambda m: f"%{ord(m.group()):02X}", name)
-    return "%2E" + s[1:] if s.startswith(".") else s
+#: Class names become file names only through this one escaping (VOC result files, ...).
+safe_name = safe_filename
 
 
 def _check_class_names(classes: list[str], where: str) -> None:

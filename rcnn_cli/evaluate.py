@@ -45,7 +45,6 @@ import io
 import json
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -569,12 +568,8 @@ def evaluate_detections(dataset_or_gts: Any, dets: Mapping[str, Any],
         written.append(path)
         if plot:
             for c, name in enumerate(classes):
-                written.append(plot_pr_curve(out / f"pr_{c:02d}_{_safe(name)}.png", name, voc[c]))
+                written.append(plot_pr_curve(out / f"pr_{c:02d}_{safe_filename(name)}.png", name, voc[c]))
     return metrics, written
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "class"
 
 
 def plot_pr_curve(path: str | Path, name: str, result: Mapping[str, Any]) -> Path:

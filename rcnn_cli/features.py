@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +129,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except (OSError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types on bad files
-        if isinstance(e, pickle.UnpicklingError):  # torch's text is a page about weights_only
+        # torch's own text for a refused pickle is a page about weights_only
+        if type(e).__name__ == "UnpicklingError":
             reason = "not a torch file, or it holds pickled objects besides tensors"
         else:
             reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else \

@@ -44,13 +44,16 @@ def safe_filename(name: str) -> str:
     Deterministic and reversible (``urllib.parse.unquote`` gives ``name`` back): ``%``, path
     separators (``/``, ``\\``), Windows-reserved ``: * ? " < > |``, control characters and
     NUL are percent-encoded as UTF-8 bytes (``a/b`` -> ``a%2Fb``); a name that is empty or
-    only dots (``.``, ``..``) has every character encoded (``..`` -> ``%2E%2E``). Other
+    only dots (``.``, ``..``) has every character encoded (``..`` -> ``%2E%2E``), and a
+    leading dot is encoded (no hidden files: ``.x`` -> ``%2Ex``). Other
     characters, spaces and non-ASCII letters included, are kept.
     """
     out = "".join(_pct(c) if c in _UNSAFE_IN_NAMES or ord(c) < 32 or ord(c) == 127 else c
                   for c in str(name))
     if out.strip(".") == "":
         out = "".join(_pct(c) for c in out) or "%00"  # "" -> "%00" (NUL never is a name)
+    elif out.startswith("."):  # no hidden files: ".x" -> "%2Ex"
+        out = _pct(".") + out[1:]
     return out
 
 
