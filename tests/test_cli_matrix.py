@@ -47,12 +47,11 @@ def run(*args: str, code: int = 0):
     return r
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """Two images + CSV ground truth, and one run of propose, extract, train-svm, detect."""
+def two_images(root: Path) -> tuple[Path, Path, Path]:
+    """root/imgs/{a,b}.png (three flat rectangles each), their CSV ground truth
+    (imgs/ann.csv) and the FAST config; returns (images folder, annotations, config)."""
     from rcnn_cli.datasets import Dataset, ImageRecord, write_csv
 
-    root = tmp_path_factory.mktemp("matrix")
     img = root / "imgs"
     img.mkdir()
     records = []
@@ -65,6 +64,14 @@ def chain(tmp_path_factory):
     write_csv(ann, Dataset(records, CLASSES, img))
     cfg = root / "fast.toml"
     cfg.write_text(FAST)
+    return img, ann, cfg
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Two images + CSV ground truth, and one run of propose, extract, train-svm, detect."""
+    root = tmp_path_factory.mktemp("matrix")
+    img, ann, cfg = two_images(root)
     c = {"root": root, "img": img, "ann": ann, "cfg": cfg}
     c["props"], c["feats"] = root / "props", root / "feats"
     c["model"], c["det"] = root / "model", root / "det"

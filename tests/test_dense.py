@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from rcnn_cli.config import ConfigError
 from rcnn_cli.dense import (
@@ -21,7 +20,7 @@ from rcnn_cli.dense import (
 from rcnn_cli.detect import DetectSettings
 from rcnn_cli.features import FeatureExtractor
 from tests.conftest import rectangles_image
-from tests.test_cli_matrix import CLASSES, FAST, run
+from tests.test_cli_matrix import CLASSES, run, two_images
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +88,8 @@ def test_local_maxima_known_answer():
 @pytest.fixture(scope="module")
 def grid_chain(tmp_path_factory):
     """Two tiny images, CSV ground truth and a random-init mobilenet_v2 ``grid`` model."""
-    from rcnn_cli.datasets import Dataset, ImageRecord, write_csv
-
     root = tmp_path_factory.mktemp("dense")
-    img = root / "imgs"
-    img.mkdir()
-    records = []
-    for i, name in enumerate(["a.png", "b.png"]):
-        im, boxes = rectangles_image(seed=i)
-        Image.fromarray(im).save(img / name)
-        records.append(ImageRecord(name, im.shape[0], im.shape[1], boxes,
-                                   np.arange(3, dtype=np.int64), np.zeros(3, bool)))
-    ann = img / "ann.csv"
-    write_csv(ann, Dataset(records, CLASSES, img))
-    cfg = root / "fast.toml"
-    cfg.write_text(FAST)
+    img, ann, cfg = two_images(root)
     c = {"root": root, "img": img, "ann": ann, "cfg": cfg, "model": root / "model"}
     run("propose", img, "-o", root / "props", "--config", cfg)
     run("extract", img, "--proposals", root / "props", "--annotations", ann, "-o",
