@@ -70,7 +70,12 @@ from torch import nn
 from rcnn_cli import __version__
 from rcnn_cli import boxes as bx
 from rcnn_cli.features import BACKBONES, load_backbone, resolve_device, weights_id
-from rcnn_cli.store import atomic_write_bytes, atomic_write_text, npz_bytes, sha256_file
+from rcnn_cli.store import (
+    atomic_write_bytes,
+    atomic_write_text,
+    npz_bytes,
+    read_bundle,
+)
 
 log = logging.getLogger("rcnn_cli.localize")
 
@@ -539,29 +544,10 @@ def load_localizer(directory: str | Path) -> Localizer:
             match its recorded sha256, or holds inconsistent settings/arrays.
     """
     d = Path(directory)
-    jpath, apath = d / JSON_NAME, d / ARRAYS_NAME
-    if not jpath.is_file():
-        raise LocalizeError(f"{jpath}: missing file (not a `rcnn localize train` bundle)")
-    try:
-        meta = json.loads(jpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LocalizeError(f"{jpath}: unreadable ({e})") from None
-    if not isinstance(meta, dict):
-        raise LocalizeError(f"{jpath}: not a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LocalizeError(f"{jpath}: format_version {meta.get('format_version')!r} "
-                            f"(this rcnn_cli reads version {FORMAT_VERSION})")
-    if not apath.is_file():
-        raise LocalizeError(f"{apath}: missing file")
-    rec = meta.get("arrays")
-    if not isinstance(rec, dict) or rec.get("sha256") != sha256_file(apath):
-        raise LocalizeError(f"{apath}: contents do not match the sha256 recorded in "
-                            f"{JSON_NAME} (incomplete or mixed bundle; train it again)")
-    try:
-        with np.load(apath, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise LocalizeError(f"{apath}: unreadable arrays ({e})") from None
+    apath = d / ARRAYS_NAME
+    meta, arrays = read_bundle(d, JSON_NAME, ARRAYS_NAME, FORMAT_VERSION, LocalizeError,
+                               "a `rcnn localize train` bundle")
+    rec = meta["arrays"]
     shapes = rec.get("shapes", {})
     if {k: list(v.shape) for k, v in arrays.items()} != shapes:
         raise LocalizeError(f"{apath}: arrays or shapes differ from those in {JSON_NAME}")

@@ -38,7 +38,12 @@ from rcnn_cli import config as cfgmod
 from rcnn_cli.bbox_regression import apply_regression, predict_deltas
 from rcnn_cli.head import ARRAY_NAMES as HEAD_ARRAYS
 from rcnn_cli.head import Head
-from rcnn_cli.store import atomic_write_bytes, atomic_write_text, npz_bytes, sha256_file
+from rcnn_cli.store import (
+    atomic_write_bytes,
+    atomic_write_text,
+    npz_bytes,
+    read_bundle,
+)
 from rcnn_cli.svm import FEAT_NORM_TARGET, score
 
 FORMAT_VERSION = 1
@@ -202,30 +207,8 @@ def load_model(directory: str | Path) -> Model:
     """Read and validate a bundle folder; raise :class:`ModelError` on any problem."""
     d = Path(directory)
     jpath, apath = d / JSON_NAME, d / ARRAYS_NAME
-    if not jpath.is_file():
-        raise ModelError(f"{jpath}: missing file (not a model bundle)")
-    try:
-        meta = json.loads(jpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{jpath}: unreadable JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{jpath}: expected a JSON object")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelError(f"{jpath}: format_version {version!r} is not supported (this rcnn_cli "
-                         f"{__version__} reads version {FORMAT_VERSION})")
-    if not apath.is_file():
-        raise ModelError(f"{apath}: missing file")
-    expected = meta.get("arrays", {}).get("sha256") if isinstance(meta.get("arrays"), dict) \
-        else None
-    if expected != sha256_file(apath):
-        raise ModelError(f"{apath}: contents do not match the sha256 recorded in {JSON_NAME} "
-                         "(incomplete or mixed bundle; save it again)")
-    try:
-        with np.load(apath, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{apath}: unreadable arrays ({e})") from None
+    meta, arrays = read_bundle(d, JSON_NAME, ARRAYS_NAME, FORMAT_VERSION, ModelError,
+                               "a model bundle")
     _validate(meta, arrays, apath, meta_path=jpath)
     det, fs = meta["detection"], meta["feature_scaling"]
     head = Head.from_arrays(arrays) if "head_fc6_w" in arrays else None

@@ -160,6 +160,41 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def read_bundle(directory: str | Path, json_name: str, arrays_name: str, version: int,
+                error: type[Exception], what: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The JSON and the arrays of a bundle folder (model, localizer), checked as files.
+
+    Checks, each failure one ``error`` naming the file: the JSON exists (``what`` says what
+    the folder should be), parses to an object, has ``format_version == version``; the
+    arrays file exists, matches the SHA-256 recorded under ``arrays.sha256`` and loads
+    without pickle. The bundle's own module then validates keys and shapes.
+    """
+    d = Path(directory)
+    jpath, apath = d / json_name, d / arrays_name
+    if not jpath.is_file():
+        raise error(f"{jpath}: missing file (not {what})")
+    try:
+        meta = json.loads(jpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{jpath}: unreadable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise error(f"{jpath}: expected a JSON object")
+    if meta.get("format_version") != version:
+        raise error(f"{jpath}: format_version {meta.get('format_version')!r} is not supported "
+                    f"(this rcnn_cli {__version__} reads version {version})")
+    if not apath.is_file():
+        raise error(f"{apath}: missing file")
+    rec = meta.get("arrays")
+    if not isinstance(rec, dict) or rec.get("sha256") != sha256_file(apath):
+        raise error(f"{apath}: contents do not match the sha256 recorded in {json_name} "
+                    "(incomplete or mixed bundle; save it again)")
+    try:
+        arrays = load_npz(apath)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise error(f"{apath}: unreadable arrays ({e})") from None
+    return meta, arrays
+
+
 # ------------------------------------------------------------------------------- keys
 def settings_key(stage: str, settings: Mapping[str, Any], upstream_key: str | None = None,
                  format_version: int = 1) -> str:
