@@ -298,6 +298,10 @@ def test_detect_coco_ids_are_the_users(chain, tmp_path):
     r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "det2",
             "--coco-ids", gt, code=1)
     assert "no category named" in r.output and not (tmp_path / "det2" / "per_image").exists()
+    # a file that is not COCO has no ids to give: one line, before any work
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "det3",
+            "--coco-ids", chain["ann"], code=1)
+    assert "needs a COCO" in r.output and not (tmp_path / "det3" / "per_image").exists()
 
 
 # ---------------------------------------------------------------- errors before any work

@@ -468,3 +468,68 @@ def test_extract_without_any_match_fails_before_work(tmp_path, monkeypatch):
         stages.extract_folder([tmp_path / "images"], tmp_path / "props", tmp_path / "feats",
                               cfgmod.load(None, {}), annotations=tmp_path / "annots")
     assert not (tmp_path / "feats").exists()
+
+
+@pytest.mark.parametrize("layout", ["voc_devkit", "annotations_images", "xml_folder", "yolo",
+                                    "coco", "csv"])
+def test_every_dataset_layout_through_rcnn_extract(tmp_path, monkeypatch, layout):
+    """Each layout the README documents gives the same ground truth to `rcnn extract`."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from rcnn_cli import stages
+    from rcnn_cli import boxes as bx
+    from rcnn_cli.cli import cli
+
+    monkeypatch.setattr(stages, "get_extractor", lambda kwargs: _FakeExtractor())
+    monkeypatch.setattr(stages, "compute_proposals", lambda img, s: (
+        np.array([[0, 0, 50, 50]], np.float32), np.ones(1, np.float32)))
+    red = _images_and_annots(tmp_path)  # images/im<i>.jpg + annots/im<i>.xml
+    root, images = tmp_path, tmp_path / "images"
+    if layout == "voc_devkit":
+        root = tmp_path / "VOC"
+        shutil.copytree(tmp_path / "annots", root / "Annotations")
+        shutil.copytree(images, root / "JPEGImages")
+        images, ann = root / "JPEGImages", root
+    elif layout == "annotations_images":
+        shutil.copytree(tmp_path / "annots", tmp_path / "annotations")
+        shutil.rmtree(tmp_path / "annots")
+        ann = tmp_path
+    elif layout == "xml_folder":
+        ann = tmp_path / "annots"
+    else:
+        shutil.rmtree(tmp_path / "annots")
+        if layout == "yolo":
+            (tmp_path / "labels").mkdir()
+            v = bx.to_yolo(red[None], (120, 160))[0]
+            for i in range(2):
+                (tmp_path / "labels" / f"im{i}.txt").write_text(
+                    "0 " + " ".join(f"{x:.8f}" for x in v) + "\n")
+            (tmp_path / "classes.txt").write_text("red\n")
+            ann = tmp_path
+        elif layout == "coco":
+            x1, y1, x2, y2 = (float(v) for v in red)
+            coco = {"images": [{"id": 7 + i, "file_name": f"im{i}.jpg", "width": 160,
+                                "height": 120} for i in range(2)],
+                    "annotations": [{"id": i + 1, "image_id": 7 + i, "category_id": 3,
+                                     "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": 0,
+                                     "area": (x2 - x1) * (y2 - y1)} for i in range(2)],
+                    "categories": [{"id": 3, "name": "red"}]}
+            ann = tmp_path / "instances.json"
+            ann.write_text(json.dumps(coco))
+        else:
+            ann = tmp_path / "boxes.csv"
+            ann.write_text("filename,width,height,class,xmin,ymin,xmax,ymax\n" + "".join(
+                f"im{i}.jpg,160,120,red,{','.join(str(float(v)) for v in red)}\n"
+                for i in range(2)))
+    r = CliRunner()
+    res = r.invoke(cli, ["propose", str(images), "-o", str(tmp_path / "props")])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli, ["extract", str(images), "--proposals", str(tmp_path / "props"),
+                         "--annotations", str(ann), "-o", str(tmp_path / "feats")])
+    assert res.exit_code == 0, res.output
+    for i in range(2):
+        z = np.load(tmp_path / "feats" / f"im{i}.jpg.npz")
+        np.testing.assert_allclose(z["gt_boxes"], [red], atol=1e-3)
+        assert z["gt_labels"].tolist() == [0]
