@@ -481,6 +481,9 @@ def evaluate(annotations, detections_dir, proposals_dir, split, out, diagnose, s
                                "(both only with --diagnose)")
     if not diagnose and (similar or images_dir):
         raise click.UsageError("--similar and --images go with --diagnose")
+    if out is not None and not overwrite and (Path(out) / "metrics.json").exists():
+        raise click.UsageError(f"{Path(out) / 'metrics.json'} exists; pass --overwrite to "
+                               "replace it")
     cfg = load_config(config_file, common=common)
     try:
         metrics, path = evaluate_folder(annotations, detections_dir, proposals_dir, split,

@@ -54,7 +54,8 @@ def commands(a: argparse.Namespace, w: Path, variant: str) -> dict[str, list[str
         "detect": [*RCNN, "detect", images, "--split", str(w / "test.txt"), "--model",
                    str(v / "model"), "-o", str(v / "det"), *common],  # recomputes proposals
         "evaluate": [*RCNN, "evaluate", "--annotations", str(data), "--detections",
-                     str(v / "det"), "--split", str(w / "test.txt"), "-o", str(v / "eval")],
+                     str(v / "det"), "--split", str(w / "test.txt"), "-o", str(v / "eval"),
+                     "--overwrite"],
     }
 
 

@@ -255,6 +255,23 @@ def test_evaluate_detections_and_proposals(chain, tmp_path):
     assert json.dumps(m).count("recall") and "summary" in m
 
 
+def test_evaluate_never_replaces_a_metrics_file_in_a_given_folder(chain, tmp_path):
+    """regression: `evaluate -o DIR` replaced DIR/metrics.json (maybe the user's) silently."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.json").write_text("user's file")
+    r = run("evaluate", "--annotations", chain["ann"], "--detections", chain["det"],
+            "-o", out, code=2)
+    assert "metrics.json" in r.output and "--overwrite" in r.output
+    assert (out / "metrics.json").read_text() == "user's file"
+    run("evaluate", "--annotations", chain["ann"], "--detections", chain["det"],
+        "-o", out, "--overwrite")
+    assert "mAP_voc07" in json.loads((out / "metrics.json").read_text())
+    # the default place is detect's own folder: re-evaluating there needs no flag
+    for _ in range(2):
+        run("evaluate", "--annotations", chain["ann"], "--detections", chain["det"])
+
+
 def test_detect_coco_ids_are_the_users(chain, tmp_path):
     """--coco-ids: detections.json carries the user's image and category ids, so the user's
     own instances file scores it (same AP as our own ids against the CSV ground truth)."""
