@@ -353,8 +353,8 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
 
         check_dense(ext)
         key["dense"] = dense_settings()
-    store = StageStore(Path(out) / "per_image", "detect", key,
-                       format_version=DETECT_FORMAT, overwrite=overwrite)
+    store = StageStore.create(Path(out) / "per_image", "detect", key,
+                              format_version=DETECT_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "detect"])
     vis_dir = str(Path(out) / "vis") if save_vis else None
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),

@@ -96,8 +96,8 @@ def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, 
     """
     check_output_folder(out, inputs, overwrite)
     items = list_images(inputs, split=split, exclude=[out])
-    store = StageStore(out, "propose", proposal_settings(cfg["propose"]),
-                       format_version=PROPOSE_FORMAT, overwrite=overwrite)
+    store = StageStore.create(out, "propose", proposal_settings(cfg["propose"]),
+                              format_version=PROPOSE_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "propose"])
     fn = functools.partial(propose_one, store=store)
     return run_stage(fn, items, is_done=lambda it: is_current(store, it),
@@ -213,8 +213,8 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     if ds is not None:
         gt = ds.by_name()  # ImageItem.rel -> record
         settings.update(classes=ds.classes, annotations=dataset_fingerprint(ds.records))
-    store = StageStore(out, "extract", settings, upstream_key=upstream.key,
-                       format_version=EXTRACT_FORMAT, overwrite=overwrite)
+    store = StageStore.create(out, "extract", settings, upstream_key=upstream.key,
+                              format_version=EXTRACT_FORMAT, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract"])
     up_ids = {it.rel: upstream_id(upstream, it) for it in items}
     missing = [it for it in items if up_ids[it.rel] is None]
