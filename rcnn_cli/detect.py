@@ -27,8 +27,8 @@ from torchvision.ops import batched_nms
 from rcnn_cli import boxes as bx
 from rcnn_cli import config as cfgmod
 from rcnn_cli.images import ImageItem, list_images, read_image
-from rcnn_cli.runner import Report, run_stage
-from rcnn_cli.stages import compute_proposals, execution, get_extractor, is_current
+from rcnn_cli.runner import Report, is_current, run_stage_into
+from rcnn_cli.stages import compute_proposals, execution, get_extractor
 from rcnn_cli.store import (
     StageStore,
     atomic_write_json,
@@ -353,17 +353,18 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
 
         check_dense(ext)
         key["dense"] = dense_settings()
-    store = StageStore.create(Path(out) / "per_image", "detect", key,
-                              format_version=DETECT_FORMAT, overwrite=overwrite)
-    cfgmod.write_resolved(out, cfg, ["common", "detect"])
+    store = StageStore(Path(out) / "per_image", "detect", key, format_version=DETECT_FORMAT)
     vis_dir = str(Path(out) / "vis") if save_vis else None
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
                            extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir,
                            dense=dense)
     # an image is done when its result is current (and its picture exists, with --save-vis)
-    report = run_stage(fn, items, is_done=lambda it: is_current(store, it) and (
-                           vis_dir is None or vis_path(vis_dir, it.rel).is_file()),
-                       desc="detect", **execution(cfg, ext.device.type))
+    report = run_stage_into(store, fn, items, overwrite=overwrite, desc="detect", holds_model=True,
+                            write_settings=functools.partial(cfgmod.write_resolved, out, cfg,
+                                                             ["common", "detect"]),
+                            also_done=None if vis_dir is None else
+                            lambda it: vis_path(vis_dir, it.rel).is_file(),
+                            **execution(cfg, ext.device.type))
     write_outputs(out, store, items, model.classes, formats or d["formats"], coco_ids=ids)
     return report
 
