@@ -397,14 +397,14 @@ def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
                   coco_ids: tuple[dict[str, int], list[int]] | None = None) -> list[Path]:
     """Summary files of a detect run from its per-image results (images that failed, or
     changed since they were detected, are left out)."""
-    from rcnn_cli import evaluate as ev
+    from rcnn_cli import formats as fm
 
     dets, sizes = {}, {}
     for it in items:
         if not is_current(store, it):
             continue
         r = store.load(it.rel)
-        dets[it.rel] = ev.Detections(r["boxes"], r["scores"], r["labels"])
+        dets[it.rel] = fm.Detections(r["boxes"], r["scores"], r["labels"])
         sizes[it.rel] = tuple(int(v) for v in r["image_size"])
     out = Path(out)
     written = []
@@ -422,14 +422,14 @@ def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
                 elif p.is_file():
                     p.unlink()
     if "csv" in formats:
-        written.append(ev.write_detections_csv(out / "detections.csv", dets, classes))
+        written.append(fm.write_detections_csv(out / "detections.csv", dets, classes))
     if "coco" in formats:
         image_ids, cat_ids = coco_ids if coco_ids is not None else (None, None)
-        written += ev.write_coco_results(out, dets, sizes, classes, image_ids, cat_ids)
+        written += fm.write_coco_results(out, dets, sizes, classes, image_ids, cat_ids)
     if "voc" in formats:
-        written += ev.write_voc_results(out / "voc", dets, classes)
+        written += fm.write_voc_results(out / "voc", dets, classes)
     if "yolo" in formats:
-        written += ev.write_yolo_results(out / "yolo", dets, sizes)
+        written += fm.write_yolo_results(out / "yolo", dets, sizes)
     n = sum(len(d) for d in dets.values())
     atomic_write_json(out / "summary.json", {"images": len(dets), "detections": n,
                                              "classes": classes})
