@@ -237,7 +237,7 @@ def detect_dense(image: NDArray[np.uint8], model, extractor, settings,
     Raises:
         ConfigError: the extractor is not shared-mode ``grid`` (:func:`check_dense`).
     """
-    from rcnn_cli.detect import postprocess
+    from rcnn_cli.postprocess import postprocess
 
     t0 = time.perf_counter()
     # 1.-2. trunk once, then every window's feature by separable pooling

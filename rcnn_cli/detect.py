@@ -15,20 +15,26 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
-from torchvision.ops import batched_nms
 
 from rcnn_cli import boxes as bx
 from rcnn_cli import config as cfgmod
 from rcnn_cli.images import ImageItem, list_images, read_image
-from rcnn_cli.runner import Report, run_stage
-from rcnn_cli.stages import compute_proposals, execution, get_extractor, is_current
+from rcnn_cli.postprocess import (  # noqa: F401  (re-exported: detect's post-processing)
+    MIN_BOX_SIDE,
+    SOFT_NMS_FLOOR,
+    SOFT_NMS_SIGMA,
+    DetectSettings,
+    box_voting,
+    postprocess,
+    soft_nms,
+)
+from rcnn_cli.runner import Report, is_current, run_stage_into
+from rcnn_cli.stages import compute_proposals, execution, get_extractor
 from rcnn_cli.store import (
     StageStore,
     atomic_write_json,
@@ -49,120 +55,6 @@ OUTPUT_FILES = ("per_image", "vis", "voc", "yolo", "detections.csv", "detections
 FORMAT_FILES = {"csv": ("detections.csv",),
                 "coco": ("detections.json", "images.json", "categories.json"),
                 "voc": ("voc",), "yolo": ("yolo",)}
-#: boxes thinner than this (pixels) after regression and clipping are dropped
-MIN_BOX_SIDE = 1e-2
-
-
-#: Soft-NMS (Bodla et al., ICCV 2017): Gaussian decay width of the overlapping scores.
-SOFT_NMS_SIGMA = 0.5
-#: Soft-NMS: boxes whose decayed score is less than this above the threshold are dropped.
-SOFT_NMS_FLOOR = 1e-3
-
-
-@dataclass
-class DetectSettings:
-    """Post-processing thresholds (defaults live in the model bundle, flags override)."""
-
-    nms_iou: float = 0.3            # R-CNN's per-class NMS overlap
-    score_thresh: float = -2.0      # SVM margin units
-    max_per_image: int = 100
-    bbox_regression: bool = True
-    vis_thresh: float = -0.8        # pictures show detections scoring above this
-    nms: str = "soft"               # soft (Gaussian soft-NMS; CV) | hard (R-CNN's greedy NMS)
-    box_vote_iou: float = 0.5       # box voting among same-class boxes at this IoU (0 = off)
-
-
-def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
-                image_size: tuple[int, int], settings: DetectSettings
-                ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.int64]]:
-    """Per-class boxes (N, K, 4) and scores (N, K) -> final (boxes (M, 4), scores, labels).
-
-    Steps: clip to the image, drop scores <= threshold, drop degenerate boxes, per-class NMS
-    (torchvision ``batched_nms``; or soft-NMS), optional box voting, keep the
-    ``max_per_image`` best.
-    """
-    n, k = scores.shape
-    labels = np.broadcast_to(np.arange(k), (n, k))
-    b = bx.clip(boxes.reshape(-1, 4), image_size)
-    s, lab = scores.reshape(-1), labels.reshape(-1)
-    # remove low scoring boxes
-    keep = s > settings.score_thresh
-    # remove boxes collapsed by clipping
-    keep &= bx.valid_mask(b, MIN_BOX_SIDE)
-    b, s, lab = b[keep], s[keep].astype(np.float32), lab[keep]
-    # non-maximum suppression, independently per class
-    if settings.nms == "soft":
-        idx, s_out = soft_nms(b, s, lab, settings.score_thresh, limit=settings.max_per_image)
-    else:
-        idx = batched_nms(torch.from_numpy(b), torch.from_numpy(s),
-                          torch.from_numpy(lab.astype(np.int64)), settings.nms_iou).numpy()
-        s_out = s[idx]
-    # keep only the best detections
-    idx, s_out = idx[: settings.max_per_image], s_out[: settings.max_per_image]
-    kept = b[idx]
-    # box voting: each kept box becomes the score-weighted mean of its class's boxes around it
-    if settings.box_vote_iou > 0 and len(idx):
-        kept = box_voting(kept, lab[idx], b, s, lab, settings.box_vote_iou)
-    return kept, s_out.astype(np.float32), lab[idx].astype(np.int64)
-
-
-def soft_nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], labels: NDArray,
-             score_thresh: float, sigma: float = SOFT_NMS_SIGMA, limit: int | None = None
-             ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """Gaussian soft-NMS per class (Bodla et al. 2017), for SVM margins.
-
-    Hand-written: torchvision has hard NMS only. Margins can be negative, so the decay
-    ``exp(-IoU^2 / sigma)`` applies to the height above ``score_thresh``; a box keeps its
-    place unless a better box of its class overlaps it. Neighbours of a crowd keep a lowered
-    score instead of vanishing.
-
-    Args:
-        boxes (N, 4) float32, scores (N,), labels (N,): the candidates (already thresholded).
-        limit: stop after this many boxes per class (the picked scores never increase, so
-            these are the class's best ``limit`` boxes; the rest cannot make the cap).
-
-    Returns:
-        (indices into the input, best first; their decayed scores).
-    """
-    order_out, score_out = [], []
-    for c in np.unique(labels):
-        ids = np.flatnonzero(labels == c)
-        h = scores[ids].astype(np.float64) - score_thresh  # > 0
-        iou = bx.box_iou(boxes[ids], boxes[ids]).astype(np.float64)
-        alive = np.ones(len(ids), bool)
-        for _ in range(len(ids) if limit is None else min(limit, len(ids))):
-            cand = np.flatnonzero(alive)
-            if not len(cand):
-                break
-            i = cand[np.argmax(h[cand])]
-            if h[i] <= SOFT_NMS_FLOOR:
-                break
-            alive[i] = False
-            order_out.append(ids[i])
-            score_out.append(h[i] + score_thresh)
-            h[alive] *= np.exp(-(iou[i, alive] ** 2) / sigma)
-    idx = np.asarray(order_out, np.int64)
-    sc = np.asarray(score_out, np.float32)
-    o = np.argsort(-sc, kind="stable")
-    return idx[o], sc[o]
-
-
-def box_voting(kept: NDArray[np.float32], kept_labels: NDArray, boxes: NDArray[np.float32],
-               scores: NDArray[np.float32], labels: NDArray, iou_thresh: float
-               ) -> NDArray[np.float32]:
-    """Box voting (Gidaris & Komodakis, ICCV 2015): each kept box (M, 4) becomes the mean of
-    the candidate boxes (N, 4) of its class that overlap it at IoU >= ``iou_thresh``, each
-    weighted by ``exp(score)`` (SVM margins); returns the voted boxes (M, 4) float32."""
-    out = kept.copy()
-    iou = bx.box_iou(kept, boxes)
-    for m in range(len(kept)):
-        sel = (iou[m] >= iou_thresh) & (labels == kept_labels[m])
-        if sel.any():
-            w = np.exp(scores[sel].astype(np.float64) - scores[sel].max())
-            out[m] = (w[:, None] * boxes[sel]).sum(0) / w.sum()
-    return out.astype(np.float32)
-
-
 def detect_image(image: NDArray[np.uint8], model, extractor,
                  settings: DetectSettings) -> dict[str, Any]:
     """Detections of one image (uint8 (H, W, 3) RGB) with a loaded model bundle.
@@ -353,17 +245,18 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
 
         check_dense(ext)
         key["dense"] = dense_settings()
-    store = StageStore(Path(out) / "per_image", "detect", key,
-                       format_version=DETECT_FORMAT, overwrite=overwrite)
-    cfgmod.write_resolved(out, cfg, ["common", "detect"])
+    store = StageStore(Path(out) / "per_image", "detect", key, format_version=DETECT_FORMAT)
     vis_dir = str(Path(out) / "vis") if save_vis else None
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
                            extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir,
                            dense=dense)
     # an image is done when its result is current (and its picture exists, with --save-vis)
-    report = run_stage(fn, items, is_done=lambda it: is_current(store, it) and (
-                           vis_dir is None or vis_path(vis_dir, it.rel).is_file()),
-                       desc="detect", **execution(cfg, ext.device.type))
+    report = run_stage_into(store, fn, items, overwrite=overwrite, desc="detect", holds_model=True,
+                            write_settings=functools.partial(cfgmod.write_resolved, out, cfg,
+                                                             ["common", "detect"]),
+                            also_done=None if vis_dir is None else
+                            lambda it: vis_path(vis_dir, it.rel).is_file(),
+                            **execution(cfg, ext.device.type))
     write_outputs(out, store, items, model.classes, formats or d["formats"], coco_ids=ids)
     return report
 
@@ -396,14 +289,14 @@ def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
                   coco_ids: tuple[dict[str, int], list[int]] | None = None) -> list[Path]:
     """Summary files of a detect run from its per-image results (images that failed, or
     changed since they were detected, are left out)."""
-    from rcnn_cli import evaluate as ev
+    from rcnn_cli import formats as fm
 
     dets, sizes = {}, {}
     for it in items:
         if not is_current(store, it):
             continue
         r = store.load(it.rel)
-        dets[it.rel] = ev.Detections(r["boxes"], r["scores"], r["labels"])
+        dets[it.rel] = fm.Detections(r["boxes"], r["scores"], r["labels"])
         sizes[it.rel] = tuple(int(v) for v in r["image_size"])
     out = Path(out)
     written = []
@@ -421,14 +314,14 @@ def write_outputs(out: str | Path, store: StageStore, items: list[ImageItem],
                 elif p.is_file():
                     p.unlink()
     if "csv" in formats:
-        written.append(ev.write_detections_csv(out / "detections.csv", dets, classes))
+        written.append(fm.write_detections_csv(out / "detections.csv", dets, classes))
     if "coco" in formats:
         image_ids, cat_ids = coco_ids if coco_ids is not None else (None, None)
-        written += ev.write_coco_results(out, dets, sizes, classes, image_ids, cat_ids)
+        written += fm.write_coco_results(out, dets, sizes, classes, image_ids, cat_ids)
     if "voc" in formats:
-        written += ev.write_voc_results(out / "voc", dets, classes)
+        written += fm.write_voc_results(out / "voc", dets, classes)
     if "yolo" in formats:
-        written += ev.write_yolo_results(out / "yolo", dets, sizes)
+        written += fm.write_yolo_results(out / "yolo", dets, sizes)
     n = sum(len(d) for d in dets.values())
     atomic_write_json(out / "summary.json", {"images": len(dets), "detections": n,
                                              "classes": classes})

@@ -35,16 +35,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from rcnn_cli.boxes import area, as_boxes, box_iou, widths_heights
-from rcnn_cli.evaluate import (
-    VOC_IOU_THRESH,
-    Detections,
-    _as_gt,
-    _nanmean,
-    as_detections,
-    match_image_names,
-    voc_eval,
-)
+from rcnn_cli.formats import Detections, as_detections, match_image_names
 from rcnn_cli.store import atomic_write_bytes
+from rcnn_cli.voc import VOC_IOU_THRESH, _as_gt, _nanmean, voc_eval
 
 log = logging.getLogger(__name__)
 

@@ -46,17 +46,24 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from rcnn_cli.boxes import as_boxes, box_iou, from_xywh, to_xywh
+from rcnn_cli.boxes import as_boxes, from_xywh, to_xywh
 
-# the writers of detect's result files live in rcnn_cli.formats (re-exported here)
+# the result files, their Detections and the name matching live in rcnn_cli.formats, the VOC
+# scoring core in rcnn_cli.voc (both re-exported here)
 from rcnn_cli.formats import (  # noqa: F401  (re-exports)
+    CSV_HEADER,
+    VOC_DET_PREFIX,
+    Detections,
+    _coco_results,
+    _norm_name,
+    as_detections,
+    match_image_names,
     safe_filename,
     voc_image_id,
     write_coco_results,
@@ -66,180 +73,12 @@ from rcnn_cli.formats import (  # noqa: F401  (re-exports)
     yolo_label_names,
 )
 from rcnn_cli.store import atomic_write_bytes, open_upstream
+from rcnn_cli.voc import VOC_IOU_THRESH, _as_gt, _nanmean, voc_ap, voc_eval  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-#: PASCAL VOC matching threshold (VOCdevkit ``VOCopts.minoverlap``).
-VOC_IOU_THRESH = 0.5
 #: Keys of ``COCOeval.stats`` in order (pycocotools ``summarize``).
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-CSV_HEADER = ("image", "class", "score", "x1", "y1", "x2", "y2")
-VOC_DET_PREFIX = "comp4_det_test_"
-
-
-# ---------------------------------------------------------------- containers
-@dataclass
-class Detections:
-    """Detections of one image: boxes (N, 4) float32 x1y1x2y2, scores (N,) float32,
-    labels (N,) int64 class index."""
-
-    boxes: NDArray[np.float32]
-    scores: NDArray[np.float32]
-    labels: NDArray[np.int64]
-
-    def __post_init__(self) -> None:
-        self.boxes = as_boxes(self.boxes)
-        self.scores = np.asarray(self.scores, np.float32).reshape(-1)
-        self.labels = np.asarray(self.labels, np.int64).reshape(-1)
-        n = len(self.boxes)
-        if len(self.scores) != n or len(self.labels) != n:
-            raise ValueError(
-                f"Detections: boxes {self.boxes.shape}, scores {self.scores.shape} and labels "
-                f"{self.labels.shape} must have the same length")
-
-    def __len__(self) -> int:
-        return len(self.boxes)
-
-    @classmethod
-    def empty(cls) -> Detections:
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
-
-
-def as_detections(x: Any) -> Detections:
-    """``Detections`` from a Detections, an object with ``boxes/scores/labels`` attributes,
-    or a tuple ``(boxes, scores, labels)``."""
-    if isinstance(x, Detections):
-        return x
-    if all(hasattr(x, a) for a in ("boxes", "scores", "labels")):
-        return Detections(x.boxes, x.scores, x.labels)
-    if isinstance(x, (tuple, list)) and len(x) == 3:
-        return Detections(*x)
-    raise TypeError(f"detections must be Detections or (boxes, scores, labels), got {type(x)}")
-
-
-def _as_gt(x: Any) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.bool_]]:
-    """(boxes (G, 4), labels (G,), difficult (G,)) from an ImageRecord-like object or a tuple
-    ``(boxes, labels[, difficult])``; a missing ``difficult`` means all False."""
-    if hasattr(x, "boxes") and hasattr(x, "labels"):
-        b, lab, d = x.boxes, x.labels, getattr(x, "difficult", None)
-    elif isinstance(x, (tuple, list)) and len(x) in (2, 3):
-        b, lab, d = x[0], x[1], x[2] if len(x) == 3 else None
-    else:
-        raise TypeError(f"ground truth must be ImageRecord-like or (boxes, labels, difficult), "
-                        f"got {type(x)}")
-    b = as_boxes(b)
-    lab = np.asarray(lab, np.int64).reshape(-1)
-    d = np.zeros(len(b), bool) if d is None else np.asarray(d, bool).reshape(-1)
-    if not len(lab) == len(d) == len(b):
-        raise ValueError(f"ground truth: boxes {b.shape}, labels {lab.shape} and difficult "
-                         f"{d.shape} must have the same length")
-    return b, lab, d
-
-
-# ---------------------------------------------------------------- VOC
-def voc_ap(recall: ArrayLike, precision: ArrayLike, use_07_metric: bool) -> float:
-    """Average precision from a precision-recall curve, by the VOCdevkit's rules.
-
-    Args:
-        recall: (K,) float, non-decreasing, detections ranked best first.
-        precision: (K,) float, same length.
-        use_07_metric: True for VOC2007's 11-point interpolated AP (mean over t in
-            {0, 0.1, ..., 1} of the best precision at recall >= t, 0 if none); False for
-            VOC2010+'s all-point AP (area under the monotone precision envelope).
-
-    Returns:
-        AP as a float; ``nan`` if recall contains ``nan`` (a class with no ground truth).
-
-    The 11 thresholds are ``k / 10`` (correctly rounded), so recall exactly 0.3 counts for
-    t = 0.3; ``np.arange(0, 1.1, 0.1)`` (py-faster-rcnn) has 0.30000000000000004 there.
-    """
-    rec = np.asarray(recall, np.float64)
-    prec = np.asarray(precision, np.float64)
-    if rec.ndim != 1 or rec.shape != prec.shape:
-        raise ValueError(f"recall and precision must be 1-D of equal length, got {rec.shape} "
-                         f"and {prec.shape}")
-    if np.isnan(rec).any():
-        return math.nan
-    if use_07_metric:
-        ap = 0.0
-        for k in range(11):
-            p = prec[rec >= k / 10]
-            ap += (float(p.max()) if p.size else 0.0) / 11
-        return ap
-    mrec = np.concatenate([[0.0], rec, [1.0]])
-    mpre = np.concatenate([[0.0], prec, [0.0]])
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope, right to left
-    i = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1  # points where recall changes
-    return float(np.sum((mrec[i] - mrec[i - 1]) * mpre[i]))
-
-
-def voc_eval(dets: Mapping[str, Any], gts: Mapping[str, Any], num_classes: int,
-             iou_thresh: float = VOC_IOU_THRESH) -> dict[int, dict[str, Any]]:
-    """PASCAL VOC evaluation of every class (VOCdevkit ``VOCevaldet``).
-
-    Args:
-        dets: image file_name -> detections (see :func:`as_detections`). Every key must be in
-            ``gts``; images of ``gts`` missing here simply have no detections.
-        gts: image file_name -> ground truth (see module docstring).
-        num_classes: C; labels are 0..C-1.
-        iou_thresh: a detection is a true positive at IoU >= this.
-
-    Returns:
-        {class index: {"ap07", "ap", "npos", "num_dets", "recall" (K,), "precision" (K,),
-        "tp" (K,), "fp" (K,) 0/1 per ranked detection, "scores" (K,) ranked}}.
-
-    Rules: the class's detections of all images are ranked by score, descending, stable (ties
-    keep image order of ``dets``, then order within the image). Each is matched to the
-    ground-truth box of that class with the highest IoU in its image (first on ties). If that
-    IoU >= ``iou_thresh``: a difficult box makes the detection ignored (neither TP nor FP, even
-    when repeated); an unclaimed box makes it a TP and claims the box; a claimed box makes it
-    a FP (duplicate). Otherwise FP. Difficult boxes do not count in ``npos``.
-    """
-    dets = {k: as_detections(v) for k, v in dets.items()}
-    gts = {k: _as_gt(v) for k, v in gts.items()}
-    unknown = [k for k in dets if k not in gts]
-    if unknown:
-        raise ValueError(f"dets: {len(unknown)} image(s) without ground truth, e.g. {unknown[0]!r}")
-    results: dict[int, dict[str, Any]] = {}
-    for c in range(num_classes):
-        # 1. ground truth of class c per image; difficult boxes are not counted in npos
-        gt_c = {k: (b[lab == c], d[lab == c]) for k, (b, lab, d) in gts.items()}
-        npos = int(sum((~d).sum() for _, d in gt_c.values()))
-        # 2. detections of class c with their IoU rows against their image's class-c ground truth
-        names, ious, scores = [], [], []
-        for k, det in dets.items():
-            m = det.labels == c
-            if m.any():
-                ious.extend(box_iou(det.boxes[m], gt_c[k][0]))
-                scores.append(det.scores[m])
-                names.extend([k] * int(m.sum()))
-        scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-        # 3. rank by score, best first (stable)
-        order = np.argsort(-scores.astype(np.float64), kind="stable")
-        # 4. greedy matching in rank order
-        tp, fp = np.zeros(len(order)), np.zeros(len(order))
-        claimed = {k: np.zeros(len(b), bool) for k, (b, _) in gt_c.items()}
-        for r, i in enumerate(order):
-            iou, difficult = ious[i], gt_c[names[i]][1]
-            j = int(np.argmax(iou)) if iou.size else -1
-            if j < 0 or iou[j] < iou_thresh:
-                fp[r] = 1
-            elif difficult[j]:
-                pass  # ignored
-            elif not claimed[names[i]][j]:
-                tp[r], claimed[names[i]][j] = 1, True
-            else:
-                fp[r] = 1  # duplicate
-        # 5. cumulative precision / recall and AP
-        tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
-        recall = tp_cum / npos if npos else np.full(len(tp), math.nan)
-        precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
-        ap07 = voc_ap(recall, precision, True) if npos else math.nan
-        ap = voc_ap(recall, precision, False) if npos else math.nan
-        results[c] = {"ap07": ap07, "ap": ap, "npos": npos, "num_dets": len(order),
-                      "recall": recall, "precision": precision, "tp": tp, "fp": fp,
-                      "scores": scores[order]}
-    return results
 
 
 # ---------------------------------------------------------------- COCO
@@ -294,82 +133,6 @@ def coco_eval(dets: Mapping[str, Any], gts: Mapping[str, Any], classes: Sequence
     return {k: (math.nan if v < 0 else float(v)) for k, v in zip(COCO_KEYS, stats)}
 
 
-def _f32(v: float) -> float:
-    """Shortest decimal that reads back as the same float32 (compact JSON/CSV, exact)."""
-    return float(np.format_float_positional(np.float32(v), unique=True, trim="0"))
-
-
-def _coco_results(dets: Mapping[str, Detections], ids: Mapping[str, int],
-                  cat_ids: Sequence[int] | None = None) -> list[dict]:
-    """COCO results list (image_id, category_id = ``cat_ids[label]`` or label + 1, bbox xywh,
-    score)."""
-    out = []
-    for k, det in dets.items():
-        for xywh, s, c in zip(to_xywh(det.boxes), det.scores, det.labels):
-            cid = int(c) + 1 if cat_ids is None else cat_ids[int(c)]
-            out.append({"image_id": ids[k], "category_id": cid,
-                        "bbox": [_f32(v) for v in xywh], "score": _f32(s)})
-    return out
-
-
-# ---------------------------------------------------------------- name matching
-def _norm_name(name: str) -> str:
-    return PurePosixPath(str(name).replace("\\", "/")).as_posix().removeprefix("./")
-
-
-def match_image_names(det_names: Iterable[str], gt_names: Iterable[str]) -> dict[str, str]:
-    """Map detection image names to ground-truth file names.
-
-    1. By relative path (POSIX separators, leading ``./`` dropped).
-    2. By relative path without extension (``sub/a`` or ``sub/a.png`` finds ``sub/a.jpg``).
-    3. By file stem, when one path (without extension) ends with the other's folders: a
-       detection ``JPEGImages/000005.jpg`` finds ``000005.jpg``, ``data/sub/y.png`` finds
-       ``sub/y.jpg``, but ``a/img.jpg`` never finds ``b/img.jpg``.
-
-    Steps 2 and 3 apply only when exactly one ground-truth image fits, it is not taken yet,
-    and no other detection name fits that same image in that step (``a/img.jpg`` and ``b/img.jpg``
-    never merge into one ``img.jpg``). Each ground-truth name is used once. Names that match
-    nothing are left out.
-    """
-    gt_names = list(gt_names)
-    by_path = {_norm_name(g): g for g in gt_names}
-    gt_parts = {g: PurePosixPath(_norm_name(g)).with_suffix("").parts for g in gt_names}
-    by_stem: dict[str, list[str]] = {}
-    for g, parts in gt_parts.items():
-        by_stem.setdefault(parts[-1] if parts else "", []).append(g)
-    out: dict[str, str] = {}
-    rest = []
-    taken: set[str] = set()
-    for d in det_names:
-        g = by_path.get(_norm_name(d))
-        if g is None:
-            rest.append(d)
-        elif g not in taken:  # "./a.jpg" and "a.jpg": the first one wins
-            out[d] = g
-            taken.add(g)
-
-    def same(p: tuple[str, ...], q: tuple[str, ...]) -> bool:
-        return p == q
-
-    def suffix(p: tuple[str, ...], q: tuple[str, ...]) -> bool:
-        n = min(len(p), len(q))
-        return n > 0 and p[-n:] == q[-n:]
-
-    for fits in (same, suffix):
-        wanted: dict[str, list[str]] = {}  # ground-truth name -> detection names fitting it
-        for d in rest:
-            p = PurePosixPath(_norm_name(d)).with_suffix("").parts
-            cand = [g for g in by_stem.get(p[-1] if p else "", []) if fits(p, gt_parts[g])]
-            if len(cand) == 1 and cand[0] not in taken:
-                wanted.setdefault(cand[0], []).append(d)
-        for g, ds in wanted.items():
-            if len(ds) == 1:
-                out[ds[0]] = g
-                taken.add(g)
-        rest = [d for d in rest if d not in out]
-    return out
-
-
 # ---------------------------------------------------------------- top level
 def _unpack_ground_truth(dataset_or_gts: Any, classes: Sequence[str] | None):
     """(gts dict, image sizes dict, classes) from a Dataset or a dict of ground truths."""
@@ -398,11 +161,6 @@ def _nan_to_none(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_nan_to_none(v) for v in x]
     return x
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    v = [x for x in values if not math.isnan(x)]
-    return float(np.mean(v)) if v else math.nan
 
 
 def _first(names: Sequence[str], n: int = 5) -> str:

@@ -1,26 +1,35 @@
-"""Run a stage's per-image function on a Dask or Ray cluster (``--executor dask|ray``).
+"""Where a stage's per-image work runs: this process, a local process pool, Dask or Ray.
 
-The work of one image is the same picklable ``fn(item) -> dict | None`` the local process pool
-runs (:func:`rcnn_cli.runner.map_images`); it writes its own output atomically into the stage
-folder, so the folder must be on a filesystem every worker shares with the driver. Nothing is
-sent back but a small dict, so a lost worker loses only the images it was working on; they are
-retried, and finished images are skipped on the next run.
+Each place is a *session* with one interface: ``map(task, items)`` yields one result per item
+(in completion order), ``close()`` releases what the session started. :func:`map_images_on`
+opens the session an executor name asks for, checks that its workers can see the files, and
+streams ``(item, result, error)`` with a progress bar. What a stage run *is* (resume, shards,
+the report) is :mod:`rcnn_cli.runner`'s; this module knows no stage.
 
+The work of one image is a picklable ``fn(item) -> dict | None`` that writes its own output
+atomically into the stage folder, so on a cluster the folder must be on a filesystem every
+worker shares with the driver. Nothing is sent back but a small dict, so a lost worker loses
+only the images it was working on; they are retried, and finished images are skipped on the
+next run.
+
+* local: ``workers <= 1`` runs in this process, in order; otherwise a pool of ``workers``
+  one-thread processes. A failure is reported at once (no retry); a worker process that dies
+  fails the images it had.
 * Dask: ``distributed.Client(address)`` (or ``DASK_SCHEDULER_ADDRESS``), else a
   ``LocalCluster`` of ``workers`` one-thread processes started for the run. One task per image.
-  Dask workers are long-lived processes, so the CNN stages' per-process model cache
-  (:func:`rcnn_cli.stages.get_extractor`) loads the backbone once per worker.
+  Dask workers are long-lived processes, so a per-process model cache (e.g.
+  :func:`rcnn_cli.stages.get_extractor`) loads the backbone once per worker.
 * Ray: ``ray.init(address)`` (or ``RAY_ADDRESS``), else a local instance with ``workers`` CPUs.
-  CPU stages (propose) run as stateless tasks; CNN stages (extract, detect) on a pool of
-  ``workers`` long-lived actors that keep the model loaded (a share of the GPUs each when the
-  cluster has GPUs).
+  Functions that hold a model (the CNN stages: ``holds_model=True``) run on a pool of ``workers``
+  long-lived actors that keep the model loaded (a share of the GPUs each when the cluster has
+  GPUs); others as stateless tasks.
 
-Retries (bounded, by the engines themselves): an :class:`~rcnn_cli.images.ImageError` (a
-corrupt file stays corrupt) is reported at once; any other exception is retried
-:data:`RETRIES` times, then reported as a one-line reason like a local failure. A worker
-process that dies has its images rescheduled (Dask ``allowed-failures``; Ray ``max_retries`` /
-``max_restarts``). At most a window of images is in flight, so a folder of millions of images
-never becomes millions of futures on the scheduler.
+Retries on a cluster (bounded, by the engines themselves): an
+:class:`~rcnn_cli.images.ImageError` (a corrupt file stays corrupt) is reported at once; any
+other exception is retried :data:`RETRIES` times, then reported as a one-line reason like a
+local failure. A worker process that dies has its images rescheduled (Dask
+``allowed-failures``; Ray ``max_retries`` / ``max_restarts``). At most a window of images is in
+flight, so a folder of millions of images never becomes millions of futures on the scheduler.
 
 Neither engine is a dependency of the base install: they are imported here, lazily, and a
 missing one raises :class:`ExecutorError` naming the extra to install.
@@ -30,15 +39,19 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import multiprocessing as mp
 import os
 import socket
+import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, Protocol
+
+from tqdm import tqdm
 
 from rcnn_cli.images import ImageError, ImageItem
-from rcnn_cli.runner import _limit_threads, progress
 
 log = logging.getLogger("rcnn_cli.executors")
 
@@ -46,11 +59,17 @@ EXECUTORS = ("local", "dask", "ray")
 RETRIES = 2  # attempts after the first, for a failure other than an undecodable image
 WINDOW_PER_WORKER = 8  # images in flight per worker slot (and at least MIN_WINDOW)
 MIN_WINDOW = 64
+#: environment variables that size the thread pools of the numeric libraries at their load
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "NUMBA_NUM_THREADS")
 
-# Per-image functions that load a CNN: on Ray they run on long-lived actors.
-MODEL_STAGES = {"rcnn_cli.stages.extract_one", "rcnn_cli.detect.detect_one"}
+#: ``module.qualname`` of per-image functions that hold a model even where the caller does not
+#: say so (``holds_model``); the stage drivers say so, so this is empty by default
+MODEL_STAGES: set[str] = set()
 
 Result = tuple[ImageItem, "dict | None", "str | None"]
+#: what a session yields per image: (item, result, reason, worker ``host:pid``, seconds)
+TaskResult = tuple[ImageItem, "dict | None", "str | None", "str | None", float]
 
 
 class ExecutorError(RuntimeError):
@@ -61,6 +80,58 @@ class ExecutorError(RuntimeError):
 class TaskError(RuntimeError):
     """One image failed with an exception other than ImageError; ``str()`` is the one-line
     reason. Raised in the worker so that the engine retries it (always picklable)."""
+
+
+class Session(Protocol):
+    """Where the work runs: one object per run of a stage."""
+
+    name: str
+    #: the work runs in the driver's own process (it keeps its threads)
+    in_driver: bool
+
+    def check_paths(self, paths: list[str]) -> None:
+        """Raise :class:`ExecutorError` if a worker cannot see one of ``paths``."""
+
+    def map(self, task: _Task, items: list[ImageItem]) -> Iterator[TaskResult]:
+        """Run ``task`` on every item; yield each :data:`TaskResult` as it finishes."""
+
+    def close(self) -> None:
+        """Release what the session started (pools, clusters, actors)."""
+
+
+def loads_model(fn: Callable) -> bool:
+    """True if ``fn`` (or the function a ``functools.partial`` wraps) is named in
+    :data:`MODEL_STAGES`."""
+    base = fn.func if isinstance(fn, functools.partial) else fn
+    return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', '')}" in MODEL_STAGES
+
+
+def progress(iterable: Iterable, total: int | None, desc: str, quiet: bool = False):
+    """A tqdm bar on stderr, shown only when stderr is a terminal."""
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, unit="img",
+                disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def limit_threads() -> None:
+    """One thread per worker process for every numeric library (the workers share the cores).
+
+    The environment variables reach libraries this process loads later (each reads them when
+    it loads); threadpoolctl limits the BLAS and OpenMP pools already loaded (for those,
+    setting a variable does nothing); torch and OpenCV have their own calls.
+    """
+    for var in THREAD_VARS:
+        os.environ[var] = "1"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)  # stays in force: the returned object is never restored
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover
+        pass
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 # ------------------------------------------------------------------ the worker side
@@ -75,18 +146,20 @@ def worker_id() -> str:
 class _Task:
     """Picklable wrapper run on a worker: ``task(item) -> (item, result, reason, worker, s)``.
 
-    Limits numeric libraries to one thread (once per process), adds ``"worker"`` to the
-    result dict (its ``"times"`` entry is kept), returns an ImageError as a reason, and raises
-    :class:`TaskError` for any other exception so that the engine retries the image.
+    Limits numeric libraries to one thread (once per process, unless ``limit`` is False: work
+    run in the driver's own process keeps its threads), adds ``"worker"`` to the result dict
+    (its ``"times"`` entry is kept), returns an ImageError as a reason, and raises
+    :class:`TaskError` for any other exception so that an engine retries the image.
     """
 
-    def __init__(self, fn: Callable[[ImageItem], dict | None]):
+    def __init__(self, fn: Callable[[ImageItem], dict | None], limit: bool = True):
         self.fn = fn
+        self.limit = limit
 
-    def __call__(self, item: ImageItem):
+    def __call__(self, item: ImageItem) -> TaskResult:
         global _THREADS_LIMITED
-        if not _THREADS_LIMITED:
-            _limit_threads()
+        if self.limit and not _THREADS_LIMITED:
+            limit_threads()  # here, not only at the worker's start: fn's libraries are loaded
             _THREADS_LIMITED = True
         t0 = time.perf_counter()
         try:
@@ -139,12 +212,6 @@ def _cannot_run(e: BaseException) -> ExecutorError:
                          "rcnn_cli version (and its dependencies) on every worker")
 
 
-def loads_model(fn: Callable) -> bool:
-    """True if ``fn`` (or the function a ``functools.partial`` wraps) loads a CNN."""
-    base = fn.func if isinstance(fn, functools.partial) else fn
-    return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', '')}" in MODEL_STAGES
-
-
 # ------------------------------------------------------------------ the driver side
 def _require_extra(name: str, module: str) -> None:
     """Raise ExecutorError (how to install the extra) unless ``module`` imports."""
@@ -156,25 +223,47 @@ def _require_extra(name: str, module: str) -> None:
             f"install the extra: pip install 'rcnn_cli[{name}]'") from None
 
 
+def open_session(executor: str, workers: int = 1, address: str | None = None,
+                 holds_model: bool = False) -> Session:
+    """The session of ``executor`` ("local", "dask" or "ray"; see the module docstring).
+
+    Raises:
+        ExecutorError: unknown executor, its extra not installed, the cluster unreachable.
+    """
+    if executor == "local":
+        return _InProcessSession() if workers <= 1 else _LocalPoolSession(workers)
+    if executor == "dask":
+        return _DaskSession(workers, address)
+    if executor == "ray":
+        return _RaySession(workers, address, actors=holds_model)
+    raise ExecutorError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+
+
 def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
                   items: Sequence[ImageItem], workers: int = 1, address: str | None = None,
-                  desc: str = "images") -> Iterator[Result]:
-    """Yield ``(item, result, error)`` for each item, in completion order, from a cluster.
+                  desc: str = "images", holds_model: bool = False) -> Iterator[Result]:
+    """Yield ``(item, result, error)`` for each item, in completion order (in order when
+    run in this process), with a progress bar.
 
     Args:
-        executor: "dask" or "ray" ("local" is :func:`rcnn_cli.runner.map_images`).
-        fn: picklable per-image function; it writes its own output (shared filesystem).
+        executor: "local", "dask" or "ray".
+        fn: picklable per-image function; it writes its own output (on a cluster: on a
+            filesystem every worker shares).
         items: the images to process.
-        workers: processes of the local cluster started when ``address`` is None (Ray: also
-            the number of model-holding actors of the CNN stages on any cluster).
+        workers: local: processes of the pool (``<= 1``: this process); dask/ray: processes
+            of the local cluster started when ``address`` is None (Ray: also the number of
+            model-holding actors on any cluster).
         address: scheduler to connect to (dask ``tcp://host:8786``; ray ``auto`` or
             ``ray://host:10001``); None: the engine's environment variable
             (``DASK_SCHEDULER_ADDRESS`` / ``RAY_ADDRESS``), else a local cluster for the run.
         desc: progress bar label.
+        holds_model: ``fn`` loads a model into a per-process cache (a CNN stage): on Ray it
+            runs on long-lived actors that keep it (also for functions in
+            :data:`MODEL_STAGES`).
 
     Returns:
-        An iterator like :func:`rcnn_cli.runner.map_images`: ``result`` is the dict ``fn``
-        returned plus ``"worker"`` (``host:pid``), ``error`` a one-line reason or None.
+        An iterator of ``(item, result, error)``: ``result`` is the dict ``fn`` returned plus
+        ``"worker"`` (``host:pid``), ``error`` a one-line reason or None.
 
     Raises:
         ExecutorError: unknown executor, its extra not installed, the cluster unreachable, or
@@ -182,32 +271,25 @@ def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
             any image is processed.
     """
     items = list(items)
-    if executor == "local":
-        from rcnn_cli.runner import map_images
-
-        return map_images(fn, items, workers, desc)
-    if executor == "dask":
-        _require_extra("dask", "distributed")
-        if not items:
-            return iter(())
-        session = _DaskSession(workers, address)
-    elif executor == "ray":
-        _require_extra("ray", "ray")
-        if not items:
-            return iter(())
-        session = _RaySession(workers, address, actors=loads_model(fn))
-    else:
+    if executor not in EXECUTORS:
         raise ExecutorError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if executor != "local":
+        _require_extra(executor, {"dask": "distributed", "ray": "ray"}[executor])
+    if not items:
+        return iter(())
+    session = open_session(executor, workers, address,
+                           holds_model=holds_model or loads_model(fn))
     try:
         session.check_paths(_probe_paths(fn, items))
     except BaseException:
         session.close()
         raise
-    return _run(session, _Task(fn), items, desc)
+    return _run(session, _Task(fn, limit=not session.in_driver), items, desc)
 
 
-def _run(session, task: _Task, items: list[ImageItem], desc: str) -> Iterator[Result]:
-    """Drive ``session`` over ``items`` with a bar; log the per-worker summary at the end."""
+def _run(session: Session, task: _Task, items: list[ImageItem], desc: str
+         ) -> Iterator[Result]:
+    """Drive ``session`` over ``items`` with a bar; log a cluster's per-worker summary."""
     t0 = time.perf_counter()
     per_worker: Counter[str] = Counter()
     busy: dict[str, float] = defaultdict(float)
@@ -224,7 +306,7 @@ def _run(session, task: _Task, items: list[ImageItem], desc: str) -> Iterator[Re
     finally:
         session.close()
         wall = time.perf_counter() - t0
-        if n:
+        if n and session.name != "local":
             log.info("%s", throughput_summary(session.name, n, failed, wall, per_worker, busy))
 
 
@@ -259,9 +341,61 @@ def _windowed(submit: Callable[[ImageItem], Any], wait_one: Callable[[], Any],
         yield done
 
 
+# ------------------------------------------------------------------ local
+class _InProcessSession:
+    """This process, one image after the other, in order (``--workers 1``)."""
+
+    name = "local"
+    in_driver = True
+
+    def check_paths(self, paths: list[str]) -> None:
+        pass
+
+    def map(self, task: _Task, items: list[ImageItem]) -> Iterator[TaskResult]:
+        for item in items:
+            try:
+                yield task(item)
+            except TaskError as e:
+                yield item, None, str(e), None, 0.0
+
+    def close(self) -> None:
+        pass
+
+
+class _LocalPoolSession:
+    """A pool of ``workers`` one-thread processes on this machine (no retries: a failure is
+    reported at once; a dead worker process fails the images it had)."""
+
+    name = "local"
+    in_driver = False
+
+    def __init__(self, workers: int):
+        ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
+        # limit_threads at the start too: its variables then reach every library loaded later
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                        initializer=limit_threads)
+
+    def check_paths(self, paths: list[str]) -> None:
+        pass
+
+    def map(self, task: _Task, items: list[ImageItem]) -> Iterator[TaskResult]:
+        futs = {self.pool.submit(task, it): it for it in items}
+        for f in as_completed(futs):
+            try:
+                yield f.result()
+            except TaskError as e:
+                yield futs[f], None, str(e), None, 0.0
+            except Exception as e:  # noqa: BLE001 - a dead worker (killed, out of memory)
+                yield futs[f], None, f"worker process died ({type(e).__name__}: {e})", None, 0.0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 # ------------------------------------------------------------------ Dask
 class _DaskSession:
     name = "dask"
+    in_driver = False
 
     def __init__(self, workers: int, address: str | None):
         from distributed import Client, LocalCluster
@@ -294,7 +428,7 @@ class _DaskSession:
         if missing:
             raise _shared_fs_error(missing)
 
-    def map(self, task: _Task, items: list[ImageItem]) -> Iterator:
+    def map(self, task: _Task, items: list[ImageItem]) -> Iterator[TaskResult]:
         from distributed import as_completed
 
         threads = sum(self.client.nthreads().values()) or 1
@@ -356,6 +490,7 @@ def _ray_actor_cls(ray, num_gpus: float):
 
 class _RaySession:
     name = "ray"
+    in_driver = False
 
     def __init__(self, workers: int, address: str | None, actors: bool):
         import ray
@@ -397,7 +532,7 @@ class _RaySession:
         if missing:
             raise _shared_fs_error({"(a ray worker)": missing})
 
-    def map(self, task: _Task, items: list[ImageItem]) -> Iterator:
+    def map(self, task: _Task, items: list[ImageItem]) -> Iterator[TaskResult]:
         ray = self.ray
         owner: dict[Any, tuple[ImageItem, Any]] = {}
         if self.actors:

@@ -236,7 +236,7 @@ def proposals_from_dir(folder: str | Path) -> Callable[[ImageRecord], NDArray[np
     propose run may have been given the dataset root or its ``images/`` folder). The
     callable's ``key`` attribute is the folder's settings key (:func:`finetune` uses it as
     ``proposals_id``)."""
-    from rcnn_cli.evaluate import match_image_names
+    from rcnn_cli.formats import match_image_names
     from rcnn_cli.store import open_upstream
 
     store = open_upstream(folder, "propose")

@@ -1,4 +1,6 @@
-"""Writers of the detect stage's result files (read back by :mod:`rcnn_cli.evaluate`).
+"""Writers of the detect stage's result files (read back by :mod:`rcnn_cli.evaluate`), the
+:class:`Detections` they hold, and the matching of image names read from files to
+ground-truth file names (:func:`match_image_names`).
 
 Every file names an image by its identity: the path relative to the input folder, POSIX
 separators, extension included (``a/img.jpg``, ``a/img.png`` and ``b/img.jpg`` are three
@@ -18,13 +20,15 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-from rcnn_cli.boxes import to_voc, to_yolo
+from rcnn_cli.boxes import as_boxes, to_voc, to_xywh, to_yolo
 from rcnn_cli.store import atomic_write_bytes, check_rel
 
 log = logging.getLogger("rcnn_cli.formats")
@@ -63,20 +67,133 @@ def voc_image_id(rel: str) -> str:
     id is one whitespace-free token (``my dir/img 1.jpg`` -> ``my%20dir/img%201.jpg``;
     ``urllib.parse.unquote`` reverses it)."""
     return "".join(_pct(c) if c == "%" or c.isspace() or ord(c) < 32 or ord(c) == 127 else c
-                   for c in _norm(rel))
+                   for c in _norm_name(rel))
 
 
-def _norm(name: str) -> str:
-    from rcnn_cli.evaluate import _norm_name
+# ---------------------------------------------------------------- the detections files hold
+CSV_HEADER = ("image", "class", "score", "x1", "y1", "x2", "y2")
+VOC_DET_PREFIX = "comp4_det_test_"
 
-    return _norm_name(name)
+
+@dataclass
+class Detections:
+    """Detections of one image: boxes (N, 4) float32 x1y1x2y2, scores (N,) float32,
+    labels (N,) int64 class index."""
+
+    boxes: NDArray[np.float32]
+    scores: NDArray[np.float32]
+    labels: NDArray[np.int64]
+
+    def __post_init__(self) -> None:
+        self.boxes = as_boxes(self.boxes)
+        self.scores = np.asarray(self.scores, np.float32).reshape(-1)
+        self.labels = np.asarray(self.labels, np.int64).reshape(-1)
+        n = len(self.boxes)
+        if len(self.scores) != n or len(self.labels) != n:
+            raise ValueError(
+                f"Detections: boxes {self.boxes.shape}, scores {self.scores.shape} and labels "
+                f"{self.labels.shape} must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
+def as_detections(x: Any) -> Detections:
+    """``Detections`` from a Detections, an object with ``boxes/scores/labels`` attributes,
+    or a tuple ``(boxes, scores, labels)``."""
+    if isinstance(x, Detections):
+        return x
+    if all(hasattr(x, a) for a in ("boxes", "scores", "labels")):
+        return Detections(x.boxes, x.scores, x.labels)
+    if isinstance(x, (tuple, list)) and len(x) == 3:
+        return Detections(*x)
+    raise TypeError(f"detections must be Detections or (boxes, scores, labels), got {type(x)}")
+
+
+def _f32(v: float) -> float:
+    """Shortest decimal that reads back as the same float32 (compact JSON/CSV, exact)."""
+    return float(np.format_float_positional(np.float32(v), unique=True, trim="0"))
+
+
+def _coco_results(dets: Mapping[str, Detections], ids: Mapping[str, int],
+                  cat_ids: Sequence[int] | None = None) -> list[dict]:
+    """COCO results list (image_id, category_id = ``cat_ids[label]`` or label + 1, bbox xywh,
+    score)."""
+    out = []
+    for k, det in dets.items():
+        for xywh, s, c in zip(to_xywh(det.boxes), det.scores, det.labels):
+            cid = int(c) + 1 if cat_ids is None else cat_ids[int(c)]
+            out.append({"image_id": ids[k], "category_id": cid,
+                        "bbox": [_f32(v) for v in xywh], "score": _f32(s)})
+    return out
+
+
+# ---------------------------------------------------------------- name matching
+def _norm_name(name: str) -> str:
+    return PurePosixPath(str(name).replace("\\", "/")).as_posix().removeprefix("./")
+
+
+def match_image_names(det_names: Iterable[str], gt_names: Iterable[str]) -> dict[str, str]:
+    """Map detection image names to ground-truth file names.
+
+    1. By relative path (POSIX separators, leading ``./`` dropped).
+    2. By relative path without extension (``sub/a`` or ``sub/a.png`` finds ``sub/a.jpg``).
+    3. By file stem, when one path (without extension) ends with the other's folders: a
+       detection ``JPEGImages/000005.jpg`` finds ``000005.jpg``, ``data/sub/y.png`` finds
+       ``sub/y.jpg``, but ``a/img.jpg`` never finds ``b/img.jpg``.
+
+    Steps 2 and 3 apply only when exactly one ground-truth image fits, it is not taken yet,
+    and no other detection name fits that same image in that step (``a/img.jpg`` and ``b/img.jpg``
+    never merge into one ``img.jpg``). Each ground-truth name is used once. Names that match
+    nothing are left out.
+    """
+    gt_names = list(gt_names)
+    by_path = {_norm_name(g): g for g in gt_names}
+    gt_parts = {g: PurePosixPath(_norm_name(g)).with_suffix("").parts for g in gt_names}
+    by_stem: dict[str, list[str]] = {}
+    for g, parts in gt_parts.items():
+        by_stem.setdefault(parts[-1] if parts else "", []).append(g)
+    out: dict[str, str] = {}
+    rest = []
+    taken: set[str] = set()
+    for d in det_names:
+        g = by_path.get(_norm_name(d))
+        if g is None:
+            rest.append(d)
+        elif g not in taken:  # "./a.jpg" and "a.jpg": the first one wins
+            out[d] = g
+            taken.add(g)
+
+    def same(p: tuple[str, ...], q: tuple[str, ...]) -> bool:
+        return p == q
+
+    def suffix(p: tuple[str, ...], q: tuple[str, ...]) -> bool:
+        n = min(len(p), len(q))
+        return n > 0 and p[-n:] == q[-n:]
+
+    for fits in (same, suffix):
+        wanted: dict[str, list[str]] = {}  # ground-truth name -> detection names fitting it
+        for d in rest:
+            p = PurePosixPath(_norm_name(d)).with_suffix("").parts
+            cand = [g for g in by_stem.get(p[-1] if p else "", []) if fits(p, gt_parts[g])]
+            if len(cand) == 1 and cand[0] not in taken:
+                wanted.setdefault(cand[0], []).append(d)
+        for g, ds in wanted.items():
+            if len(ds) == 1:
+                out[ds[0]] = g
+                taken.add(g)
+        rest = [d for d in rest if d not in out]
+    return out
+
+
+# ---------------------------------------------------------------- writers
 def write_detections_csv(path: str | Path, dets: Mapping[str, Any],
                          classes: Sequence[str]) -> Path:
     """Write ``detections.csv`` (header ``image,class,score,x1,y1,x2,y2``; class by name)."""
-    from rcnn_cli.evaluate import CSV_HEADER, as_detections
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_HEADER)
@@ -115,8 +232,6 @@ def write_coco_results(out_dir: str | Path, dets: Mapping[str, Any],
     instances file scores ``detections.json``), else 1..N and class index + 1 (images
     without a given id are numbered after the largest given one). Returns the three paths.
     """
-    from rcnn_cli.evaluate import _coco_results, as_detections
-
     unknown = [k for k in dets if k not in image_sizes]
     if unknown:
         raise ValueError(f"dets: image {unknown[0]!r} is not in image_sizes")
@@ -146,8 +261,6 @@ def write_voc_results(out_dir: str | Path, dets: Mapping[str, Any], classes: Seq
     box in VOC 1-based inclusive pixels via :func:`rcnn_cli.boxes.to_voc` (rounded to
     integers).
     """
-    from rcnn_cli.evaluate import VOC_DET_PREFIX, as_detections
-
     prefix = VOC_DET_PREFIX if prefix is None else prefix
     lines: dict[int, list[str]] = {c: [] for c in range(len(classes))}
     for k, det in dets.items():
@@ -170,7 +283,7 @@ def yolo_label_names(rels: Sequence[str]) -> dict[str, str]:
     ``<relative path with extension>.txt`` (``img.jpg.txt``, ``img.png.txt``), with one
     warning. Deterministic for a given set of images; never two images in one file.
     """
-    rels = [_norm(r) for r in rels]
+    rels = [_norm_name(r) for r in rels]
     for r in rels:
         check_rel(r)
     names = {r: PurePosixPath(r).with_suffix(".txt").as_posix() for r in rels}
@@ -202,8 +315,6 @@ def write_yolo_results(out_dir: str | Path, dets: Mapping[str, Any],
     Lines are ``class cx cy w h score`` with cx, cy, w, h normalised by the image size
     (:func:`rcnn_cli.boxes.to_yolo`); an image without detections gets an empty file.
     """
-    from rcnn_cli.evaluate import Detections, as_detections
-
     unknown = [k for k in dets if k not in image_sizes]
     if unknown:
         raise ValueError(f"dets: image {unknown[0]!r} is not in image_sizes")
@@ -213,7 +324,7 @@ def write_yolo_results(out_dir: str | Path, dets: Mapping[str, Any],
         det = as_detections(dets[k]) if k in dets else Detections.empty()
         rows = [f"{int(c)} {v[0]:.6f} {v[1]:.6f} {v[2]:.6f} {v[3]:.6f} {float(s):.6f}\n"
                 for v, s, c in zip(to_yolo(det.boxes, tuple(hw)), det.scores, det.labels)]
-        p = Path(out_dir) / names[_norm(k)]
+        p = Path(out_dir) / names[_norm_name(k)]
         atomic_write_bytes(p, "".join(rows).encode())
         paths.append(p)
     return paths

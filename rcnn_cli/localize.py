@@ -788,7 +788,7 @@ def _per_image(predictions: Mapping[str, Any], dataset: Any,
                classes: Sequence[str] | None) -> tuple[dict[str, Any], dict[str, int]]:
     """Predictions keyed by dataset file name (names matched as in evaluate) and a map
     prediction label -> dataset label (-1 for a class the dataset does not know)."""
-    from rcnn_cli.evaluate import as_detections, match_image_names
+    from rcnn_cli.formats import as_detections, match_image_names
 
     names = match_image_names(predictions.keys(), [r.file_name for r in dataset.records])
     preds = {names[k]: as_detections(v) for k, v in predictions.items() if k in names}
@@ -956,7 +956,7 @@ def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str
         LocalizeError: bad bundle. ValueError: bad ``formats``. FileExistsError: ``out``
         holds outputs and ``overwrite`` is False. FileNotFoundError: missing input.
     """
-    from rcnn_cli import evaluate as ev
+    from rcnn_cli import formats as fm
     from rcnn_cli.images import ImageError, list_images, read_image
     from rcnn_cli.runner import Report
 
@@ -1008,13 +1008,13 @@ def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str
     report.seconds = time.perf_counter() - t0
     written: list[Path] = []
     if "csv" in fmts:
-        written.append(ev.write_detections_csv(out / "detections.csv", preds, loc.classes))
+        written.append(fm.write_detections_csv(out / "detections.csv", preds, loc.classes))
     if "coco" in fmts:
-        written += ev.write_coco_results(out, preds, sizes, loc.classes)
+        written += fm.write_coco_results(out, preds, sizes, loc.classes)
     if "voc" in fmts:
-        written += ev.write_voc_results(out / "voc", preds, loc.classes)
+        written += fm.write_voc_results(out / "voc", preds, loc.classes)
     if "yolo" in fmts:
-        written += ev.write_yolo_results(out / "yolo", preds, sizes)
+        written += fm.write_yolo_results(out / "yolo", preds, sizes)
     metrics = None
     if ds is not None:
         fn = parts_metrics if loc.parts else localization_metrics

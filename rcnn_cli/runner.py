@@ -1,26 +1,26 @@
-"""Map a per-image function over a folder: resume, a process pool, failures, a report.
+"""What a run of a per-image stage is: its store, its shard, resume, a report.
 
 Each stage's work is a plain function of one image (``fn(item) -> dict``, picklable, no
 shared state) so that the same function runs in this process, in a local process pool
-(``--workers N``), or on a cluster executor. A failure on one image (an
-:class:`~rcnn_cli.images.ImageError` or any exception) is recorded with the path and a
-one-line reason; the batch goes on, and the :class:`Report` tells the command to exit 1.
+(``--workers N``), or on a cluster: *where* it runs is :mod:`rcnn_cli.executors`'s. A
+failure on one image (an :class:`~rcnn_cli.images.ImageError` or any exception) is recorded
+with the path and a one-line reason; the batch goes on, and the :class:`Report` tells the
+command to exit 1.
+
+:func:`run_stage_into` is the one driver of the stages that write one record per image
+(propose, extract, detect): it claims the stage's folder, writes the resolved settings, keeps
+one shard, skips the images whose record is current and maps the per-image function.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from tqdm import tqdm
-
-from rcnn_cli.images import ImageError, ImageItem
+from rcnn_cli.executors import map_images_on
+from rcnn_cli.images import ImageItem
+from rcnn_cli.store import StageStore, file_identity
 
 log = logging.getLogger("rcnn_cli.runner")
 
@@ -61,60 +61,6 @@ class Report:
         return "; ".join(parts)
 
 
-def _limit_threads() -> None:
-    """Worker initialiser: one thread per process for every numeric library."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "NUMBA_NUM_THREADS"):
-        os.environ[var] = "1"
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover
-        pass
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def _call(fn: Callable[[Any], dict | None], item: ImageItem):
-    """Run ``fn(item)``; turn an exception into a one-line reason (runs in the worker)."""
-    try:
-        return item, fn(item), None
-    except ImageError as e:
-        return item, None, e.reason
-    except Exception as e:  # noqa: BLE001 - one image must never stop the batch
-        return item, None, f"{type(e).__name__}: {e}"
-
-
-def progress(iterable: Iterable, total: int | None, desc: str, quiet: bool = False):
-    """A tqdm bar on stderr, shown only when stderr is a terminal."""
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, unit="img",
-                disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-
-
-def map_images(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem],
-               workers: int = 1, desc: str = "images") -> Iterator[tuple[ImageItem, dict | None,
-                                                                          str | None]]:
-    """Yield ``(item, result, error)`` for each item, in completion order when parallel.
-
-    ``workers <= 1`` runs in this process (in order); otherwise a process pool whose
-    workers each use one thread.
-    """
-    if workers <= 1 or len(items) <= 1:
-        for it in progress(items, len(items), desc):
-            yield _call(fn, it)
-        return
-    ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                             initializer=_limit_threads) as pool:
-        futs = {pool.submit(_call, fn, it): it for it in items}
-        for f in progress(as_completed(futs), len(futs), desc):
-            try:
-                yield f.result()
-            except Exception as e:  # noqa: BLE001 - a dead worker (killed, out of memory)
-                yield futs[f], None, f"worker process died ({type(e).__name__}: {e})"
-
-
 def shard_items(items: Sequence[ImageItem], shard: str | None) -> list[ImageItem]:
     """The ``i``-th of ``n`` interleaved slices of ``items`` for ``shard = "i/n"`` (0-based)."""
     if not shard:
@@ -128,16 +74,27 @@ def shard_items(items: Sequence[ImageItem], shard: str | None) -> list[ImageItem
     return list(items)[i::n]
 
 
+def is_current(store: StageStore, item: ImageItem, upstream: str | None = None) -> bool:
+    """Whether ``store`` holds a record of ``item`` made from the image as it is now (size
+    and mtime) and, when given, from this upstream record id."""
+    try:
+        source = file_identity(item.path)
+    except OSError:
+        return False  # the stage reports the unreadable file
+    return store.is_done(item.rel, source=source, upstream=upstream)
+
+
 def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem],
               is_done: Callable[[ImageItem], bool] | None = None, workers: int = 1,
               desc: str = "images", executor: str = "local", address: str | None = None,
-              shard: str | None = None) -> Report:
+              shard: str | None = None, holds_model: bool = False) -> Report:
     """Run a per-image stage over ``items``, skipping those ``is_done`` says are finished.
 
     ``fn`` may return a dict with a ``"times"`` entry ({stage: seconds}) for the report.
     ``executor`` picks where ``fn`` runs ("local": this process or a pool of ``workers``;
     "dask"/"ray": a cluster at ``address``, see :mod:`rcnn_cli.executors`); ``shard`` keeps
-    one slice of the images.
+    one slice of the images; ``holds_model``: ``fn`` keeps a model loaded per process (see
+    :func:`rcnn_cli.executors.map_images_on`).
     """
     report = Report()
     t0 = time.perf_counter()
@@ -147,13 +104,8 @@ def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem]
             report.skipped += 1
         else:
             todo.append(it)
-    if executor == "local":
-        results = map_images(fn, todo, workers, desc)
-    else:
-        from rcnn_cli.executors import map_images_on
-
-        results = map_images_on(executor, fn, todo, workers=workers, address=address or None,
-                                desc=desc)
+    results = map_images_on(executor, fn, todo, workers=workers, address=address or None,
+                            desc=desc, holds_model=holds_model)
     for it, result, err in results:
         if err is not None:
             report.fail(str(it.path), err)
@@ -162,3 +114,39 @@ def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem]
             report.add_times((result or {}).get("times"))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def run_stage_into(store: StageStore, fn: Callable[[ImageItem], dict | None],
+                   items: Sequence[ImageItem], *, overwrite: bool = False,
+                   write_settings: Callable[[], object] | None = None,
+                   upstream: Mapping[str, str | None] | None = None,
+                   also_done: Callable[[ImageItem], bool] | None = None,
+                   desc: str = "images", holds_model: bool = False, workers: int = 1,
+                   executor: str = "local", address: str | None = None,
+                   shard: str | None = None) -> Report:
+    """Run a stage that writes one record per image into ``store`` (the one stage driver).
+
+    Steps: claim the store's folder (:meth:`StageStore.claim`: refuses a folder of other
+    settings or of files rcnn did not write unless ``overwrite``, writes the manifest); call
+    ``write_settings`` (the resolved config next to the outputs); keep the ``shard``; skip
+    each image whose record is current (:func:`is_current`: this key, the image as it is
+    now, the record ``upstream[item.rel]`` when given) and, when given, ``also_done(item)``
+    (what else a finished image has, e.g. its picture);
+    map ``fn`` (which writes the record) over the rest on ``executor`` (:func:`run_stage`;
+    ``holds_model``: ``fn`` keeps a CNN loaded per process).
+
+    Raises:
+        StaleStoreError, ForeignFolderError: see :meth:`StageStore.claim`.
+        ExecutorError: see :func:`rcnn_cli.executors.map_images_on`.
+        ValueError: a malformed ``shard``.
+    """
+    store.claim(overwrite)
+    if write_settings is not None:
+        write_settings()
+
+    def current(it: ImageItem) -> bool:
+        up = None if upstream is None else upstream[it.rel]
+        return is_current(store, it, up) and (also_done is None or also_done(it))
+
+    return run_stage(fn, items, is_done=current, workers=workers, desc=desc,
+                     executor=executor, address=address, shard=shard, holds_model=holds_model)

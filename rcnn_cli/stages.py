@@ -1,9 +1,10 @@
 """Folder-level drivers of the per-image stages (propose, extract).
 
-Each driver resolves its stage store (settings key, resume), writes the resolved config into
-the output folder, and maps a plain per-image function over the images with
-:func:`rcnn_cli.runner.run_stage`. The per-image functions are top-level and take only
-picklable arguments, so a process pool or a cluster executor can run them unchanged.
+Each driver checks its folders, resolves its stage store (settings key) and hands it, with
+a plain per-image function, to :func:`rcnn_cli.runner.run_stage_into` (claim the folder,
+write the resolved config, resume, shard, map). The per-image functions are top-level and
+take only picklable arguments, so a process pool or a cluster executor can run them
+unchanged.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from rcnn_cli import config as cfgmod
 from rcnn_cli.images import ImageItem, list_images, read_image
-from rcnn_cli.runner import Report, run_stage
+from rcnn_cli.runner import Report, run_stage_into
 from rcnn_cli.store import (
     StageStore,
     check_output_folder,
@@ -38,7 +39,7 @@ EXTRACT_FORMAT = 2
 
 
 def execution(cfg: Mapping[str, Any], device_type: str = "cpu") -> dict[str, Any]:
-    """run_stage's executor arguments from the [common] section (one local process drives
+    """run_stage_into's executor arguments from the [common] section (one local process drives
     a GPU: its workers would compete for it)."""
     c = cfg["common"]
     workers = c["workers"] if device_type == "cpu" or c["executor"] != "local" else 1
@@ -97,21 +98,12 @@ def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, 
     check_output_folder(out, inputs, overwrite)
     items = list_images(inputs, split=split, exclude=[out])
     store = StageStore(out, "propose", proposal_settings(cfg["propose"]),
-                       format_version=PROPOSE_FORMAT, overwrite=overwrite)
-    cfgmod.write_resolved(out, cfg, ["common", "propose"])
+                       format_version=PROPOSE_FORMAT)
     fn = functools.partial(propose_one, store=store)
-    return run_stage(fn, items, is_done=lambda it: is_current(store, it),
-                     desc="propose", **execution(cfg))
-
-
-def is_current(store: StageStore, item: ImageItem, upstream: str | None = None) -> bool:
-    """Whether ``store`` holds a record of ``item`` made from the image as it is now (size
-    and mtime) and, when given, from this upstream record id."""
-    try:
-        source = file_identity(item.path)
-    except OSError:
-        return False  # the stage reports the unreadable file
-    return store.is_done(item.rel, source=source, upstream=upstream)
+    return run_stage_into(store, fn, items, overwrite=overwrite, desc="propose",
+                          write_settings=functools.partial(cfgmod.write_resolved, out, cfg,
+                                                           ["common", "propose"]),
+                          **execution(cfg))
 
 
 def upstream_id(upstream: StageStore, item: ImageItem) -> str | None:
@@ -214,15 +206,16 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
         gt = ds.by_name()  # ImageItem.rel -> record
         settings.update(classes=ds.classes, annotations=dataset_fingerprint(ds.records))
     store = StageStore(out, "extract", settings, upstream_key=upstream.key,
-                       format_version=EXTRACT_FORMAT, overwrite=overwrite)
-    cfgmod.write_resolved(out, cfg, ["common", "extract"])
+                       format_version=EXTRACT_FORMAT)
     up_ids = {it.rel: upstream_id(upstream, it) for it in items}
     missing = [it for it in items if up_ids[it.rel] is None]
     fn = functools.partial(extract_one, store=store, upstream=upstream, kwargs=kwargs, gt=gt,
                            max_proposals=e["max_proposals"], dtype=e["dtype"])
-    report = run_stage(fn, [it for it in items if up_ids[it.rel] is not None],
-                       is_done=lambda it: is_current(store, it, up_ids[it.rel]),
-                       desc="extract", **execution(cfg, ext.device.type))
+    report = run_stage_into(store, fn, [it for it in items if up_ids[it.rel] is not None],
+                            overwrite=overwrite, upstream=up_ids, desc="extract", holds_model=True,
+                            write_settings=functools.partial(cfgmod.write_resolved, out, cfg,
+                                                             ["common", "extract"]),
+                            **execution(cfg, ext.device.type))
     for it in missing:
         reason = ("proposals made from an older version of this image"
                   if upstream.record_id(it.rel) is not None else "no proposals")

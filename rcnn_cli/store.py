@@ -372,47 +372,84 @@ def check_stage_folder(root: str | Path, overwrite: bool = False) -> None:
 
 
 class StageStore:
-    """The output folder of one stage.
+    """The output folder of one stage: where each image's record lies, and its key.
+
+    Making one touches no file: :meth:`claim` (or :meth:`create`) checks the folder and
+    writes its manifest before a stage writes records; :meth:`open_upstream` opens a
+    finished stage's folder for reading.
 
     Args:
-        root: the output folder (created).
+        root: the output folder.
         stage: stage name ("propose", "extract", ...).
         settings: JSON-able settings that determine the outputs.
         upstream_key: key of the stage whose outputs this one reads (or None).
         format_version: bump when the file layout changes.
-        overwrite: accept a folder made with other settings (its images are recomputed),
-            or a folder holding other files (they are kept; see :func:`claim_folder`).
-
-    Raises:
-        StaleStoreError: the folder holds another stage's or other settings' outputs and
-            ``overwrite`` is False.
-        ForeignFolderError: the folder holds files rcnn did not write (see
-            :func:`claim_folder`).
+        key: the key an existing manifest records (reading); default: computed from the
+            above (:func:`settings_key`).
     """
 
     def __init__(self, root: str | Path, stage: str, settings: Mapping[str, Any],
                  upstream_key: str | None = None, format_version: int = 1,
-                 overwrite: bool = False):
+                 key: str | None = None):
         self.root = Path(root)
         self.stage = stage
         self.settings = dict(settings)
         self.upstream_key = upstream_key
-        self.key = settings_key(stage, self.settings, upstream_key, format_version)
+        self.format_version = format_version
+        self.key = key or settings_key(stage, self.settings, upstream_key, format_version)
+
+    @classmethod
+    def create(cls, root: str | Path, stage: str, settings: Mapping[str, Any],
+               upstream_key: str | None = None, format_version: int = 1,
+               overwrite: bool = False) -> StageStore:
+        """A store for writing: ``StageStore(...)`` then :meth:`claim` (``overwrite``)."""
+        return cls(root, stage, settings, upstream_key, format_version).claim(overwrite)
+
+    @classmethod
+    def open_upstream(cls, root: str | Path, stage: str) -> StageStore:
+        """Open an existing ``stage`` folder for reading (its manifest gives settings and key).
+
+        Raises:
+            FileNotFoundError: the folder has no manifest of that stage.
+        """
+        m = read_manifest(root)
+        if m is None:
+            raise FileNotFoundError(f"{root}: not a {stage} output folder (no {MANIFEST})")
+        if m.get("stage") != stage:
+            raise FileNotFoundError(f"{root}: holds {m.get('stage')} outputs, expected {stage}")
+        return cls(root, stage, m.get("settings", {}), m.get("upstream_key"),
+                   m.get("format_version", 1), key=m["key"])
+
+    def claim(self, overwrite: bool = False) -> StageStore:
+        """Make the folder this store's before any record is written; return the store.
+
+        Creates the folder, removes a killed run's temp files, and writes the manifest
+        (this key, stage, settings). A folder of another stage or other settings is refused,
+        or, with ``overwrite``, taken over (its images are recomputed: old records fail the
+        key check); a folder holding files rcnn did not write is refused unless
+        ``overwrite`` (see :func:`claim_folder`).
+
+        Raises:
+            StaleStoreError: the folder holds another stage's or other settings' outputs and
+                ``overwrite`` is False.
+            ForeignFolderError: the folder holds files rcnn did not write.
+        """
         old = read_manifest(self.root)
         if old is not None and old.get("key") != self.key and not overwrite:
             what = ("another stage (" + str(old.get("stage")) + ")"
-                    if old.get("stage") != stage else "other settings")
+                    if old.get("stage") != self.stage else "other settings")
             raise StaleStoreError(
-                f"{self.root}: holds {stage} outputs made with {what} "
+                f"{self.root}: holds {self.stage} outputs made with {what} "
                 f"(key {old.get('key')} != {self.key}); choose another output folder "
                 "or pass --overwrite to recompute")
         claim_folder(self.root, old is not None, _STAGE_FILES, overwrite)
         self.root.mkdir(parents=True, exist_ok=True)
-        manifest = {"stage": stage, "key": self.key, "format_version": format_version,
-                    "upstream_key": upstream_key, "settings": self.settings,
-                    "rcnn_cli_version": __version__}
+        manifest = {"stage": self.stage, "key": self.key,
+                    "format_version": self.format_version, "upstream_key": self.upstream_key,
+                    "settings": self.settings, "rcnn_cli_version": __version__}
         if old != manifest:
             atomic_write_json(self.root / MANIFEST, manifest)
+        return self
 
     def path_for(self, rel: str) -> Path:
         """File of one image, from its identity (relative path with extension):
@@ -523,17 +560,9 @@ class StageStore:
 
 
 def open_upstream(root: str | Path, stage: str) -> StageStore:
-    """Open an existing stage folder for reading (its manifest gives settings and key).
+    """:meth:`StageStore.open_upstream`: an existing ``stage`` folder, for reading.
 
     Raises:
         FileNotFoundError: the folder has no manifest of that stage.
     """
-    m = read_manifest(root)
-    if m is None:
-        raise FileNotFoundError(f"{root}: not a {stage} output folder (no {MANIFEST})")
-    if m.get("stage") != stage:
-        raise FileNotFoundError(f"{root}: holds {m.get('stage')} outputs, expected {stage}")
-    store = StageStore.__new__(StageStore)
-    store.root, store.stage, store.settings = Path(root), stage, m.get("settings", {})
-    store.upstream_key, store.key = m.get("upstream_key"), m["key"]
-    return store
+    return StageStore.open_upstream(root, stage)

@@ -200,7 +200,7 @@ def test_cli_evaluate_diagnose(tmp_path):
     from rcnn_cli.store import StageStore
 
     voc = _voc_and_detections(tmp_path)
-    store = StageStore(tmp_path / "props", "propose", {"method": "test"})
+    store = StageStore.create(tmp_path / "props", "propose", {"method": "test"})
     store.save("a", {"boxes": np.array([CAT_TINY], np.float32), "scores": np.ones(1, np.float32)})
     r = CliRunner().invoke(cli, [
         "evaluate", "--annotations", str(voc), "--detections", str(tmp_path / "det"),

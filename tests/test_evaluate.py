@@ -494,7 +494,7 @@ def test_evaluate_folder_on_proposals(tmp_path):
     from rcnn_cli.store import StageStore
 
     make_voc_folder(tmp_path / "voc")
-    store = StageStore(tmp_path / "props", "propose", {"method": "test"})
+    store = StageStore.create(tmp_path / "props", "propose", {"method": "test"})
     store.save("a", {"boxes": np.array([[0, 0, 20, 20], [30, 30, 130, 150]], np.float32),
                      "scores": np.ones(2, np.float32)})
     _, path = evaluate_folder(tmp_path / "voc", None, tmp_path / "props", None, tmp_path / "o", {})
@@ -638,7 +638,7 @@ def test_evaluate_folder_proposals_scores_only_proposed_images(tmp_path, caplog)
     from rcnn_cli.store import StageStore
 
     _voc_with_extra_image(tmp_path / "voc")
-    store = StageStore(tmp_path / "props", "propose", {"method": "test"})
+    store = StageStore.create(tmp_path / "props", "propose", {"method": "test"})
     for stem, boxes in (("a", [[0, 0, 20, 20], [30, 30, 130, 150]]), ("b", [[10, 10, 60, 70]])):
         store.save(stem, {"boxes": np.array(boxes, np.float32), "scores": np.ones(len(boxes),
                                                                                    np.float32)})

@@ -282,3 +282,17 @@ def test_ray_tasks_and_actors(images, local_out, tmp_path, monkeypatch):
         assert res is None and err.startswith("ValueError: attempt ") and "\n" not in err
     finally:
         ray.shutdown()
+
+
+# ------------------------------------------------------------------ worker threads
+def test_thread_limit_reaches_libraries_already_loaded():
+    # A worker has numpy (its BLAS) and torch loaded by the time it limits its threads: the
+    # environment variables alone come too late for them.
+    code = ("import numpy, torch; from threadpoolctl import threadpool_info; "
+            "torch.set_num_threads(2); from rcnn_cli.executors import limit_threads; "
+            "limit_threads(); "
+            "print(max(p['num_threads'] for p in threadpool_info()), torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    assert out.split() == ["1", "1"]

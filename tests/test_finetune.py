@@ -296,7 +296,7 @@ def test_bad_arguments(data, tmp_path):
 
 def test_proposals_from_a_propose_folder(data, tmp_path):
     ds, props = data
-    store = StageStore(tmp_path / "props", "propose", {"method": "test"})
+    store = StageStore.create(tmp_path / "props", "propose", {"method": "test"})
     for name, b in props.items():
         store.save(Path(name).stem, {"boxes": b, "scores": np.zeros(len(b), np.float32)})
     lookup = ft.proposals_from_dir(tmp_path / "props")

@@ -1,10 +1,13 @@
+import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rcnn_cli.images import ImageError, ImageItem
-from rcnn_cli.runner import Report, run_stage, shard_items
+from rcnn_cli.runner import Report, run_stage, run_stage_into, shard_items
+from rcnn_cli.store import StageStore, StaleStoreError, file_identity, read_manifest
 
 
 def _work(item: ImageItem) -> dict:
@@ -57,3 +60,53 @@ def test_shards_partition_the_items():
 
 def test_report_exit_code_clean():
     assert Report().exit_code == 0
+
+
+# ------------------------------------------------------------------ the stage driver
+def _save(item: ImageItem, store) -> dict:
+    store.save(item.rel, {"x": np.arange(3)}, source=file_identity(item.path),
+               upstream="up1" if item.rel != "c.png" else "")
+    return {"times": {"work": 1.0}}
+
+
+def _folder(tmp_path: Path, *names: str) -> list[ImageItem]:
+    (tmp_path / "in").mkdir()
+    for n in names:
+        (tmp_path / "in" / n).write_bytes(b"x")
+    return [ImageItem(tmp_path / "in" / n, n) for n in names]
+
+
+def test_run_stage_into_claims_writes_settings_and_resumes(tmp_path):
+    items = _folder(tmp_path, "a.png", "b.png")
+    store = StageStore(tmp_path / "out", "propose", {"k": 1})
+    calls = []
+    fn = functools.partial(_save, store=store)
+    rep = run_stage_into(store, fn, items, write_settings=lambda: calls.append(1))
+    assert (rep.done, rep.skipped, calls) == (2, 0, [1])
+    assert read_manifest(tmp_path / "out")["key"] == store.key
+    rep = run_stage_into(store, fn, items, shard="1/2")
+    assert (rep.done, rep.skipped) == (0, 1)  # one shard, already current
+    os.utime(items[0].path, ns=(1, 1))  # the image changed: its record is not current
+    rep = run_stage_into(store, fn, items, also_done=lambda it: it.rel != "b.png")
+    assert (rep.done, rep.skipped) == (2, 0)
+
+
+def test_run_stage_into_checks_upstream_ids(tmp_path):
+    items = _folder(tmp_path, "a.png", "b.png")
+    store = StageStore(tmp_path / "out", "extract", {})
+    fn = functools.partial(_save, store=store)
+    run_stage_into(store, fn, items)
+    rep = run_stage_into(store, fn, items, upstream={"a.png": "up1", "b.png": "up2"})
+    assert (rep.done, rep.skipped) == (1, 1)  # b's upstream record was recomputed
+
+
+def test_run_stage_into_refuses_other_settings_before_any_write(tmp_path):
+    items = _folder(tmp_path, "a.png")
+    old = StageStore(tmp_path / "out", "propose", {"k": 1})
+    run_stage_into(old, functools.partial(_save, store=old), items)
+    new = StageStore(tmp_path / "out", "propose", {"k": 2})
+    calls = []
+    with pytest.raises(StaleStoreError, match="other settings"):
+        run_stage_into(new, functools.partial(_save, store=new), items,
+                       write_settings=lambda: calls.append(1))
+    assert calls == [] and read_manifest(tmp_path / "out")["key"] == old.key

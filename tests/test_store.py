@@ -29,7 +29,7 @@ def test_key_changes_with_settings_and_upstream():
 
 
 def test_store_resume_and_stale(tmp_path):
-    s = st.StageStore(tmp_path / "out", "propose", {"k": 1})
+    s = st.StageStore.create(tmp_path / "out", "propose", {"k": 1})
     assert not s.is_done("sub/a.jpg")
     s.save("sub/a.jpg", {"boxes": np.ones((2, 4), np.float32)})
     assert s.is_done("sub/a.jpg") and s.done_rels() == ["sub/a.jpg"]
@@ -37,14 +37,14 @@ def test_store_resume_and_stale(tmp_path):
     np.testing.assert_array_equal(s.load("sub/a.jpg")["boxes"], np.ones((2, 4)))
     assert not any(k.startswith("_") for k in s.load("sub/a.jpg"))
     # same settings: resumes
-    s2 = st.StageStore(tmp_path / "out", "propose", {"k": 1})
+    s2 = st.StageStore.create(tmp_path / "out", "propose", {"k": 1})
     assert s2.is_done("sub/a.jpg")
     # other settings: refused, or recomputed with overwrite
     with pytest.raises(st.StaleStoreError, match="other settings"):
-        st.StageStore(tmp_path / "out", "propose", {"k": 2})
+        st.StageStore.create(tmp_path / "out", "propose", {"k": 2})
     with pytest.raises(st.StaleStoreError, match="another stage"):
-        st.StageStore(tmp_path / "out", "extract", {"k": 1})
-    s3 = st.StageStore(tmp_path / "out", "propose", {"k": 2}, overwrite=True)
+        st.StageStore.create(tmp_path / "out", "extract", {"k": 1})
+    s3 = st.StageStore.create(tmp_path / "out", "propose", {"k": 2}, overwrite=True)
     assert not s3.is_done("sub/a.jpg")
     up = st.open_upstream(tmp_path / "out", "propose")
     assert up.key == s3.key and up.settings == {"k": 2}
@@ -53,7 +53,7 @@ def test_store_resume_and_stale(tmp_path):
 
 
 def test_half_written_file_is_not_trusted(tmp_path):
-    s = st.StageStore(tmp_path, "propose", {})
+    s = st.StageStore.create(tmp_path, "propose", {})
     s.save("a.jpg", {"x": np.arange(1000)})
     p = s.path_for("a.jpg")
     data = p.read_bytes()
@@ -66,7 +66,7 @@ def test_half_written_file_is_not_trusted(tmp_path):
 
 
 def test_killed_writer_leaves_no_trusted_file(tmp_path, monkeypatch):
-    s = st.StageStore(tmp_path, "propose", {})
+    s = st.StageStore.create(tmp_path, "propose", {})
 
     def boom(src, dst):
         raise KeyboardInterrupt
@@ -81,7 +81,7 @@ def test_killed_writer_leaves_no_trusted_file(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ identity (issue 12)
 def test_jpg_and_png_of_one_stem_are_two_records(tmp_path):
-    s = st.StageStore(tmp_path / "out", "propose", {})
+    s = st.StageStore.create(tmp_path / "out", "propose", {})
     s.save("img.jpg", {"x": np.array([1])})
     s.save("img.png", {"x": np.array([2])})
     assert s.done_rels() == ["img.jpg", "img.png"]
@@ -90,13 +90,13 @@ def test_jpg_and_png_of_one_stem_are_two_records(tmp_path):
 
 @pytest.mark.parametrize("rel", ["../x.jpg", "/etc/x.jpg", "a/../../x.jpg", "", "a//b.jpg"])
 def test_identity_never_leaves_the_folder(tmp_path, rel):
-    s = st.StageStore(tmp_path / "out", "propose", {})
+    s = st.StageStore.create(tmp_path / "out", "propose", {})
     with pytest.raises(ValueError, match="not a relative image path"):
         s.save(rel, {"x": np.arange(3)})
 
 
 def test_record_knows_its_source_and_upstream(tmp_path):
-    s = st.StageStore(tmp_path / "out", "extract", {})
+    s = st.StageStore.create(tmp_path / "out", "extract", {})
     src = np.array([10, 123], np.int64)
     s.save("a.jpg", {"x": np.arange(3)}, source=src, upstream="up1")
     assert s.is_done("a.jpg", source=src, upstream="up1")
@@ -109,7 +109,7 @@ def test_record_knows_its_source_and_upstream(tmp_path):
 
 
 def test_a_record_copied_over_another_is_not_trusted(tmp_path, caplog):
-    s = st.StageStore(tmp_path / "out", "propose", {})
+    s = st.StageStore.create(tmp_path / "out", "propose", {})
     s.save("a.jpg", {"x": np.array([1])})
     s.save("b.jpg", {"x": np.array([2])})
     shutil.copyfile(s.path_for("a.jpg"), s.path_for("b.jpg"))
@@ -126,8 +126,8 @@ def test_foreign_folder_is_refused_and_its_files_kept(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("my notes")
     with pytest.raises(st.ForeignFolderError, match="notes.txt.*--overwrite"):
-        st.StageStore(out, "propose", {})
-    s = st.StageStore(out, "propose", {}, overwrite=True)  # written next to them
+        st.StageStore.create(out, "propose", {})
+    s = st.StageStore.create(out, "propose", {}, overwrite=True)  # written next to them
     assert (out / "notes.txt").read_text() == "my notes" and (out / "manifest.json").is_file()
     # a user's file under a name rcnn would write is never replaced
     np.savez(out / "c.jpg.npz", x=np.arange(3))
@@ -137,7 +137,7 @@ def test_foreign_folder_is_refused_and_its_files_kept(tmp_path):
     other.mkdir()
     (other / "config.toml").write_text("# mine")
     with pytest.raises(st.ForeignFolderError, match="config.toml: exists and was not written"):
-        st.StageStore(other, "propose", {}, overwrite=True)
+        st.StageStore.create(other, "propose", {}, overwrite=True)
     assert (other / "config.toml").read_text() == "# mine"
 
 
@@ -155,7 +155,7 @@ def test_output_inside_or_around_an_input_is_refused(tmp_path):
 
 
 def test_killed_run_temp_files_are_removed_on_resume(tmp_path):
-    s = st.StageStore(tmp_path / "out", "propose", {})
+    s = st.StageStore.create(tmp_path / "out", "propose", {})
     s.save("a.jpg", {"x": np.arange(3)})
     old = tmp_path / "out" / ".b.jpg.npz.abc123.tmp"
     new = tmp_path / "out" / ".c.jpg.npz.def456.tmp"
@@ -166,7 +166,7 @@ def test_killed_run_temp_files_are_removed_on_resume(tmp_path):
     t = time.time() - 2 * st.STALE_TMP_SECONDS
     os.utime(old, (t, t))
     os.utime(deep, (t, t))
-    st.StageStore(tmp_path / "out", "propose", {})  # resume
+    st.StageStore.create(tmp_path / "out", "propose", {})  # resume
     assert not old.exists() and not deep.exists()
     assert new.exists()  # may be another shard's file being written right now
 
@@ -188,3 +188,27 @@ def test_umask_is_the_process_umask(tmp_path, monkeypatch):
         os.umask(old)
         monkeypatch.setattr(st, "_UMASK", None)
     assert stat.S_IMODE((tmp_path / "g.txt").stat().st_mode) == 0o640
+
+
+# ------------------------------------------------------------------ making vs claiming
+def test_making_a_store_touches_no_file(tmp_path):
+    out = tmp_path / "out"
+    s = st.StageStore(out, "propose", {"k": 1})
+    assert not out.exists() and s.key == st.settings_key("propose", {"k": 1})
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    st.StageStore(mine, "propose", {})  # a foreign folder: refused only when claimed
+    with pytest.raises(st.ForeignFolderError):
+        st.StageStore(mine, "propose", {}).claim()
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert s.claim() is s and (out / st.MANIFEST).is_file()
+
+
+def test_open_upstream_takes_the_key_the_manifest_records(tmp_path):
+    s = st.StageStore.create(tmp_path / "out", "propose", {"k": 1}, format_version=3)
+    up = st.StageStore.open_upstream(tmp_path / "out", "propose")
+    assert (up.key, up.settings, up.format_version) == (s.key, {"k": 1}, 3)
+    m = st.read_manifest(tmp_path / "out")
+    st.atomic_write_json(tmp_path / "out" / st.MANIFEST, {**m, "key": "recorded"})
+    assert st.StageStore.open_upstream(tmp_path / "out", "propose").key == "recorded"
