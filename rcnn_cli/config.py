@@ -10,6 +10,7 @@ defaults), from a file and from flags alike, so a bad value stops a command befo
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import re
@@ -170,6 +171,23 @@ def defaults() -> dict[str, dict[str, Any]]:
     """The built-in defaults, one table per section."""
     text = resources.files("rcnn_cli").joinpath("default.toml").read_text()
     return tomllib.loads(text)
+
+
+@functools.cache
+def _parsed_defaults() -> dict[str, dict[str, Any]]:
+    return defaults()
+
+
+def default(key: str) -> Any:
+    """The built-in default of setting ``key`` (``"section.name"``) from
+    ``rcnn_cli/default.toml``: library defaults read it here, so the TOML is the one place a
+    default value is written.
+
+    Raises:
+        KeyError: no such setting.
+    """
+    section, name = key.split(".", 1)
+    return copy.deepcopy(_parsed_defaults()[section][name])
 
 
 def _check_type(where: str, key: str, value: Any, default: Any) -> Any:
