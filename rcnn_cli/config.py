@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import re
 import tomllib
@@ -19,6 +18,8 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 
 class ConfigError(ValueError):
@@ -279,28 +280,19 @@ def explicit_keys(path: str | Path | None, section: str) -> dict[str, Any]:
         return {}
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if v is None:
-        return '""'
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
 def dumps(cfg: Mapping[str, Mapping[str, Any]]) -> str:
-    """TOML text of a config (sections of scalars and lists; what :func:`load` reads back)."""
-    lines = []
+    """TOML text of a config (sections of scalars and lists; what :func:`load` reads back,
+    types included), written by tomli-w.
+
+    Raises:
+        TypeError: a value TOML cannot hold, e.g. None (TOML has no null; naming the key).
+    """
     for section, table in cfg.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
-    return "\n".join(lines)
+        for key, value in table.items():
+            if value is None:
+                raise TypeError(f"cannot write {section}.{key} = None to TOML (TOML has no "
+                                "null)")
+    return tomli_w.dumps({s: dict(t) for s, t in cfg.items()})
 
 
 def write_resolved(folder: str | Path, cfg: Mapping[str, Mapping[str, Any]],
