@@ -303,31 +303,16 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
     Example: rcnn finetune --annotations data --split data/train.txt --proposals runs/props -o runs/ft
     """
     from rcnn_cli.datasets import load_dataset
+    from rcnn_cli.finetune import FinetuneSettings, proposals_from_dir
     from rcnn_cli.finetune import finetune as run_finetune
-    from rcnn_cli.finetune import proposals_from_dir
 
     cfg = load_config(config_file, common=common, extract=dict(backbone=backbone,
                       weights=weights, mode=mode), finetune=dict(iterations=iterations, lr=lr,
                                                                  seed=seed))
-    f, e = cfg["finetune"], cfg["extract"]
     ds = load_dataset(annotations, split=split)
-    device = cfg["common"]["device"]
-    m = e["mode"]
-    if m == "auto":
-        import torch
-
-        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        m = "warp" if cuda else "shared"
-        click.echo(f"finetune: mode auto -> {m}", err=True)
-    res = run_finetune(
-        ds, proposals_from_dir(proposals_dir), out, backbone=e["backbone"],
-        weights=e["weights"] or None, tap=e["tap"] or None, mode=m, device=device,
-        iterations=f["iterations"], batch_size=f["batch_size"],
-        fg_per_batch=f["fg_per_batch"], images_per_batch=f["images_per_batch"],
-        fg_iou=f["fg_iou"], lr=f["lr"], new_layer_lr_mult=f["new_layer_lr_mult"],
-        momentum=f["momentum"], weight_decay=f["weight_decay"], step_size=f["step_size"],
-        val_fraction=f["val_fraction"], seed=f["seed"], padding=e["padding"],
-        max_proposals=e["max_proposals"], overwrite=overwrite)
+    res = run_finetune(ds, proposals_from_dir(proposals_dir), out,
+                       FinetuneSettings.from_config(cfg), device=cfg["common"]["device"],
+                       overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract", "finetune"])
     click.echo(str(res.weights_path))
 

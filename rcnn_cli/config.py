@@ -10,7 +10,7 @@ defaults), from a file and from flags alike, so a bad value stops a command befo
 from __future__ import annotations
 
 import copy
-import json
+import functools
 import math
 import re
 import tomllib
@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 
 class ConfigError(ValueError):
@@ -172,6 +174,23 @@ def defaults() -> dict[str, dict[str, Any]]:
     return tomllib.loads(text)
 
 
+@functools.cache
+def _parsed_defaults() -> dict[str, dict[str, Any]]:
+    return defaults()
+
+
+def default(key: str) -> Any:
+    """The built-in default of setting ``key`` (``"section.name"``) from
+    ``rcnn_cli/default.toml``: library defaults read it here, so the TOML is the one place a
+    default value is written.
+
+    Raises:
+        KeyError: no such setting.
+    """
+    section, name = key.split(".", 1)
+    return copy.deepcopy(_parsed_defaults()[section][name])
+
+
 def _check_type(where: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -261,28 +280,19 @@ def explicit_keys(path: str | Path | None, section: str) -> dict[str, Any]:
         return {}
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if v is None:
-        return '""'
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
 def dumps(cfg: Mapping[str, Mapping[str, Any]]) -> str:
-    """TOML text of a config (sections of scalars and lists; what :func:`load` reads back)."""
-    lines = []
+    """TOML text of a config (sections of scalars and lists; what :func:`load` reads back,
+    types included), written by tomli-w.
+
+    Raises:
+        TypeError: a value TOML cannot hold, e.g. None (TOML has no null; naming the key).
+    """
     for section, table in cfg.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
-    return "\n".join(lines)
+        for key, value in table.items():
+            if value is None:
+                raise TypeError(f"cannot write {section}.{key} = None to TOML (TOML has no "
+                                "null)")
+    return tomli_w.dumps({s: dict(t) for s, t in cfg.items()})
 
 
 def write_resolved(folder: str | Path, cfg: Mapping[str, Mapping[str, Any]],

@@ -267,12 +267,20 @@ def pad_boxes(boxes: NDArray[np.float32], size: int, padding: float) -> NDArray[
     return np.concatenate([c - half, c + half], axis=1).astype(np.float32)
 
 
+def _norm_constants(mean: Sequence[float], std: Sequence[float]
+                    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """(scale, shift) (3,) float32 with ``x * scale - shift == (x / 255 - mean) / std``: the one
+    normalisation, in numpy (:func:`normalize_image`) and torch
+    (:meth:`FeatureExtractor.image_tensor`) alike, so both give the same float32 values."""
+    std32 = np.asarray(std, np.float32)
+    return np.float32(1 / 255) / std32, np.asarray(mean, np.float32) / std32
+
+
 def normalize_image(image: NDArray[np.uint8], mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD) -> NDArray[np.float32]:
     """(H, W, 3) uint8 RGB -> (H, W, 3) float32 ``(x / 255 - mean) / std``."""
-    scale = np.float32(1 / 255) / np.asarray(std, np.float32)
-    return image.astype(np.float32) * scale - np.asarray(mean, np.float32) / np.asarray(
-        std, np.float32)
+    scale, shift = _norm_constants(mean, std)
+    return image.astype(np.float32) * scale - shift
 
 
 def _sample_masks(pboxes: NDArray[np.float32], size: int, hw: tuple[int, int]
@@ -543,6 +551,43 @@ def shared_resize(hw: tuple[int, int], short: int, max_side: int) -> float:
     return min(short / min(h, w), max_side / max(h, w))
 
 
+def shared_input(image: torch.Tensor, boxes: NDArray[np.float32],
+                 shared_scale: tuple[int, int], flip: bool = False
+                 ) -> tuple[torch.Tensor, NDArray[np.float32], tuple[float, float]]:
+    """One image and its boxes as shared mode's trunk sees them: the one preparation that
+    extraction (:class:`FeatureExtractor`) and fine-tuning (:mod:`rcnn_cli.finetune`) share,
+    so training and test inputs cannot drift apart.
+
+    Steps: optionally mirror image and boxes (training), resize by :func:`shared_resize`
+    (bilinear, antialiased when shrinking), make the tensor channels-last, scale the boxes.
+
+    Args:
+        image (Tensor[3, H, W] or Tensor[1, 3, H, W] float32): normalised RGB
+            (:func:`normalize_image` or :meth:`FeatureExtractor.image_tensor`), any device.
+        boxes (NDArray[N, 4] float32): x1y1x2y2 in original pixels.
+        shared_scale: (shorter side, longer-side cap).
+        flip: mirror the image and the boxes first.
+    Returns:
+        (Tensor[1, 3, h, w] channels-last on the image's device, boxes (N, 4) float32 in the
+        resized image's pixels, the factors (f_y, f_x) from original to resized pixels).
+    """
+    t = image if image.ndim == 4 else image[None]
+    h, w = t.shape[-2:]
+    boxes = box_ops.as_boxes(boxes)
+    if flip:
+        t = t.flip(-1)
+        boxes = box_ops.hflip(boxes, w)
+    f = shared_resize((h, w), *shared_scale)
+    f_y = f_x = 1.0
+    if f != 1.0:
+        size = (max(1, round(h * f)), max(1, round(w * f)))
+        t = nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False,
+                                      antialias=f < 1)
+        f_y, f_x = size[0] / h, size[1] / w
+    return (t.contiguous(memory_format=torch.channels_last), box_ops.scale(boxes, f_y, f_x),
+            (f_y, f_x))
+
+
 # --------------------------------------------------------------------------------------------
 # The extractor
 # --------------------------------------------------------------------------------------------
@@ -612,9 +657,9 @@ class FeatureExtractor:
         if self.device.type == "cuda" or mode == "shared":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dim = self.spec.taps[self.tap]
-        mean = torch.tensor(self.spec.mean).view(3, 1, 1)
-        std = torch.tensor(self.spec.std).view(3, 1, 1)
-        self._mean, self._std = mean.to(self.device), std.to(self.device)
+        scale, shift = _norm_constants(self.spec.mean, self.spec.std)
+        self._scale = torch.from_numpy(scale).view(3, 1, 1).to(self.device)
+        self._shift = torch.from_numpy(shift).view(3, 1, 1).to(self.device)
 
     def settings(self) -> dict[str, Any]:
         """JSON-able settings that determine the features (for cache keys and model bundles)."""
@@ -646,8 +691,8 @@ class FeatureExtractor:
             t = torch.from_numpy(np.require(image, np.uint8, ["C", "W"]))
         else:
             t = image
-        t = t.to(self.device, non_blocking=True).permute(2, 0, 1).float().div_(255)
-        return ((t - self._mean) / self._std)[None]
+        t = t.to(self.device, non_blocking=True).permute(2, 0, 1).float()
+        return (t * self._scale - self._shift)[None]  # = normalize_image, bit for bit
 
     @torch.inference_mode()
     def extract(self, image: NDArray[np.uint8] | torch.Tensor,
@@ -709,23 +754,16 @@ class FeatureExtractor:
         from original pixels to the pixels of the resized image the trunk saw
         (:func:`shared_resize`). The output is the trunk's: one map, or (mid, top) for the
         ``grid`` tap (:class:`TwoMapTrunk`). Call under ``torch.inference_mode()``."""
-        h, w = image.shape[:2]
-        f = shared_resize((h, w), *self.shared_scale)
-        t = self.image_tensor(image)
-        if f != 1.0:
-            size = (max(1, round(h * f)), max(1, round(w * f)))
-            t = nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False,
-                                          antialias=f < 1)
-            f_y, f_x = size[0] / h, size[1] / w
-        else:
-            f_y = f_x = 1.0
+        t, _, factors = shared_input(self.image_tensor(image), np.zeros((0, 4), np.float32),
+                                     self.shared_scale)
         with self._autocast():
-            return self.trunk(t.contiguous(memory_format=torch.channels_last)), (f_y, f_x)
+            return self.trunk(t), factors
 
     def _extract_shared(self, image, boxes: NDArray[np.float32]) -> torch.Tensor:
-        fmap, (f_y, f_x) = self.shared_maps(image)
-        scaled = torch.from_numpy(box_ops.scale(boxes, f_y, f_x)).to(self.device)
+        t, scaled, _ = shared_input(self.image_tensor(image), boxes, self.shared_scale)
+        scaled = torch.from_numpy(scaled).to(self.device)
         with self._autocast():
+            fmap = self.trunk(t)
             out = [self.head(fmap, [scaled[i:i + self.batch_size]]).float()
                    for i in range(0, len(boxes), self.batch_size)]
         return torch.cat(out)

@@ -65,10 +65,10 @@ from torch import nn
 from tqdm import tqdm
 
 from rcnn_cli import boxes as box_ops
+from rcnn_cli.config import default
 from rcnn_cli.datasets import Dataset, ImageRecord
 from rcnn_cli.features import (
     BACKBONES,
-    CONTEXT_PADDING,
     SHARED_MAX,
     SHARED_SHORT,
     _check_backbone,
@@ -77,35 +77,28 @@ from rcnn_cli.features import (
     load_backbone,
     normalize_image,
     resolve_device,
+    shared_input,
     shared_parts,
-    shared_resize,
     tap_network,
     warp_crops_cpu,
     warp_crops_roi_align,
     weights_id,
 )
 from rcnn_cli.images import read_image
+from rcnn_cli.labels import FG_IOU, label_windows, window_labels  # noqa: F401 (re-exported)
 from rcnn_cli.store import StaleStoreError, atomic_write_bytes, atomic_write_json, settings_key
 
 log = logging.getLogger("rcnn_cli.finetune")
 
 #: Bumped when the outputs of the same settings change (part of the settings key).
 FINETUNE_FORMAT = 1
-#: Windows with IoU >= this with a ground truth take its class (R-CNN window_data_layer
-#: fg_threshold 0.5; everything below is background, bg_threshold 0.5).
-FG_IOU = 0.5
-#: R-CNN mini-batch: 128 windows of which 32 (25 %) foreground (window_data_layer).
-BATCH_SIZE = 128
-FG_PER_BATCH = 32
-#: Fast R-CNN: 2 images per mini-batch (64 RoIs each at batch 128).
-IMAGES_PER_BATCH = 2
-#: R-CNN pascal_finetune_solver.prototxt: base_lr, momentum, weight_decay, gamma.
-BASE_LR = 0.001
-MOMENTUM = 0.9
-WEIGHT_DECAY = 0.0005
+# Mini-batch (R-CNN window_data_layer: 128 windows, 32 foreground; Fast R-CNN: 2 images)
+# and SGD settings (R-CNN pascal_finetune_solver.prototxt: base_lr 0.001, momentum 0.9,
+# weight_decay 0.0005; the new fc8 layer at 10x lr) are :class:`FinetuneSettings`, whose
+# defaults rcnn_cli/default.toml holds.
+#: R-CNN pascal_finetune_solver.prototxt: gamma of the step policy.
 LR_GAMMA = 0.1
-#: R-CNN's new fc8 layer learns 10x faster (blobs_lr 10 / 20); biases at 2x lr, no decay.
-NEW_LAYER_LR_MULT = 10.0
+#: R-CNN's biases learn at 2x lr (blobs_lr 1, 2), with no weight decay.
 BIAS_LR_MULT = 2.0
 #: R-CNN initialised fc8_pascal with N(0, 0.01) weights and zero bias.
 NEW_LAYER_INIT_STD = 0.01
@@ -116,7 +109,7 @@ HEAD_DROPOUT = {"mobilenet_v2": 0.2}
 VAL_ROIS_PER_IMAGE = 64
 VAL_FG_PER_IMAGE = 16
 #: Proposals read per image (best first), as ``rcnn extract``.
-MAX_PROPOSALS = 2000
+MAX_PROPOSALS: int = default("extract.max_proposals")
 #: Decoded, normalised training images kept in memory (LRU beyond this).
 IMAGE_CACHE_MB = 2048
 
@@ -126,68 +119,6 @@ ProposalSource = Callable[[ImageRecord], NDArray[np.float32]] | Mapping[str, NDA
 # --------------------------------------------------------------------------------------------
 # Labels and sampling
 # --------------------------------------------------------------------------------------------
-def label_windows(gt_boxes: ArrayLike, gt_labels: ArrayLike, proposals: ArrayLike,
-                  fg_iou: float = FG_IOU, gt_difficult: ArrayLike | None = None
-                  ) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float32]]:
-    """Training windows of one image with their labels (R-CNN fine-tuning).
-
-    Args:
-        gt_boxes (NDArray[G, 4] float32): x1y1x2y2 ground truth.
-        gt_labels (NDArray[G] int64): class index of each ground truth (0..K-1).
-        proposals (NDArray[N, 4] float32): x1y1x2y2; boxes of zero area are dropped.
-        fg_iou: IoU with a ground truth at which a window takes its class.
-        gt_difficult (NDArray[G] bool): difficult objects are not windows themselves, and a
-            window that reaches ``fg_iou`` only with difficult objects is ignored.
-    Returns:
-        (windows (M, 4) float32, labels (M,) int64, iou (M,) float32): the non-difficult
-        ground-truth boxes first, then the proposals; label 0 = background, k + 1 = class k,
-        -1 = ignored; ``iou`` = the largest IoU with a (non-difficult) ground truth.
-    """
-    gt, gl, diff = _ground_truth(gt_boxes, gt_labels, gt_difficult)
-    props = box_ops.as_boxes(proposals)
-    props = props[box_ops.valid_mask(props)]
-    windows = np.concatenate([gt[~diff], props]).astype(np.float32)
-    labels, iou_out = window_labels(windows, gt, gl, fg_iou, diff)
-    return windows, labels, iou_out
-
-
-def _ground_truth(gt_boxes: ArrayLike, gt_labels: ArrayLike, gt_difficult: ArrayLike | None
-                  ) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.bool_]]:
-    """Validated (boxes (G, 4), labels (G,), difficult (G,)); no ``difficult`` = all False."""
-    gt = box_ops.as_boxes(gt_boxes)
-    gl = np.asarray(gt_labels, np.int64).reshape(-1)
-    if len(gl) != len(gt):
-        raise ValueError(f"gt_labels must have shape ({len(gt)},), got {gl.shape}")
-    diff = (np.zeros(len(gt), bool) if gt_difficult is None
-            else np.asarray(gt_difficult, bool).reshape(-1))
-    if len(diff) != len(gt):
-        raise ValueError(f"gt_difficult must have shape ({len(gt)},), got {diff.shape}")
-    return gt, gl, diff
-
-
-def window_labels(windows: ArrayLike, gt_boxes: ArrayLike, gt_labels: ArrayLike,
-                  fg_iou: float = FG_IOU, gt_difficult: ArrayLike | None = None
-                  ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """Labels (M,) (0 background, k + 1 class k, -1 ignored) and best IoU (M,) with a
-    non-difficult ground truth of given windows (M, 4); the rules of :func:`label_windows`."""
-    windows = box_ops.as_boxes(windows)
-    gt, gl, diff = _ground_truth(gt_boxes, gt_labels, gt_difficult)
-    labels = np.zeros(len(windows), np.int64)
-    iou_out = np.zeros(len(windows), np.float32)
-    if len(gt) == 0 or len(windows) == 0:
-        return labels, iou_out
-    iou = box_ops.box_iou(windows, gt)  # (M, G)
-    easy = iou[:, ~diff]
-    if easy.shape[1]:
-        best = easy.argmax(1)
-        iou_out = easy[np.arange(len(windows)), best]
-        fg = iou_out >= fg_iou
-        labels[fg] = gl[~diff][best[fg]] + 1
-    if diff.any():
-        labels[(labels == 0) & (iou[:, diff].max(1) >= fg_iou)] = -1
-    return labels, iou_out
-
-
 def sample_rois(labels: ArrayLike, batch_size: int, fg_per_batch: int,
                 rng: np.random.Generator) -> NDArray[np.int64]:
     """Indices of one mini-batch: up to ``fg_per_batch`` foreground (label > 0) and the rest
@@ -409,27 +340,6 @@ def _warp_crops(cache: _ImageCache, device: torch.device, img_idx: NDArray[np.in
     return out
 
 
-def _shared_input(img, flip: bool, boxes: NDArray[np.float32], device: torch.device,
-                  shared_scale: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image for the trunk, as shared extraction prepares it (resize to
-    ``shared_scale``), optionally mirrored; returns ((1, 3, h, w), boxes (N, 4) rescaled)."""
-    t = torch.from_numpy(img).permute(2, 0, 1) if isinstance(img, np.ndarray) else img
-    t = t[None]
-    h, w = t.shape[-2:]
-    if flip:
-        t = t.flip(-1)
-        boxes = box_ops.hflip(boxes, w)
-    f = shared_resize((h, w), *shared_scale)
-    f_y = f_x = 1.0
-    if f != 1.0:
-        size = (max(1, round(h * f)), max(1, round(w * f)))
-        t = nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False,
-                                      antialias=f < 1)
-        f_y, f_x = size[0] / h, size[1] / w
-    scaled = torch.from_numpy(box_ops.scale(boxes, f_y, f_x)).to(device)
-    return t.contiguous(memory_format=torch.channels_last), scaled
-
-
 # --------------------------------------------------------------------------------------------
 # Results, checkpoints, the classifier
 # --------------------------------------------------------------------------------------------
@@ -591,17 +501,117 @@ class _Checkpoints:
             if p.name not in (state_file, best_file):
                 p.unlink(missing_ok=True)
 
+    def clear(self) -> None:
+        """Remove the checkpoint files (and the folder, when that leaves it empty)."""
+        for p in list(self.folder.glob("*.safetensors")) + [self.folder / "state.json"]:
+            p.unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
 
 # --------------------------------------------------------------------------------------------
-# The trainer
+# The settings
 # --------------------------------------------------------------------------------------------
+_SETTINGS_FROM_FINETUNE = ("iterations", "batch_size", "fg_per_batch", "images_per_batch",
+                           "fg_iou", "lr", "new_layer_lr_mult", "momentum", "weight_decay",
+                           "step_size", "val_fraction", "seed")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """What a fine-tuning run learns with (with the data and proposals: its settings key).
+
+    Defaults are those of ``rcnn_cli/default.toml`` ([extract] backbone, weights, tap, mode,
+    padding, max_proposals and the [finetune] section), read from it;
+    :meth:`from_config` builds the settings from a resolved config, as the CLI does.
+
+    Attributes:
+        backbone, weights, tap, padding: as :class:`rcnn_cli.features.FeatureExtractor`;
+            ``weights`` ``""``/None = ImageNet; ``tap`` ``""``/None = the tap extraction
+            uses in ``mode`` (:func:`rcnn_cli.features.default_tap`: ``grid`` for
+            mobilenet_v2 in shared mode); the new layer sits on it.
+        mode: ``"warp"`` (R-CNN crops), ``"shared"`` (one trunk pass per image + RoI head)
+            or ``"auto"`` (warp on cuda, shared on a CPU).
+        iterations: SGD iterations (mini-batches).
+        batch_size, fg_per_batch: windows per mini-batch and foreground among them.
+        images_per_batch: shared mode: images per mini-batch.
+        fg_iou: IoU with a ground truth at which a window takes its class.
+        lr, new_layer_lr_mult, momentum, weight_decay: SGD (R-CNN values by default).
+        step_size: lr x 0.1 every this many iterations; 0 = once, at 2/3 of ``iterations``.
+        val_fraction: training images held out for validation (0 = none; the last weights
+            are exported).
+        seed: seeds the split, the sampling, the flips, dropout and the new layer's init
+            (the global RNGs are left untouched).
+        input_size: warp crop side (None: the backbone's input size, what extraction uses;
+            smaller only for quick tests).
+        shared_scale: shared mode (shorter side, longer-side cap), as extraction.
+        max_proposals: proposals used per image, best first.
+        val_every: iterations between validations (0 = about 10 per run).
+        checkpoint_every: iterations between checkpoints (0 = at every validation).
+    """
+
+    backbone: str = default("extract.backbone")
+    weights: str | Path | None = default("extract.weights")  # noqa: RUF009 (a str)
+    tap: str | None = default("extract.tap")
+    mode: str = default("extract.mode")
+    iterations: int = default("finetune.iterations")
+    batch_size: int = default("finetune.batch_size")
+    fg_per_batch: int = default("finetune.fg_per_batch")
+    images_per_batch: int = default("finetune.images_per_batch")
+    fg_iou: float = default("finetune.fg_iou")
+    lr: float = default("finetune.lr")
+    new_layer_lr_mult: float = default("finetune.new_layer_lr_mult")
+    momentum: float = default("finetune.momentum")
+    weight_decay: float = default("finetune.weight_decay")
+    step_size: int = default("finetune.step_size")
+    val_fraction: float = default("finetune.val_fraction")
+    seed: int = default("finetune.seed")
+    padding: float = default("extract.padding")
+    input_size: int | None = None
+    shared_scale: tuple[int, int] = (SHARED_SHORT, SHARED_MAX)
+    max_proposals: int = default("extract.max_proposals")
+    val_every: int = 0
+    checkpoint_every: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Mapping[str, Any]]) -> FinetuneSettings:
+        """The settings of a resolved config (:func:`rcnn_cli.config.load`): its [extract]
+        backbone, weights, tap, mode, padding, max_proposals and its [finetune] section."""
+        e, f = cfg["extract"], cfg["finetune"]
+        return cls(backbone=e["backbone"], weights=e["weights"], tap=e["tap"], mode=e["mode"],
+                   padding=e["padding"], max_proposals=e["max_proposals"],
+                   **{k: f[k] for k in _SETTINGS_FROM_FINETUNE})
+
+
+@dataclass
+class _Plan:
+    """A run's settings resolved and checked: what ``auto`` / 0 / None became, the settings
+    recorded in ``finetune.json`` and the key that identifies the run."""
+
+    s: FinetuneSettings
+    device: torch.device
+    mode: str
+    tap: str
+    input_size: int
+    step: int
+    val_every: int
+    checkpoint_every: int
+    classes: list[str]
+    record: dict[str, Any]
+    key: str
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+
 def _check_args(dataset: Dataset, mode: str, iterations: int, batch_size: int,
                 fg_per_batch: int, images_per_batch: int, fg_iou: float, lr: float,
                 val_fraction: float, step_size: int, padding: float, input_size: int) -> None:
     if not isinstance(dataset, Dataset) or not dataset.records:
         raise ValueError("dataset must be a Dataset with at least one image")
     if mode not in ("warp", "shared"):
-        raise ValueError(f"mode must be 'warp' or 'shared', got {mode!r}")
+        raise ValueError(f"mode must be 'auto', 'warp' or 'shared', got {mode!r}")
     checks = [("iterations", iterations >= 1, iterations),
               ("batch_size", batch_size >= 1, batch_size),
               ("fg_per_batch", 0 <= fg_per_batch <= batch_size, fg_per_batch),
@@ -615,6 +625,48 @@ def _check_args(dataset: Dataset, mode: str, iterations: int, batch_size: int,
             raise ValueError(f"{name} out of range: {value!r}")
 
 
+def _plan(s: FinetuneSettings, dataset: Dataset, device: str,
+          proposals_id: str | None) -> _Plan:
+    """Check ``s`` and resolve it on ``device`` (ValueError naming a bad setting)."""
+    spec = _check_backbone(s.backbone)
+    dev = resolve_device(device)
+    mode = s.mode
+    if mode == "auto":
+        mode = "warp" if dev.type == "cuda" else "shared"
+        log.info("finetune: mode auto -> %s", mode)
+    tap = _check_tap(s.backbone, s.tap or (default_tap(s.backbone, mode)
+                                          if mode in ("warp", "shared") else None))
+    input_size = spec.input_size if s.input_size is None else int(s.input_size)
+    _check_args(dataset, mode, s.iterations, s.batch_size, s.fg_per_batch,
+                s.images_per_batch, s.fg_iou, s.lr, s.val_fraction, s.step_size, s.padding,
+                input_size)
+    step = s.step_size or max(1, math.ceil(s.iterations * 2 / 3))
+    val_every = s.val_every or max(1, s.iterations // 10)
+    record = {
+        "backbone": s.backbone, "tap": tap, "mode": mode,
+        "weights": weights_id(s.weights or None, s.backbone, s.seed),
+        "padding": float(s.padding), "input_size": input_size,
+        "shared_scale": [int(s.shared_scale[0]), int(s.shared_scale[1])],
+        "iterations": s.iterations, "batch_size": s.batch_size,
+        "fg_per_batch": s.fg_per_batch, "images_per_batch": s.images_per_batch,
+        "fg_iou": s.fg_iou, "lr": s.lr, "new_layer_lr_mult": s.new_layer_lr_mult,
+        "bias_lr_mult": BIAS_LR_MULT, "momentum": s.momentum,
+        "weight_decay": s.weight_decay, "step_size": step, "lr_gamma": LR_GAMMA,
+        "val_fraction": s.val_fraction, "val_every": val_every, "seed": s.seed,
+        "max_proposals": s.max_proposals, "frozen_batchnorm": True,
+        "head_dropout": HEAD_DROPOUT.get(s.backbone, 0.0), "proposals_id": proposals_id,
+    }
+    classes = list(dataset.classes)
+    key = settings_key("finetune", {**record, "classes": classes,
+                                    "dataset": _dataset_fingerprint(dataset.records)},
+                       format_version=FINETUNE_FORMAT)
+    return _Plan(s, dev, mode, tap, input_size, step, val_every,
+                 s.checkpoint_every or val_every, classes, record, key)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer: data, SGD loop, validation
+# --------------------------------------------------------------------------------------------
 def _split_val(n: int, val_fraction: float, seed: int) -> tuple[NDArray, NDArray]:
     """Seeded (train, val) image indices; at least one of each when validating."""
     order = np.random.default_rng([seed, 1]).permutation(n)
@@ -622,23 +674,301 @@ def _split_val(n: int, val_fraction: float, seed: int) -> tuple[NDArray, NDArray
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+@dataclass
+class _TrainingData:
+    """The label tables (once, before training), the held-out split, the pooled training
+    windows (warp sampling), the fixed validation windows and the image cache."""
+
+    windows: list[_Windows]
+    train: NDArray[np.int64]
+    val_images: NDArray[np.int64]
+    val: list[tuple[int, NDArray[np.int64]]]
+    pool_img: NDArray[np.int64]
+    pool_box: NDArray[np.float32]
+    pool_lab: NDArray[np.int64]
+    cache: _ImageCache
+
+    @classmethod
+    def build(cls, dataset: Dataset, proposals: ProposalSource, plan: _Plan) -> _TrainingData:
+        """Label every image's windows, split, pool; ValueError without a foreground window."""
+        s = plan.s
+        tr_idx, va_idx = _split_val(len(dataset.records), s.val_fraction, s.seed)
+        windows = build_windows(dataset.records, proposals, s.fg_iou, s.max_proposals)
+        n_fg = sum(int((windows[i].labels > 0).sum()) for i in tr_idx)
+        if n_fg == 0:
+            raise ValueError("no foreground window (IoU >= fg_iou with a ground truth) in the "
+                             "training images: check the annotations")
+        log.info("finetune: %d train / %d val images, %d foreground and %d background "
+                 "training windows", len(tr_idx), len(va_idx), n_fg,
+                 sum(int((windows[i].labels == 0).sum()) for i in tr_idx))
+        spec = BACKBONES[s.backbone]
+        cache = _ImageCache([dataset.image_path(r) for r in dataset.records], plan.device,
+                            spec.mean, spec.std)
+        vrng = np.random.default_rng([s.seed, 2])
+        val = [(i, sample_rois(windows[i].labels, VAL_ROIS_PER_IMAGE, VAL_FG_PER_IMAGE, vrng))
+               for i in va_idx]
+        return cls(windows, tr_idx, va_idx, [(i, p) for i, p in val if len(p)],
+                   np.concatenate([np.full(len(windows[i].labels), i, np.int64)
+                                   for i in tr_idx]),
+                   np.concatenate([windows[i].boxes for i in tr_idx]),
+                   np.concatenate([windows[i].labels for i in tr_idx]), cache)
+
+    def count(self, fg: bool) -> int:
+        """Foreground (or background) windows of the training images."""
+        return int(sum(((w.labels > 0) if fg else (w.labels == 0)).sum()
+                       for w in (self.windows[i] for i in self.train)))
+
+
+class _Trainer:
+    """The network being trained, its optimiser and the state of the run (losses,
+    validation history, best weights, wall time), which checkpoints save and restore."""
+
+    def __init__(self, plan: _Plan, data: _TrainingData) -> None:
+        s, dev = plan.s, plan.device
+        self.plan, self.data, self.dev = plan, data, dev
+        # the torchvision model + the new (K + 1)-way layer; SGD with Caffe multipliers
+        model = load_backbone(s.backbone, s.weights or None, s.seed)
+        context = plan.input_size / (plan.input_size - 2 * s.padding)
+        net = _DetNet(s.backbone, model, plan.tap, plan.mode, context, len(plan.classes),
+                      s.seed).to(dev)
+        if plan.amp:
+            net = net.to(memory_format=torch.channels_last)
+        groups = _param_groups(net, s.lr, s.new_layer_lr_mult, s.weight_decay)
+        self.net = net
+        self.opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "names"}
+                                    for g in groups], lr=s.lr, momentum=s.momentum)
+        self.named = {n: p for g in groups for n, p in zip(g["names"], g["params"])}
+        self.start, self.losses, self.history = 0, [], []
+        self.best_state, self.best_val, self.best_it = None, None, None
+        self.wall, self.stopped, self._t_run = 0.0, None, time.perf_counter()
+
+    # ---------------------------------------------------------------- forward passes
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if self.plan.amp
+                else contextlib.nullcontext())
+
+    def forward_warp(self, img_idx: NDArray[np.int64], boxes: NDArray[np.float32],
+                     flips: NDArray[np.bool_]) -> torch.Tensor:
+        """Logits (B, K + 1) of warped windows of images ``img_idx``, some mirrored."""
+        p = self.plan
+        crops = _warp_crops(self.data.cache, self.dev, img_idx, boxes, p.input_size,
+                            p.s.padding)
+        if flips.any():
+            f = torch.from_numpy(np.flatnonzero(flips)).to(self.dev)
+            crops[f] = crops[f].flip(-1)
+        if p.amp:
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.net.classifier(self.net.net(crops).float()).float()
+
+    def forward_shared(self, img_list: Sequence[int], box_list: Sequence[NDArray[np.float32]],
+                       flips: Sequence[bool]) -> torch.Tensor:
+        """Logits of the RoIs ``box_list[j]`` of images ``img_list[j]``: one trunk pass per
+        image, prepared as shared extraction prepares it (:func:`shared_input`)."""
+        feats = []
+        for i, b, fl in zip(img_list, box_list, flips):
+            img = self.data.cache.get(int(i))
+            chw = torch.from_numpy(img).permute(2, 0, 1) if isinstance(img, np.ndarray) else img
+            t, tb, _ = shared_input(chw, b, tuple(self.plan.s.shared_scale), bool(fl))
+            tb = torch.from_numpy(tb).to(self.dev)
+            with self._autocast():  # one trunk pass per image, then its RoIs through the head
+                feats.append(self.net.head(self.net.trunk(t), [tb]).float())
+        with self._autocast():
+            return self.net.classifier(torch.cat(feats)).float()
+
+    # ---------------------------------------------------------------- data sampling
+    def train_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mini-batch's (logits, labels): windows sampled uniformly over all training
+        images (warp), or ``images_per_batch`` images and their RoIs (shared)."""
+        s, d = self.plan.s, self.data
+        if self.plan.mode == "warp":
+            pick = sample_rois(d.pool_lab, s.batch_size, s.fg_per_batch, rng)
+            flips = rng.random(len(pick)) < 0.5
+            return (self.forward_warp(d.pool_img[pick], d.pool_box[pick], flips),
+                    torch.from_numpy(d.pool_lab[pick]))
+        imgs = rng.choice(d.train, min(s.images_per_batch, len(d.train)), replace=False)
+        per = s.batch_size // len(imgs)
+        fg_per = round(per * s.fg_per_batch / s.batch_size)
+        picks = [sample_rois(d.windows[i].labels, per, fg_per, rng) for i in imgs]
+        flips = rng.random(len(imgs)) < 0.5
+        logits = self.forward_shared(imgs, [d.windows[i].boxes[p] for i, p in zip(imgs, picks)],
+                                     flips)
+        return logits, torch.from_numpy(np.concatenate(
+            [d.windows[i].labels[p] for i, p in zip(imgs, picks)]))
+
+    # ---------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float | None]:
+        """Loss and accuracies (all, foreground, background) on the fixed held-out windows."""
+        d, net = self.data, self.net
+        net.eval()
+        logits = []
+        if self.plan.mode == "warp":
+            img = np.concatenate([np.full(len(p), i, np.int64) for i, p in d.val])
+            bx = np.concatenate([d.windows[i].boxes[p] for i, p in d.val])
+            bs = self.plan.s.batch_size
+            for s in range(0, len(img), bs):
+                sl = slice(s, s + bs)
+                logits.append(self.forward_warp(img[sl], bx[sl], np.zeros(len(img[sl]), bool)))
+        else:
+            for i, p in d.val:
+                logits.append(self.forward_shared([i], [d.windows[i].boxes[p]], [False]))
+        labels = torch.from_numpy(np.concatenate([d.windows[i].labels[p] for i, p in d.val]))
+        z = torch.cat(logits).cpu()
+        net.train()
+        pred = z.argmax(1)
+        fg, bg = labels > 0, labels == 0
+        return {"val_loss": float(nn.functional.cross_entropy(z, labels)),
+                "val_acc": float((pred == labels).float().mean()),
+                # None (null in JSON) when the held-out windows have no such label
+                "val_acc_fg": float((pred[fg] == labels[fg]).float().mean()) if fg.any()
+                else None,
+                "val_acc_bg": float((pred[bg] == labels[bg]).float().mean()) if bg.any()
+                else None}
+
+    def _record_validation(self, it: int, done: int) -> None:
+        v = self.validate()
+        lr = self.plan.s.lr * _lr_factor(it, self.plan.step)
+        since = self.losses[-(done - (self.history[-1]["iteration"] if self.history else 0)):]
+        rec = {"iteration": done, "lr": lr, "train_loss": float(np.mean(since)), **v,
+               "seconds": self.wall + time.perf_counter() - self._t_run}
+        self.history.append(rec)
+        log.info("finetune: it %d train loss %.4f val loss %.4f acc fg %s bg %s", done,
+                 rec["train_loss"], v["val_loss"], _fmt(v["val_acc_fg"]),
+                 _fmt(v["val_acc_bg"]))
+        if self.best_val is None or v["val_loss"] < self.best_val["val_loss"]:
+            self.best_val, self.best_it, self.best_state = rec, done, _state(self.net)
+
+    # ---------------------------------------------------------------- checkpoints
+    def resume(self, ckpts: _Checkpoints) -> None:
+        """Continue from the checkpoint in ``ckpts``, if there is one."""
+        loaded = ckpts.load()
+        if loaded is None:
+            return
+        meta, state, self.best_state = loaded
+        _load_state(self.net, state)
+        for n, p in self.named.items():
+            if f"momentum.{n}" in state:
+                self.opt.state[p]["momentum_buffer"] = state[f"momentum.{n}"].to(self.dev)
+        self.start, self.losses, self.history = (meta["iteration"], meta["train_losses"],
+                                                 meta["history"])
+        self.best_val, self.best_it = meta["best_val"], meta["best_iteration"]
+        self.wall = meta["wall_seconds"]
+        log.info("finetune: resumed from iteration %d (%s)", self.start, ckpts.folder)
+
+    def checkpoint(self, ckpts: _Checkpoints, it: int) -> None:
+        state = _state(self.net)
+        state.update({f"momentum.{n}": self.opt.state[p]["momentum_buffer"]
+                      for n, p in self.named.items()
+                      if "momentum_buffer" in self.opt.state.get(p, {})})
+        seed = self.plan.s.seed
+        ckpts.save({"iteration": it, "train_losses": self.losses, "history": self.history,
+                    "best_val": self.best_val, "best_iteration": self.best_it,
+                    "wall_seconds": self.wall + time.perf_counter() - self._t_run,
+                    "rng": f"numpy default_rng([{seed}, i]) and torch seed {seed} * 1000003 "
+                           "+ i at iteration i"}, state, self.best_state, self.best_it)
+
+    # ---------------------------------------------------------------- the SGD loop
+    def train(self, ckpts: _Checkpoints, progress: bool, time_limit: float | None) -> None:
+        """SGD from ``self.start`` to the last iteration (or ``time_limit`` seconds):
+        validation every ``val_every``, a checkpoint every ``checkpoint_every`` iterations."""
+        p, s = self.plan, self.plan.s
+        self.net.train()
+        cuda_devs = [self.dev.index if self.dev.index is not None
+                     else torch.cuda.current_device()] if self.dev.type == "cuda" else []
+        self._t_run = time.perf_counter()
+        bar = tqdm(total=s.iterations, initial=self.start, desc="finetune", unit="it",
+                   file=sys.stderr, disable=not progress or not sys.stderr.isatty(),
+                   dynamic_ncols=True)
+        for it in range(self.start, s.iterations):
+            for g in self.opt.param_groups:
+                g["lr"] = s.lr * g["lr_mult"] * _lr_factor(it, p.step)
+            rng = np.random.default_rng([s.seed, it])
+            with torch.random.fork_rng(devices=cuda_devs):
+                torch.manual_seed(s.seed * 1000003 + it)  # dropout
+                loss = _sgd_step(self.train_batch, rng, self.opt, self.dev)
+            self.losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{s.lr * _lr_factor(it, p.step):.1e}")
+            done = it + 1
+            if time_limit is not None and time.perf_counter() - self._t_run > time_limit:
+                self.stopped = "time_limit"
+            if self.data.val and (done % p.val_every == 0 or done == s.iterations
+                                  or self.stopped):
+                self._record_validation(it, done)
+            if self.stopped:
+                log.warning("finetune: time limit of %.0f s reached after %d of %d iterations",
+                            time_limit, done, s.iterations)
+                break
+            if done % p.checkpoint_every == 0 and done < s.iterations:
+                self.checkpoint(ckpts, done)
+        bar.close()
+        self.wall += time.perf_counter() - self._t_run
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+def _output_paths(out: Path) -> tuple[Path, Path, Path]:
+    return out / "backbone.safetensors", out / "classifier.safetensors", out / "finetune.json"
+
+
+def _finished_run(out: Path, key: str, resume: bool, overwrite: bool) -> FinetuneResult | None:
+    """The result of the run ``out`` holds when it is this run and finished (and ``resume``);
+    StaleStoreError when it holds another run and not ``overwrite``."""
+    paths = _output_paths(out)
+    if not paths[2].is_file():
+        return None
+    old = json.loads(paths[2].read_text())
+    if old.get("key") != key and not overwrite:
+        raise StaleStoreError(
+            f"{out}: holds a fine-tuning run with other settings; choose another output "
+            "folder or pass overwrite=True (--overwrite) to replace it")
+    if old.get("key") == key and resume:
+        log.info("finetune: %s already finished (%d iterations)", out, old["iterations_done"])
+        return FinetuneResult(*paths, old.get("best_val"), old.get("history", []),
+                              old.get("train_losses", []))
+    return None
+
+
+def export(out: Path, trainer: _Trainer, ckpts: _Checkpoints, t_start: float
+           ) -> FinetuneResult:
+    """Write the best (or, without validation, the last) weights: ``backbone.safetensors``
+    and ``classifier.safetensors``, then ``finetune.json`` (the recipe), each atomically and
+    the recipe last, so its presence means the run finished; then drop the checkpoints."""
+    plan, t, d = trainer.plan, trainer, trainer.data
+    paths = _output_paths(out)
+    final = t.best_state if t.best_state is not None else _state(t.net)
+    backbone_state = {k[6:]: v for k, v in final.items() if k.startswith("model.")}
+    meta = {"backbone": plan.s.backbone, "tap": plan.tap, "classes": json.dumps(plan.classes)}
+    atomic_write_bytes(paths[0], _tensors_bytes(backbone_state, {"backbone": plan.s.backbone}))
+    atomic_write_bytes(paths[1], _tensors_bytes(_classifier_tensors(final), meta))
+    done_its = len(t.losses)
+    recipe = {
+        "key": plan.key, "format_version": FINETUNE_FORMAT, "settings": plan.record,
+        "classes": plan.classes, "num_outputs": len(plan.classes) + 1,
+        "background_index": 0, "source_weights": plan.record["weights"],
+        "device": str(plan.device), "dtype": "bfloat16" if plan.amp else "float32",
+        "iterations_done": done_its, "stopped": t.stopped,
+        "exported_iteration": t.best_it or done_its,
+        "best_val": t.best_val, "history": t.history, "train_losses": t.losses,
+        "train_images": len(d.train), "val_images": len(d.val_images),
+        "train_windows_fg": d.count(fg=True), "train_windows_bg": d.count(fg=False),
+        "wall_seconds": t.wall, "seconds_per_iteration": t.wall / max(1, done_its),
+        "total_seconds": time.perf_counter() - t_start,
+        "files": {"backbone": paths[0].name, "classifier": paths[1].name},
+    }
+    atomic_write_json(paths[2], recipe)
+    ckpts.clear()  # finished: finetune.json now marks the run as done
+    return FinetuneResult(*paths, t.best_val, t.history, t.losses)
+
+
 def finetune(dataset: Dataset, proposals: ProposalSource, out_dir: str | Path,
-             backbone: str = "mobilenet_v2", weights: str | Path | None = None,
-             tap: str | None = None, mode: str = "warp", device: str = "auto",
-             iterations: int = 2000, batch_size: int = BATCH_SIZE,
-             fg_per_batch: int = FG_PER_BATCH, images_per_batch: int = IMAGES_PER_BATCH,
-             fg_iou: float = FG_IOU, lr: float = BASE_LR,
-             new_layer_lr_mult: float = NEW_LAYER_LR_MULT, momentum: float = MOMENTUM,
-             weight_decay: float = WEIGHT_DECAY, step_size: int = 0,
-             val_fraction: float = 0.1, seed: int = 0, padding: float = CONTEXT_PADDING,
-             input_size: int | None = None,
-             shared_scale: tuple[int, int] = (SHARED_SHORT, SHARED_MAX),
-             max_proposals: int = MAX_PROPOSALS, val_every: int = 0,
-             checkpoint_every: int = 0, checkpoint_dir: str | Path | None = None,
-             resume: bool = True, overwrite: bool = False, progress: bool = True,
-             proposals_id: str | None = None, time_limit: float | None = None
-             ) -> FinetuneResult:
-    """Fine-tune ``backbone`` on the windows of ``dataset`` (see the module docstring).
+             settings: FinetuneSettings | None = None, *, device: str = default("common.device"),
+             checkpoint_dir: str | Path | None = None, resume: bool = True,
+             overwrite: bool = False, progress: bool = True, proposals_id: str | None = None,
+             time_limit: float | None = None) -> FinetuneResult:
+    """Fine-tune a backbone on the windows of ``dataset`` (see the module docstring).
 
     Args:
         dataset: training images with ground truth (a held-out ``val_fraction`` of them
@@ -646,27 +976,8 @@ def finetune(dataset: Dataset, proposals: ProposalSource, out_dir: str | Path,
         proposals: file_name -> boxes (N, 4) float32 (best first), or a callable
             ImageRecord -> boxes; :func:`proposals_from_dir` reads an ``rcnn propose`` folder.
         out_dir: output folder (created).
-        backbone, weights, tap, padding: as :class:`rcnn_cli.features.FeatureExtractor`; the
-            new layer sits on ``tap`` (default: the tap extraction uses in ``mode``,
-            :func:`rcnn_cli.features.default_tap`: ``grid`` for mobilenet_v2 in shared mode).
-        mode: ``"warp"`` (R-CNN crops) or ``"shared"`` (one trunk pass per image + RoI head).
+        settings: :class:`FinetuneSettings` (None: the defaults).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``; on cuda the forward runs in bf16 autocast.
-        iterations: SGD iterations (mini-batches).
-        batch_size, fg_per_batch: windows per mini-batch and foreground among them.
-        images_per_batch: shared mode: images per mini-batch.
-        fg_iou: IoU with a ground truth at which a window takes its class.
-        lr, new_layer_lr_mult, momentum, weight_decay: SGD (R-CNN values by default).
-        step_size: lr x 0.1 every this many iterations; 0 = once, at 2/3 of ``iterations``.
-        val_fraction: training images held out for validation (0 = none; the last weights
-            are exported).
-        seed: seeds the split, the sampling, the flips, dropout and the new layer's init
-            (the global RNGs are left untouched).
-        input_size: warp crop side (default: the backbone's input size, what extraction uses;
-            smaller only for quick tests).
-        shared_scale: shared mode (shorter side, longer-side cap), as extraction.
-        max_proposals: proposals used per image, best first.
-        val_every: iterations between validations (0 = about 10 per run).
-        checkpoint_every: iterations between checkpoints (0 = at every validation).
         checkpoint_dir: where checkpoints go (default ``out_dir/checkpoint``).
         resume: continue from the checkpoint of an interrupted run with the same settings
             (and return at once if the run had finished); False starts again.
@@ -683,253 +994,27 @@ def finetune(dataset: Dataset, proposals: ProposalSource, out_dir: str | Path,
         :class:`FinetuneResult`.
 
     Raises:
-        ValueError: a bad argument, or no foreground window in the training images.
+        ValueError: a bad setting, or no foreground window in the training images.
         StaleStoreError: ``out_dir`` holds a run with other settings and not ``overwrite``.
     """
     t_start = time.perf_counter()
-    spec = _check_backbone(backbone)
-    tap = _check_tap(backbone, default_tap(backbone, mode) if tap is None else tap)
-    input_size = spec.input_size if input_size is None else int(input_size)
-    _check_args(dataset, mode, iterations, batch_size, fg_per_batch, images_per_batch, fg_iou,
-                lr, val_fraction, step_size, padding, input_size)
-    dev = resolve_device(device)
-    amp = dev.type == "cuda"
     if proposals_id is None:
         proposals_id = getattr(proposals, "key", None)
+    plan = _plan(settings if settings is not None else FinetuneSettings(), dataset, device,
+                 proposals_id)
     out = Path(out_dir)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out / "checkpoint"
-    step = step_size or max(1, math.ceil(iterations * 2 / 3))
-    val_every = val_every or max(1, iterations // 10)
-    checkpoint_every = checkpoint_every or val_every
-    settings = {
-        "backbone": backbone, "tap": tap, "mode": mode, "weights": weights_id(weights, backbone,
-                                                                              seed),
-        "padding": float(padding), "input_size": input_size,
-        "shared_scale": [int(shared_scale[0]), int(shared_scale[1])],
-        "iterations": iterations, "batch_size": batch_size, "fg_per_batch": fg_per_batch,
-        "images_per_batch": images_per_batch, "fg_iou": fg_iou, "lr": lr,
-        "new_layer_lr_mult": new_layer_lr_mult, "bias_lr_mult": BIAS_LR_MULT,
-        "momentum": momentum, "weight_decay": weight_decay, "step_size": step,
-        "lr_gamma": LR_GAMMA, "val_fraction": val_fraction, "val_every": val_every,
-        "seed": seed, "max_proposals": max_proposals, "frozen_batchnorm": True,
-        "head_dropout": HEAD_DROPOUT.get(backbone, 0.0), "proposals_id": proposals_id,
-    }
-    classes = list(dataset.classes)
-    key = settings_key("finetune", {**settings, "classes": classes,
-                                    "dataset": _dataset_fingerprint(dataset.records)},
-                       format_version=FINETUNE_FORMAT)
-    paths = (out / "backbone.safetensors", out / "classifier.safetensors", out / "finetune.json")
-
-    # 0. a finished or foreign run in out_dir
-    if paths[2].is_file():
-        old = json.loads(paths[2].read_text())
-        if old.get("key") != key and not overwrite:
-            raise StaleStoreError(
-                f"{out}: holds a fine-tuning run with other settings; choose another output "
-                "folder or pass overwrite=True (--overwrite) to replace it")
-        if old.get("key") == key and resume:
-            log.info("finetune: %s already finished (%d iterations)", out,
-                     old["iterations_done"])
-            return FinetuneResult(*paths, old.get("best_val"), old.get("history", []),
-                                  old.get("train_losses", []))
-    ckpts = _Checkpoints(ckpt_dir, key)
+    done = _finished_run(out, plan.key, resume, overwrite)
+    if done is not None:
+        return done
+    ckpts = _Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None
+                         else out / "checkpoint", plan.key)
     if overwrite or not resume:
-        for p in ckpt_dir.glob("*"):
-            if p.name == "state.json" or p.suffix == ".safetensors":
-                p.unlink()
-
-    # 1. label tables, once; the held-out split
-    tr_idx, va_idx = _split_val(len(dataset.records), val_fraction, seed)
-    windows = build_windows(dataset.records, proposals, fg_iou, max_proposals)
-    n_fg = sum(int((windows[i].labels > 0).sum()) for i in tr_idx)
-    if n_fg == 0:
-        raise ValueError("no foreground window (IoU >= fg_iou with a ground truth) in the "
-                         "training images: check the annotations")
-    log.info("finetune: %d train / %d val images, %d foreground and %d background training "
-             "windows", len(tr_idx), len(va_idx), n_fg,
-             sum(int((windows[i].labels == 0).sum()) for i in tr_idx))
-    cache = _ImageCache([dataset.image_path(r) for r in dataset.records], dev, spec.mean,
-                        spec.std)
-
-    # 2. the network: torchvision model + new (K + 1)-way layer; SGD with Caffe multipliers
-    model = load_backbone(backbone, weights, seed)
-    context = input_size / (input_size - 2 * padding)
-    net = _DetNet(backbone, model, tap, mode, context, len(classes), seed).to(dev)
-    if amp:
-        net = net.to(memory_format=torch.channels_last)
-    groups = _param_groups(net, lr, new_layer_lr_mult, weight_decay)
-    opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                          lr=lr, momentum=momentum)
-    named = {n: p for g in groups for n, p in zip(g["names"], g["params"])}
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-
-    def forward_warp(img_idx, boxes, flips) -> torch.Tensor:
-        crops = _warp_crops(cache, dev, img_idx, boxes, input_size, padding)
-        if flips.any():
-            f = torch.from_numpy(np.flatnonzero(flips)).to(dev)
-            crops[f] = crops[f].flip(-1)
-        if amp:
-            crops = crops.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            return net.classifier(net.net(crops).float()).float()
-
-    def forward_shared(img_list, box_list, flips) -> torch.Tensor:
-        feats = []
-        for i, b, fl in zip(img_list, box_list, flips):
-            t, tb = _shared_input(cache.get(int(i)), bool(fl), b, dev, tuple(shared_scale))
-            with autocast():  # one trunk pass per image, then its RoIs through the head
-                feats.append(net.head(net.trunk(t), [tb]).float())
-        with autocast():
-            return net.classifier(torch.cat(feats)).float()
-
-    # pooled windows of the training images, for warp sampling
-    pool_img = np.concatenate([np.full(len(windows[i].labels), i, np.int64) for i in tr_idx])
-    pool_box = np.concatenate([windows[i].boxes for i in tr_idx])
-    pool_lab = np.concatenate([windows[i].labels for i in tr_idx])
-
-    def train_batch(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        if mode == "warp":
-            pick = sample_rois(pool_lab, batch_size, fg_per_batch, rng)
-            flips = rng.random(len(pick)) < 0.5
-            return forward_warp(pool_img[pick], pool_box[pick], flips), \
-                torch.from_numpy(pool_lab[pick])
-        imgs = rng.choice(tr_idx, min(images_per_batch, len(tr_idx)), replace=False)
-        per = batch_size // len(imgs)
-        fg_per = round(per * fg_per_batch / batch_size)
-        picks = [sample_rois(windows[i].labels, per, fg_per, rng) for i in imgs]
-        flips = rng.random(len(imgs)) < 0.5
-        logits = forward_shared(imgs, [windows[i].boxes[p] for i, p in zip(imgs, picks)], flips)
-        return logits, torch.from_numpy(np.concatenate(
-            [windows[i].labels[p] for i, p in zip(imgs, picks)]))
-
-    # fixed validation windows
-    vrng = np.random.default_rng([seed, 2])
-    val = [(i, sample_rois(windows[i].labels, VAL_ROIS_PER_IMAGE, VAL_FG_PER_IMAGE, vrng))
-           for i in va_idx]
-    val = [(i, p) for i, p in val if len(p)]
-
-    @torch.no_grad()
-    def validate() -> dict[str, float]:
-        net.eval()
-        logits, labels = [], []
-        if mode == "warp":
-            img = np.concatenate([np.full(len(p), i, np.int64) for i, p in val])
-            bx = np.concatenate([windows[i].boxes[p] for i, p in val])
-            for s in range(0, len(img), batch_size):
-                sl = slice(s, s + batch_size)
-                logits.append(forward_warp(img[sl], bx[sl], np.zeros(len(img[sl]), bool)))
-        else:
-            for i, p in val:
-                logits.append(forward_shared([i], [windows[i].boxes[p]], [False]))
-        labels = torch.from_numpy(np.concatenate([windows[i].labels[p] for i, p in val]))
-        z = torch.cat(logits).cpu()
-        net.train()
-        pred = z.argmax(1)
-        fg, bg = labels > 0, labels == 0
-        return {"val_loss": float(nn.functional.cross_entropy(z, labels)),
-                "val_acc": float((pred == labels).float().mean()),
-                # None (null in JSON) when the held-out windows have no such label
-                "val_acc_fg": float((pred[fg] == labels[fg]).float().mean()) if fg.any()
-                else None,
-                "val_acc_bg": float((pred[bg] == labels[bg]).float().mean()) if bg.any()
-                else None}
-
-    # 3. resume
-    start, losses, history = 0, [], []
-    best_state, best_val, best_it, wall = None, None, None, 0.0
-    loaded = ckpts.load() if resume else None
-    if loaded is not None:
-        meta, state, best_state = loaded
-        _load_state(net, state)
-        for n, p in named.items():
-            if f"momentum.{n}" in state:
-                opt.state[p]["momentum_buffer"] = state[f"momentum.{n}"].to(dev)
-        start, losses, history = meta["iteration"], meta["train_losses"], meta["history"]
-        best_val, best_it, wall = meta["best_val"], meta["best_iteration"], meta["wall_seconds"]
-        log.info("finetune: resumed from iteration %d (%s)", start, ckpt_dir)
-
-    def checkpoint(it: int) -> None:
-        state = _state(net)
-        state.update({f"momentum.{n}": opt.state[p]["momentum_buffer"]
-                      for n, p in named.items() if "momentum_buffer" in opt.state.get(p, {})})
-        ckpts.save({"iteration": it, "train_losses": losses, "history": history,
-                    "best_val": best_val, "best_iteration": best_it,
-                    "wall_seconds": wall + time.perf_counter() - t_run,
-                    "rng": f"numpy default_rng([{seed}, i]) and torch seed {seed} * 1000003 + i "
-                           "at iteration i"}, state, best_state, best_it)
-
-    # 4. train
-    net.train()
-    cuda_devs = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-        if dev.type == "cuda" else []
-    stopped = None
-    t_run = time.perf_counter()
-    bar = tqdm(total=iterations, initial=start, desc="finetune", unit="it", file=sys.stderr,
-               disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
-    for it in range(start, iterations):
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_mult"] * _lr_factor(it, step)
-        rng = np.random.default_rng([seed, it])
-        with torch.random.fork_rng(devices=cuda_devs):
-            torch.manual_seed(seed * 1000003 + it)  # dropout
-            loss = _sgd_step(train_batch, rng, opt, dev)
-        losses.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr * _lr_factor(it, step):.1e}")
-        done = it + 1
-        if time_limit is not None and time.perf_counter() - t_run > time_limit:
-            stopped = "time_limit"
-        if val and (done % val_every == 0 or done == iterations or stopped):
-            v = validate()
-            since = losses[-(done - (history[-1]["iteration"] if history else 0)):]
-            rec = {"iteration": done, "lr": lr * _lr_factor(it, step),
-                   "train_loss": float(np.mean(since)), **v,
-                   "seconds": wall + time.perf_counter() - t_run}
-            history.append(rec)
-            log.info("finetune: it %d train loss %.4f val loss %.4f acc fg %s bg %s", done,
-                     rec["train_loss"], v["val_loss"], _fmt(v["val_acc_fg"]),
-                     _fmt(v["val_acc_bg"]))
-            if best_val is None or v["val_loss"] < best_val["val_loss"]:
-                best_val, best_it, best_state = rec, done, _state(net)
-        if stopped:
-            log.warning("finetune: time limit of %.0f s reached after %d of %d iterations",
-                        time_limit, done, iterations)
-            break
-        if done % checkpoint_every == 0 and done < iterations:
-            checkpoint(done)
-    bar.close()
-    wall += time.perf_counter() - t_run
-
-    # 5. export the best (or, without validation, the last) weights, then the recipe
-    final = best_state if best_state is not None else _state(net)
-    backbone_state = {k[6:]: v for k, v in final.items() if k.startswith("model.")}
-    meta = {"backbone": backbone, "tap": tap, "classes": json.dumps(classes)}
-    atomic_write_bytes(paths[0], _tensors_bytes(backbone_state, {"backbone": backbone}))
-    atomic_write_bytes(paths[1], _tensors_bytes(_classifier_tensors(final), meta))
-    done_its = len(losses)
-    recipe = {
-        "key": key, "format_version": FINETUNE_FORMAT, "settings": settings,
-        "classes": classes, "num_outputs": len(classes) + 1, "background_index": 0,
-        "source_weights": settings["weights"], "device": str(dev),
-        "dtype": "bfloat16" if amp else "float32",
-        "iterations_done": done_its, "stopped": stopped,
-        "exported_iteration": best_it or done_its,
-        "best_val": best_val, "history": history, "train_losses": losses,
-        "train_images": len(tr_idx), "val_images": len(va_idx),
-        "train_windows_fg": n_fg,
-        "train_windows_bg": int(sum((windows[i].labels == 0).sum() for i in tr_idx)),
-        "wall_seconds": wall, "seconds_per_iteration": wall / max(1, done_its),
-        "total_seconds": time.perf_counter() - t_start,
-        "files": {"backbone": paths[0].name, "classifier": paths[1].name},
-    }
-    atomic_write_json(paths[2], recipe)
-    for p in list(ckpt_dir.glob("*.safetensors")) + [ckpt_dir / "state.json"]:
-        p.unlink(missing_ok=True)  # finished: finetune.json now marks the run as done
-    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
-        ckpt_dir.rmdir()
-    return FinetuneResult(*paths, best_val, history, losses)
+        ckpts.clear()
+    trainer = _Trainer(plan, _TrainingData.build(dataset, proposals, plan))
+    if resume:
+        trainer.resume(ckpts)
+    trainer.train(ckpts, progress, time_limit)
+    return export(out, trainer, ckpts, t_start)
 
 
 def _fmt(x: float | None) -> str:

@@ -38,7 +38,7 @@ from numpy.typing import ArrayLike, NDArray
 from torch import nn
 
 from rcnn_cli.boxes import as_boxes
-from rcnn_cli.finetune import window_labels
+from rcnn_cli.labels import window_labels
 
 log = logging.getLogger("rcnn_cli.head")
 

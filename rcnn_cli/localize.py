@@ -69,6 +69,7 @@ from torch import nn
 
 from rcnn_cli import __version__
 from rcnn_cli import boxes as bx
+from rcnn_cli.config import default
 from rcnn_cli.features import BACKBONES, load_backbone, resolve_device, weights_id
 from rcnn_cli.store import (
     atomic_write_bytes,
@@ -167,9 +168,9 @@ class Backbone:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
 
-    def __init__(self, name: str = "mobilenet_v2", weights: str | Path | None = None,
+    def __init__(self, name: str = default("extract.backbone"), weights: str | Path | None = None,
                  seed: int = 0, finetune: bool = False, input_size: int | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = default("common.device")) -> None:
         if name not in CONV_CHANNELS:
             raise ValueError(f"backbone must be one of {sorted(CONV_CHANNELS)}, got {name!r}")
         spec = BACKBONES[name]
@@ -331,7 +332,7 @@ class Localizer:
                 "training_stats": self.training_stats}
 
     # ---------------------------------------------------------------- inference
-    def build(self, device: str = "cpu") -> tuple[Backbone, nn.Module, Heads]:
+    def build(self, device: str = default("common.device")) -> tuple[Backbone, nn.Module, Heads]:
         """(backbone, tail with the trained weights, heads) ready for :meth:`predict`."""
         if self._net is not None and self._net[0].device == resolve_device(device):
             return self._net
@@ -353,7 +354,7 @@ class Localizer:
         return self._net
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[NDArray[np.uint8]], device: str = "cpu"
+    def predict(self, images: Sequence[NDArray[np.uint8]], device: str = default("common.device")
                 ) -> list[tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.int64]]]:
         """One class and one box (or K part boxes) per image.
 
@@ -629,54 +630,36 @@ def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), std + STD_FLOOR * std.mean() + 1e-12
 
 
-def train_localizer(dataset: Any, *, attach: str = "fc", loss: str = "l2",
-                    finetune: bool = False, parts: int | None = None,
-                    iterations: int = ITERATIONS, seed: int = 0,
-                    backbone: str = "mobilenet_v2", weights: str | Path | None = None,
-                    input_size: int | None = None, device: str = "cpu",
-                    hidden: int = HIDDEN, lr: float = LR, batch_size: int = BATCH_SIZE,
-                    read: Callable[[Path], NDArray[np.uint8]] | None = None) -> Localizer:
-    """Train the classifier and the box regressor on a dataset (see the module docstring).
-
-    Args:
-        dataset: a :class:`rcnn_cli.datasets.Dataset` (records, classes, image_root).
-        attach: ``"conv"`` or ``"fc"``: where the box regressor reads.
-        loss: ``"l2"`` or ``"smooth_l1"``.
-        finetune: also train the backbone's last :data:`FINETUNE_BLOCKS` blocks.
-        parts: regress this many part boxes per image (= the number of classes).
-        iterations, batch_size, lr, hidden: SGD settings and fc width.
-        seed: seeds the random weights (``weights="random"``), the init, the batches and the
-            dropout masks.
-        read: image reader (default :func:`rcnn_cli.images.read_image`).
-
-    Returns:
-        The trained :class:`Localizer` (save it with :func:`save_localizer`).
-
-    Raises:
-        LocalizeError: unusable options or data (checked before any image is read).
-        ValueError: bad option values.
-    """
-    from rcnn_cli.images import ImageError, read_image
-
+def _check_train_args(attach: str, loss: str, iterations: int, batch_size: int, hidden: int,
+                      lr: float) -> None:
     if attach not in ATTACH:
         raise ValueError(f"attach must be one of {ATTACH}, got {attach!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if iterations < 1 or batch_size < 1 or hidden < 1 or not lr > 0:
         raise ValueError("iterations, batch_size, hidden and lr must be positive")
-    t0 = time.perf_counter()
-    targets = training_targets(dataset, parts)
-    if targets.multi:
-        log.info("localize: %d of %d training images hold several %s; each uses its largest",
-                 targets.multi, len(targets.images), "boxes of a part" if parts else "objects")
-    if targets.skipped:
-        first = ", ".join(f"{k} ({v})" for k, v in list(targets.skipped.items())[:3])
-        log.warning("localize: %d image(s) skipped, e.g. %s", len(targets.skipped), first)
-    bb = Backbone(backbone, weights, seed, finetune, input_size, device)
-    read = read or read_image
-    flip = parts is None  # mirroring would swap left/right parts (see module docstring)
 
-    # 1. cache the frozen part's output for every image (and its mirror)
+
+@dataclass
+class _Cached:
+    """What training reads: the frozen part's outputs (or, without fine-tuning, the pooled
+    features) of every image and its mirror, class labels, standardised box targets."""
+
+    cache: torch.Tensor
+    labels: torch.Tensor
+    y_reg: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+    num_boxes: int
+    images: int
+
+
+def _cache_images(dataset: Any, targets: TrainingSet, bb: Backbone,
+                  read: Callable[[Path], NDArray[np.uint8]], flip: bool) -> _Cached:
+    """Read every training image (an unreadable one is logged and skipped), run the frozen
+    part once on it and, with ``flip``, on its mirror; standardise the box targets."""
+    from rcnn_cli.images import ImageError
+
     images, keep = [], []
     for i, name in enumerate(targets.images):
         try:
@@ -697,22 +680,25 @@ def train_localizer(dataset: Any, *, attach: str = "fc", loss: str = "l2",
         tboxes = np.concatenate([tboxes, bx.hflip(tboxes.reshape(-1, 4), 1).reshape(
             tboxes.shape)])
         labels = torch.cat([labels, labels])
-    cache = torch.cat(maps)
-    del images
-    t_extract = time.perf_counter() - t0
     num_boxes = tboxes.shape[1]
     targets_t = torch.from_numpy(tboxes.reshape(len(tboxes), 4 * num_boxes))
     tmean, tstd = _standardise(targets_t)
-    y_reg = (targets_t - tmean) / tstd
+    return _Cached(torch.cat(maps), labels, (targets_t - tmean) / tstd, tmean, tstd,
+                   num_boxes, len(keep))
 
-    # 2. heads (and tail) with seeded init; inputs standardised on the training features
-    gen = torch.Generator().manual_seed(seed)
+
+def _build_heads(data: _Cached, bb: Backbone, hidden: int, num_classes: int, attach: str,
+                 parts: int | None, finetune: bool, lr: float, gen: torch.Generator
+                 ) -> tuple[Heads, nn.Module, torch.optim.Optimizer]:
+    """Heads with seeded init and inputs standardised on the training features, the tail
+    (trainable with ``finetune``) and their SGD optimiser. Without fine-tuning the pooled
+    features replace ``data.cache`` (the tail is empty)."""
     dev = bb.device
     tail = bb.tail.to(dev).eval()  # batch norm statistics stay frozen while fine-tuning
     with torch.no_grad():
-        feats0 = torch.cat([pool_features(tail(cache[i:i + 256].to(dev))).cpu()
-                            for i in range(0, len(cache), 256)])
-    heads = Heads(feats0.shape[1], hidden, len(dataset.classes), num_boxes, attach,
+        feats0 = torch.cat([pool_features(tail(data.cache[i:i + 256].to(dev))).cpu()
+                            for i in range(0, len(data.cache), 256)])
+    heads = Heads(feats0.shape[1], hidden, num_classes, data.num_boxes, attach,
                   classifier=parts is None)
     heads.init_weights(gen)
     fmean, fstd = _standardise(feats0)
@@ -720,17 +706,22 @@ def train_localizer(dataset: Any, *, attach: str = "fc", loss: str = "l2",
     heads.feat_std.copy_(fstd)
     heads = heads.to(dev).train()
     if not finetune:
-        cache = feats0  # the tail is empty: the pooled features are the cache
+        data.cache = feats0  # the tail is empty: the pooled features are the cache
     groups = [{"params": list(heads.parameters()), "lr": lr}]
     if finetune:
         groups.append({"params": list(tail.parameters()), "lr": lr * FINETUNE_LR_MULT})
         for p in tail.parameters():
             p.requires_grad_(True)
-    params = [p for g in groups for p in g["params"]]
     opt = torch.optim.SGD(groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    return heads, tail, opt
 
-    # 3. SGD over shuffled epochs
-    n = len(cache)
+
+def _fit(data: _Cached, heads: Heads, tail: nn.Module, opt: torch.optim.Optimizer,
+         finetune: bool, loss: str, iterations: int, batch_size: int, gen: torch.Generator,
+         dev: torch.device) -> list[float]:
+    """SGD over shuffled epochs (lr x 0.1 at :data:`LR_STEP_AT`); returns the losses."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    n = len(data.cache)
     order, pos, losses = torch.randperm(n, generator=gen), 0, []
     step_at = int(iterations * LR_STEP_AT)
     for it in range(iterations):
@@ -741,12 +732,12 @@ def train_localizer(dataset: Any, *, attach: str = "fc", loss: str = "l2",
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + batch_size]
         pos += len(idx)
-        x = cache[idx].to(dev)
+        x = data.cache[idx].to(dev)
         feats = pool_features(tail(x)) if finetune else x
         logits, reg = heads(feats, gen)
-        total = box_loss(reg, y_reg[idx].to(dev), loss)
+        total = box_loss(reg, data.y_reg[idx].to(dev), loss)
         if logits is not None:
-            total = total + nn.functional.cross_entropy(logits, labels[idx].to(dev))
+            total = total + nn.functional.cross_entropy(logits, data.labels[idx].to(dev))
         opt.zero_grad(set_to_none=True)
         total.backward()
         nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -755,21 +746,77 @@ def train_localizer(dataset: Any, *, attach: str = "fc", loss: str = "l2",
     heads.eval()
     for p in tail.parameters():
         p.requires_grad_(False)
+    return losses
+
+
+def train_localizer(dataset: Any, *, attach: str = "fc", loss: str = "l2",
+                    finetune: bool = False, parts: int | None = None,
+                    iterations: int = ITERATIONS, seed: int = 0,
+                    backbone: str = default("extract.backbone"),
+                    weights: str | Path | None = None, input_size: int | None = None,
+                    device: str = default("common.device"), hidden: int = HIDDEN,
+                    lr: float = LR, batch_size: int = BATCH_SIZE,
+                    read: Callable[[Path], NDArray[np.uint8]] | None = None) -> Localizer:
+    """Train the classifier and the box regressor on a dataset (see the module docstring).
+
+    Args:
+        dataset: a :class:`rcnn_cli.datasets.Dataset` (records, classes, image_root).
+        attach: ``"conv"`` or ``"fc"``: where the box regressor reads.
+        loss: ``"l2"`` or ``"smooth_l1"``.
+        finetune: also train the backbone's last :data:`FINETUNE_BLOCKS` blocks.
+        parts: regress this many part boxes per image (= the number of classes).
+        iterations, batch_size, lr, hidden: SGD settings and fc width.
+        seed: seeds the random weights (``weights="random"``), the init, the batches and the
+            dropout masks.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        read: image reader (default :func:`rcnn_cli.images.read_image`).
+
+    Returns:
+        The trained :class:`Localizer` (save it with :func:`save_localizer`).
+
+    Raises:
+        LocalizeError: unusable options or data (checked before any image is read).
+        ValueError: bad option values.
+    """
+    from rcnn_cli.images import read_image
+
+    _check_train_args(attach, loss, iterations, batch_size, hidden, lr)
+    t0 = time.perf_counter()
+    targets = training_targets(dataset, parts)
+    if targets.multi:
+        log.info("localize: %d of %d training images hold several %s; each uses its largest",
+                 targets.multi, len(targets.images), "boxes of a part" if parts else "objects")
+    if targets.skipped:
+        first = ", ".join(f"{k} ({v})" for k, v in list(targets.skipped.items())[:3])
+        log.warning("localize: %d image(s) skipped, e.g. %s", len(targets.skipped), first)
+    bb = Backbone(backbone, weights, seed, finetune, input_size, device)
+    flip = parts is None  # mirroring would swap left/right parts (see module docstring)
+
+    # 1. cache the frozen part's output for every image (and its mirror)
+    data = _cache_images(dataset, targets, bb, read or read_image, flip)
+    t_extract = time.perf_counter() - t0
+    # 2. heads (and tail) with seeded init; inputs standardised on the training features
+    gen = torch.Generator().manual_seed(seed)
+    heads, tail, opt = _build_heads(data, bb, hidden, len(dataset.classes), attach, parts,
+                                    finetune, lr, gen)
+    # 3. SGD over shuffled epochs
+    losses = _fit(data, heads, tail, opt, finetune, loss, iterations, batch_size, gen,
+                  bb.device)
 
     arrays = _heads_to_arrays(heads)
-    arrays.update(target_mean=tmean.numpy().astype(np.float32),
-                  target_std=tstd.numpy().astype(np.float32))
+    arrays.update(target_mean=data.target_mean.numpy().astype(np.float32),
+                  target_std=data.target_std.numpy().astype(np.float32))
     if finetune:
         arrays.update(_tail_arrays(tail))
     window = max(1, min(50, iterations // 10))
-    stats = {"images": len(keep), "mirrored": flip, "several_objects": targets.multi,
+    stats = {"images": data.images, "mirrored": flip, "several_objects": targets.multi,
              "skipped": len(targets.skipped), "iterations": iterations,
              "batch_size": batch_size, "lr": lr, "seed": seed,
              "first_loss": float(np.mean(losses[:window])),
              "final_loss": float(np.mean(losses[-window:])),
              "seconds_features": round(t_extract, 3),
              "seconds": round(time.perf_counter() - t0, 3)}
-    log.info("localize: %d images%s, loss %.3f -> %.3f in %.1f s", len(keep),
+    log.info("localize: %d images%s, loss %.3f -> %.3f in %.1f s", data.images,
              " (+ mirrored)" if flip else "", stats["first_loss"], stats["final_loss"],
              stats["seconds"])
     return Localizer(classes=list(dataset.classes), attach=attach, loss=loss,
@@ -942,7 +989,7 @@ def check_formats(formats: Iterable[str]) -> list[str]:
 def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path,
                    split: str | Path | None = None, formats: Sequence[str] = ("csv", "coco"),
                    annotations: str | Path | None = None, save_vis: bool = False,
-                   device: str = "cpu", overwrite: bool = False) -> PredictResult:
+                   device: str = default("common.device"), overwrite: bool = False) -> PredictResult:
     """One class and box per image of ``inputs`` (folders, files, list files), written as
     ``rcnn detect`` writes detections (``detections.csv``, COCO ``detections.json`` +
     ``images.json`` + ``categories.json``, optionally VOC / YOLO files and ``vis/``), plus

@@ -125,7 +125,7 @@ def test_extract_modes_and_dtypes(chain, tmp_path, mode, dtype):
 
 
 # ---------------------------------------------------------------- finetune
-@pytest.mark.parametrize("mode", ["warp", "shared"])  # auto = shared on a CPU
+@pytest.mark.parametrize("mode", ["warp", "shared", "auto"])  # auto = shared on a CPU
 def test_finetune_modes(chain, tmp_path, mode):
     r = run("finetune", "--annotations", chain["ann"], "--proposals", chain["props"],
             "-o", tmp_path, "--backbone", "resnet18", "--weights", "random", "--mode", mode,
@@ -133,6 +133,8 @@ def test_finetune_modes(chain, tmp_path, mode):
     assert (tmp_path / "backbone.safetensors").is_file()
     assert "0%|" not in r.output  # progress bars only on a terminal
     assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "backbone.safetensors"
+    recipe = json.loads((tmp_path / "finetune.json").read_text())
+    assert recipe["settings"]["mode"] == ("shared" if mode == "auto" else mode)
 
 
 # ---------------------------------------------------------------- train-svm

@@ -49,6 +49,33 @@ def test_dump_roundtrip(tmp_path):
     assert C.load(p) == cfg
 
 
+def test_dump_keeps_types_and_refuses_none(tmp_path):
+    """tomli-w writes what load reads back, type for type; None (TOML has no null) is an
+    error naming the key, not an empty string that reads back as a str."""
+    import tomllib
+
+    cfg = C.load(None, {"propose": {"sliding_stride": 0.5, "top_k": 7}})
+    back = tomllib.loads(C.dumps(cfg))
+    assert back == cfg
+    assert all(type(back[s][k]) is type(v) for s, t in cfg.items() for k, v in t.items())
+    assert back["extract"]["tap"] == "" and isinstance(back["train_svm"]["pos_weight"], float)
+    with pytest.raises(TypeError, match="extract.tap"):
+        C.dumps({"extract": {"tap": None}})
+
+
+def test_packaged_and_configs_default_toml_agree():
+    """configs/default.toml shows the packaged defaults: a link or a copy, it must say the
+    same (comments included), and config.defaults() reads that text."""
+    import tomllib
+    from importlib import resources
+    from pathlib import Path
+
+    shown = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+    packaged = resources.files("rcnn_cli").joinpath("default.toml").read_text()
+    assert shown.read_text() == packaged, "configs/default.toml differs from rcnn_cli/default.toml"
+    assert tomllib.loads(shown.read_text()) == C.defaults()
+
+
 def test_shipped_override_files_load():
     from pathlib import Path
 

@@ -406,3 +406,36 @@ def test_grid_tap_is_shared_only_and_default_on_shared():
     assert F.FeatureExtractor("mobilenet_v2", mode="warp", weights="random").tap == "pool"
     with pytest.raises(ValueError, match="needs mode='shared'"):
         F.FeatureExtractor("mobilenet_v2", mode="warp", tap="grid", weights="random")
+
+
+def test_training_and_extraction_prepare_shared_inputs_identically(tmp_path):
+    """Fine-tuning's shared-mode input (its image cache + shared_input) is bit for bit what
+    shared extraction feeds the trunk: one normalisation, one resize, one box scaling."""
+    import cv2
+
+    from rcnn_cli import finetune as ft
+
+    assert ft.shared_input is F.shared_input  # one function, used by both
+    img = _image(75, 110, seed=3)
+    boxes = _random_boxes(6, 75, 110, seed=3)
+    cv2.imwrite(str(tmp_path / "a.png"), img[:, :, ::-1])
+    fe = F.FeatureExtractor("resnet18", mode="shared", weights="random", device="cpu",
+                            shared_scale=(60, 100))
+    cached = ft._ImageCache([tmp_path / "a.png"], torch.device("cpu"), fe.spec.mean,
+                            fe.spec.std).get(0)
+    train_t, train_b, train_f = F.shared_input(torch.from_numpy(cached).permute(2, 0, 1),
+                                               boxes, fe.shared_scale)
+    test_t, test_b, test_f = F.shared_input(fe.image_tensor(img), boxes, fe.shared_scale)
+    assert train_t.shape == (1, 3, 60, 88) and torch.equal(train_t, test_t)
+    np.testing.assert_array_equal(train_b, test_b)
+    assert train_f == test_f == (60 / 75, 88 / 110)
+    # the extractor's own trunk input is that tensor
+    with torch.inference_mode():
+        fmap, factors = fe.shared_maps(img)
+        assert torch.equal(fmap, fe.trunk(test_t)) and factors == test_f
+    # training's mirror: the mirrored image with mirrored boxes
+    flip_t, flip_b, _ = F.shared_input(fe.image_tensor(img), boxes, fe.shared_scale, flip=True)
+    mir_t, _, _ = F.shared_input(fe.image_tensor(np.ascontiguousarray(img[:, ::-1])), boxes,
+                                 fe.shared_scale)
+    torch.testing.assert_close(flip_t, mir_t)
+    np.testing.assert_allclose(flip_b[:, [2, 0]], 88 - train_b[:, [0, 2]], rtol=1e-6)

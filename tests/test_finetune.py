@@ -91,6 +91,16 @@ TINY = {"backbone": "tiny", "weights": "random", "device": "cpu", "batch_size": 
         "lr": 0.003, "val_fraction": 0.2, "progress": False}
 
 
+RUN_OPTIONS = ("device", "checkpoint_dir", "resume", "overwrite", "progress", "proposals_id",
+               "time_limit")
+
+
+def finetune(dataset, proposals, out, **kw):
+    """ft.finetune with the keywords split into FinetuneSettings and run options."""
+    run = {k: kw.pop(k) for k in RUN_OPTIONS if k in kw}
+    return ft.finetune(dataset, proposals, out, ft.FinetuneSettings(**kw), **run)
+
+
 def state_of(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -156,7 +166,7 @@ def test_sampling_is_uniform_over_windows():
 def test_finetune_lowers_loss_and_writes_outputs(data, tmp_path, mode):
     ds, props = data
     rng_before = torch.get_rng_state()
-    res = ft.finetune(ds, props, tmp_path / "ft", mode=mode, iterations=40, val_every=10,
+    res = finetune(ds, props, tmp_path / "ft", mode=mode, iterations=40, val_every=10,
                       input_size=32, **TINY)
     assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched
     losses = res.train_losses
@@ -201,7 +211,7 @@ def test_finetune_lowers_loss_and_writes_outputs(data, tmp_path, mode):
 
 def test_mobilenet_v2_weights_load_with_load_backbone(data, tmp_path):
     ds, props = data
-    res = ft.finetune(ds, props, tmp_path / "ft", mode="shared", iterations=2, input_size=32,
+    res = finetune(ds, props, tmp_path / "ft", mode="shared", iterations=2, input_size=32,
                       **{**TINY, "backbone": "mobilenet_v2", "shared_scale": (32, 40)})
     saved = state_of(res.weights_path)
     model = load_backbone("mobilenet_v2", weights=res.weights_path)  # strict: no missing keys
@@ -217,7 +227,7 @@ def test_resume_after_kill_reaches_the_same_weights(data, tmp_path, monkeypatch)
     ds, props = data
     kw = dict(mode="warp", iterations=6, val_every=3, checkpoint_every=2, input_size=32,
               **TINY)
-    ref = ft.finetune(ds, props, tmp_path / "ref", **kw)
+    ref = finetune(ds, props, tmp_path / "ref", **kw)
 
     real_step, calls = ft._sgd_step, []
 
@@ -229,13 +239,13 @@ def test_resume_after_kill_reaches_the_same_weights(data, tmp_path, monkeypatch)
 
     monkeypatch.setattr(ft, "_sgd_step", killed_at_5)
     with pytest.raises(KeyboardInterrupt):
-        ft.finetune(ds, props, tmp_path / "run", **kw)
+        finetune(ds, props, tmp_path / "run", **kw)
     meta = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert meta["iteration"] == 4 and len(meta["train_losses"]) == 4
     assert not (tmp_path / "run" / "finetune.json").exists()
     monkeypatch.setattr(ft, "_sgd_step", real_step)
     calls.clear()
-    res = ft.finetune(ds, props, tmp_path / "run", **kw)
+    res = finetune(ds, props, tmp_path / "run", **kw)
     assert res.train_losses == ref.train_losses
     assert res.history == [{**h, "seconds": r["seconds"]}
                            for h, r in zip(ref.history, res.history)]
@@ -245,15 +255,15 @@ def test_resume_after_kill_reaches_the_same_weights(data, tmp_path, monkeypatch)
                        state_of(res.classifier_path)["weight"])
     # a finished run is returned without training; other settings are refused
     monkeypatch.setattr(ft, "_sgd_step", lambda *a, **k: pytest.fail("trained again"))
-    again = ft.finetune(ds, props, tmp_path / "run", **kw)
+    again = finetune(ds, props, tmp_path / "run", **kw)
     assert again.train_losses == res.train_losses
     with pytest.raises(StaleStoreError, match="other settings"):
-        ft.finetune(ds, props, tmp_path / "run", **{**kw, "lr": 0.01})
+        finetune(ds, props, tmp_path / "run", **{**kw, "lr": 0.01})
 
 
 def test_no_validation_exports_last_weights(data, tmp_path):
     ds, props = data
-    res = ft.finetune(ds, props, tmp_path / "ft", mode="warp", iterations=3, input_size=32,
+    res = finetune(ds, props, tmp_path / "ft", mode="warp", iterations=3, input_size=32,
                       **{**TINY, "val_fraction": 0.0})
     recipe = json.loads(res.recipe_path.read_text())
     assert res.best_val is None and res.history == [] and recipe["exported_iteration"] == 3
@@ -262,7 +272,7 @@ def test_no_validation_exports_last_weights(data, tmp_path):
 
 def test_time_limit_stops_validates_and_exports(data, tmp_path):
     ds, props = data
-    res = ft.finetune(ds, props, tmp_path / "ft", mode="shared", iterations=50, input_size=32,
+    res = finetune(ds, props, tmp_path / "ft", mode="shared", iterations=50, input_size=32,
                       time_limit=0.0, **TINY)
     recipe = json.loads(res.recipe_path.read_text())
     assert recipe["stopped"] == "time_limit" and recipe["iterations_done"] == 1
@@ -274,22 +284,22 @@ def test_bad_arguments(data, tmp_path):
     ds, props = data
     run = dict(TINY, iterations=1, input_size=32)
     with pytest.raises(ValueError, match="mode"):
-        ft.finetune(ds, props, tmp_path, **run, mode="crop")
+        finetune(ds, props, tmp_path, **run, mode="crop")
     with pytest.raises(ValueError, match="fg_per_batch"):
-        ft.finetune(ds, props, tmp_path, **{**run, "fg_per_batch": 17})
+        finetune(ds, props, tmp_path, **{**run, "fg_per_batch": 17})
     with pytest.raises(ValueError, match="val_fraction"):
-        ft.finetune(ds, props, tmp_path, **{**run, "val_fraction": 1.0})
+        finetune(ds, props, tmp_path, **{**run, "val_fraction": 1.0})
     with pytest.raises(ValueError, match="backbone"):
-        ft.finetune(ds, props, tmp_path, **{**run, "backbone": "lenet"})
+        finetune(ds, props, tmp_path, **{**run, "backbone": "lenet"})
     with pytest.raises(ValueError, match="img0.png"):
-        ft.finetune(ds, {}, tmp_path, **run)
+        finetune(ds, {}, tmp_path, **run)
     with pytest.raises(TypeError, match="proposals"):
-        ft.finetune(ds, [1, 2], tmp_path, **run)
+        finetune(ds, [1, 2], tmp_path, **run)
     far = {k: np.array([[0, 0, 2, 2]], np.float32) for k in props}
     no_gt = Dataset([ImageRecord(r.file_name, r.height, r.width) for r in ds.records],
                     ds.classes, ds.image_root)
     with pytest.raises(ValueError, match="no foreground window"):
-        ft.finetune(no_gt, far, tmp_path, **run)
+        finetune(no_gt, far, tmp_path, **run)
     with pytest.raises(FileNotFoundError, match="classifier.safetensors"):
         ft.load_classifier(tmp_path / "nothing")
 

@@ -96,3 +96,41 @@ def test_coco_file_names_are_identities(tmp_path):
     assert [(i["file_name"], i["height"]) for i in images] == [("img.jpg", 10), ("img.png", 30)]
     dets = json.loads((tmp_path / "detections.json").read_text())
     assert [d["image_id"] for d in dets] == [2]
+
+
+# names that a hand-joined CSV line would split or mangle: the csv module quotes them
+AWKWARD = [("a,b", 'dir,1/im "x".jpg'), ('say "hi"', "c'd, e.png"), ('",', 'q"q,.jpg')]
+
+
+@pytest.mark.parametrize("cls,image", AWKWARD)
+def test_detections_csv_round_trips_commas_and_quotes(tmp_path, cls, image):
+    from rcnn_cli.formats import write_detections_csv
+
+    classes = ["plain", cls]
+    dets = {image: Detections(np.array([[1, 2, 30, 40.5], [3, 4, 5, 6]], np.float32),
+                              [0.75, -1.25], [1, 0]),
+            "other.jpg": _det(label=1)}
+    path = write_detections_csv(tmp_path / "detections.csv", dets, classes)
+    got, names = evaluate.read_detections_csv(path, classes)
+    assert names == classes and sorted(got) == sorted(dets)
+    for k, d in dets.items():
+        np.testing.assert_array_equal(got[k].boxes, d.boxes)
+        np.testing.assert_array_equal(got[k].scores, d.scores)
+        np.testing.assert_array_equal(got[k].labels, d.labels)
+    assert evaluate.read_detections_csv(path)[1] == [cls, "plain"]  # order of appearance
+
+
+@pytest.mark.parametrize("cls,image", AWKWARD)
+def test_dataset_csv_round_trips_commas_and_quotes(tmp_path, cls, image):
+    from rcnn_cli.datasets import Dataset, ImageRecord, read_csv, write_csv
+
+    records = [ImageRecord(image, 40, 60, np.array([[1, 2, 30, 35]], np.float32),
+                           np.array([1], np.int64), np.zeros(1, bool)),
+               ImageRecord("empty.png", 10, 20)]
+    write_csv(tmp_path / "ann.csv", Dataset(records, ["plain", cls], tmp_path))
+    ds = read_csv(tmp_path / "ann.csv", classes=["plain", cls])
+    got = {r.file_name: r for r in ds.records}
+    assert sorted(got) == sorted([image, "empty.png"])
+    assert (got[image].height, got[image].width) == (40, 60)
+    np.testing.assert_array_equal(got[image].boxes, records[0].boxes)
+    assert ds.classes[got[image].labels[0]] == cls and len(got["empty.png"].boxes) == 0
