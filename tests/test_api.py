@@ -19,20 +19,31 @@ from tests.test_cli_matrix import run, two_images
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """Two images, propose -> extract -> train-svm -> detect through the CLI."""
+_CHAIN: dict = {}
+
+
+def tiny_chain(tmp_path_factory) -> dict:
+    """Two images, propose -> extract -> train-svm -> detect through the CLI (built once per
+    session; tests/test_runrecord.py reads the same folders)."""
+    if _CHAIN:
+        return _CHAIN
     root = tmp_path_factory.mktemp("api")
     img, ann, cfg = two_images(root)
-    c = {"img": img, "ann": ann, "cfg": cfg, "props": root / "props",
-         "model": root / "model", "det": root / "det"}
+    c = {"root": root, "img": img, "ann": ann, "cfg": cfg, "props": root / "props",
+         "feats": root / "feats", "model": root / "model", "det": root / "det"}
     run("propose", img, "-o", c["props"], "--config", cfg)
-    run("extract", img, "--proposals", c["props"], "--annotations", ann, "-o", root / "feats",
+    run("extract", img, "--proposals", c["props"], "--annotations", ann, "-o", c["feats"],
         "--backbone", "resnet18", "--weights", "random", "--config", cfg)
-    run("train-svm", "--features", root / "feats", "-o", c["model"], "--config", cfg)
+    run("train-svm", "--features", c["feats"], "-o", c["model"], "--config", cfg)
     run("detect", img, "--model", c["model"], "-o", c["det"], "--config", cfg,
         "--device", "cpu")
+    _CHAIN.update(c)
     return c
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    return tiny_chain(tmp_path_factory)
 
 
 def test_import_rcnn_cli_does_not_import_torch():
