@@ -602,6 +602,23 @@ def demo(out, data, no_vis, config_file, common, overwrite):
     click.echo(f"seconds per stage: {json.dumps(res['seconds'])}", err=True)
 
 
+# ------------------------------------------------------------------ info
+@cli.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(model_dir, as_json):
+    """Describe the model bundle MODEL_DIR: classes, backbone / tap / mode, training data
+    (images, positives per class), stored thresholds, the post-processing `rcnn detect`
+    applies without flags, and file sizes.
+
+    Example: rcnn info runs/model --json
+    """
+    from rcnn_cli.info import format_info, model_info
+
+    summary = model_info(model_dir)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_info(summary))
+
+
 # ------------------------------------------------------------------ localize (issue 14)
 @cli.group()
 def localize():
