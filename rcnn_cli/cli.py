@@ -211,7 +211,8 @@ def cli():
     The stages, in order: propose (selective search boxes), extract (CNN features of each
     box), finetune (adapt the CNN to your classes), train-svm (per-class SVMs and box
     regressors = the model), detect (the whole chain on new images) and evaluate (VOC and
-    COCO metrics). `rcnn demo` runs all of them on a small built-in dataset.
+    COCO metrics). `rcnn demo` runs all of them on a small built-in dataset; `rcnn info`
+    describes a model. Every stage records its run in OUT/run.json.
 
     Example: rcnn demo -o runs/demo
     """
