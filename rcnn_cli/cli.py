@@ -137,8 +137,13 @@ class RcnnCommand(click.Command):
     with -v the traceback is printed first."""
 
     def invoke(self, ctx: click.Context):
+        from rcnn_cli import runrecord
+
+        ctx.meta["rcnn.started"] = runrecord.utc_now()
         try:
             _check_out(ctx)
+            if ctx.params.get("out") is not None:  # a user's run.json: refused before any work
+                runrecord.check_folder(ctx.params["out"])
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
@@ -175,6 +180,23 @@ def finish(report, what="images") -> None:
         sys.exit(report.exit_code)
 
 
+def record_run(cfg, sections, *, inputs, report=None, counts=None, model=None,
+               resolved=None, folder=None) -> None:
+    """Write this command's record into ``folder/run.json`` (default: its -o folder) at
+    its end: inputs, model, what ``auto`` became, the config ``sections``, versions, times
+    and counts (a :class:`~rcnn_cli.runner.Report`'s or ``counts``); see
+    :mod:`rcnn_cli.runrecord`."""
+    from rcnn_cli import runrecord
+
+    ctx = click.get_current_context()
+    if report is not None:
+        counts = {**runrecord.report_counts(report), **(counts or {})}
+    runrecord.write_run(folder or ctx.params["out"], " ".join(ctx.command_path.split()[1:]),
+                        started=ctx.meta["rcnn.started"], inputs=inputs, model=model,
+                        resolved=resolved, counts=counts,
+                        settings={k: cfg[k] for k in sections if k in cfg})
+
+
 def _not_implemented(name: str):
     raise click.UsageError(f"`rcnn {name}` is not implemented yet")
 
@@ -189,7 +211,8 @@ def cli():
     The stages, in order: propose (selective search boxes), extract (CNN features of each
     box), finetune (adapt the CNN to your classes), train-svm (per-class SVMs and box
     regressors = the model), detect (the whole chain on new images) and evaluate (VOC and
-    COCO metrics). `rcnn demo` runs all of them on a small built-in dataset.
+    COCO metrics). `rcnn demo` runs all of them on a small built-in dataset; `rcnn info`
+    describes a model. Every stage records its run in OUT/run.json.
 
     Example: rcnn demo -o runs/demo
     """
@@ -231,6 +254,10 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
     report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
+    from rcnn_cli.runrecord import stage_settings
+
+    record_run(cfg, ["common", "propose"], inputs=[*images, split], report=report,
+               resolved={"proposals": stage_settings(out)})
     click.echo(str(Path(out)))
     finish(report)
 
@@ -267,6 +294,11 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
         backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype))
     report = extract_folder(list(images), proposals_dir, out, cfg, annotations=annotations,
                             split=split, overwrite=overwrite)
+    from rcnn_cli.runrecord import resolved_device, stage_settings
+
+    record_run(cfg, ["common", "extract"], inputs=[*images, proposals_dir, annotations, split],
+               report=report, resolved={"device": resolved_device(cfg["common"]["device"]),
+                                        "features": stage_settings(out).get("features")})
     click.echo(str(Path(out)))
     finish(report)
 
@@ -314,6 +346,14 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
                        FinetuneSettings.from_config(cfg), device=cfg["common"]["device"],
                        overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract", "finetune"])
+    from rcnn_cli.features import default_tap
+    from rcnn_cli.runrecord import resolved_device
+
+    record_run(cfg, ["common", "extract", "finetune"], inputs=[annotations, proposals_dir],
+               counts={"images": len(ds.records)},
+               resolved={"device": resolved_device(device), "mode": m,
+                         "backbone": e["backbone"],
+                         "tap": e["tap"] or default_tap(e["backbone"], m)})
     click.echo(str(res.weights_path))
 
 
@@ -352,6 +392,7 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     model = train_model(features_dir, out, cfg, classes=names, overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["train_svm", "detect"])
+    _record_training(cfg, features_dir, model)
     click.echo(str(Path(out)))
     head = model.training_stats.get("head")
     if head:
@@ -361,6 +402,22 @@ def train_svm(features_dir, out, classes, solver, no_bbox_regression, head, conf
     trained = [c for c, t in zip(model.classes, model.svm_trained) if t]
     click.echo(f"trained {len(trained)}/{len(model.classes)} classes: {', '.join(trained)}",
                err=True)
+
+
+def _record_training(cfg, features_dir, model) -> None:
+    """run.json of train-svm: what ``head = auto`` became, the features, the counts."""
+    from rcnn_cli.runrecord import resolved_device
+
+    ext = model.extractor_settings()
+    resolved = {"head": "fc" if model.head is not None else "none",
+                "solver": cfg["train_svm"]["solver"], "backbone": model.backbone,
+                "tap": model.feature_tap, "mode": ext.get("mode")}
+    if model.head is not None:  # the head trains on the device
+        resolved["device"] = resolved_device(cfg["common"]["device"])
+    record_run(cfg, ["common", "train_svm", "detect"], inputs=[features_dir], resolved=resolved,
+               counts={"images": model.training_stats.get("images"),
+                       "classes": len(model.classes),
+                       "classes_trained": int(sum(bool(t) for t in model.svm_trained))})
 
 
 # ------------------------------------------------------------------ detect
@@ -418,6 +475,13 @@ def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, 
     report = detect_folder(list(images), model_dir, out, cfg, split=split, save_vis=save_vis,
                            overwrite=overwrite, overrides=overrides, coco_ids=coco_ids,
                            dense=dense)
+    from rcnn_cli.runrecord import resolved_device, stage_settings
+
+    used = stage_settings(Path(out) / "per_image")
+    record_run(cfg, ["common", "detect"], inputs=[*images, split, coco_ids], model=model_dir,
+               report=report, resolved={"device": resolved_device(cfg["common"]["device"]),
+                                        "features": used.get("features"),
+                                        "post": used.get("post"), "dense": dense})
     for name in ("detections.csv", "detections.json"):
         if (Path(out) / name).exists():
             click.echo(str(Path(out) / name))
@@ -480,6 +544,11 @@ def evaluate(annotations, detections_dir, proposals_dir, split, out, diagnose, s
         raise click.BadParameter(str(e), param_hint="--detections") from None
     except ValueError as e:  # nothing to score (no image on both sides), bad --similar
         raise click.UsageError(str(e)) from None
+    record_run(cfg, ["common", "evaluate"], folder=Path(path).parent,
+               inputs=[annotations, detections_dir, proposals_dir, split, images_dir],
+               counts={"images": metrics.get("num_images")},
+               resolved={"scored": "detections" if detections_dir else "proposals",
+                         "diagnose": diagnose})
     click.echo(str(path))
     click.echo(metrics["summary"], err=True)
     if diagnose:
@@ -507,12 +576,36 @@ def demo(out, data, no_vis, config_file, common, overwrite):
 
     cfg = load_config(config_file, common=common)
     res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis)
+    from rcnn_cli.runrecord import resolved_device, stage_settings
+
+    scored = json.loads(Path(res["metrics"]).read_text()).get("num_images")
+    record_run(cfg, list(cfg), inputs=[data], model=Path(out) / "model",
+               counts={"test_images": scored},
+               resolved={"device": resolved_device(cfg["common"]["device"]),
+                         "features": stage_settings(Path(out) / "features").get("features")})
     click.echo(f"mAP (VOC07 11-point) {res['mAP_voc07']:.3f}  mAP (all-point) "
                f"{res['mAP_voc']:.3f}  COCO AP {res['coco_AP']:.3f}")
     click.echo(f"metrics: {res['metrics']}")
     for p in res["pictures"][:8]:
         click.echo(p)
     click.echo(f"seconds per stage: {json.dumps(res['seconds'])}", err=True)
+
+
+# ------------------------------------------------------------------ info
+@cli.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(model_dir, as_json):
+    """Describe the model bundle MODEL_DIR: classes, backbone / tap / mode, training data
+    (images, positives per class), stored thresholds, the post-processing `rcnn detect`
+    applies without flags, and file sizes.
+
+    Example: rcnn info runs/model --json
+    """
+    from rcnn_cli.info import format_info, model_info
+
+    summary = model_info(model_dir)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_info(summary))
 
 
 # ------------------------------------------------------------------ localize (issue 14)
@@ -584,6 +677,13 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     loc.save_localizer(out, model, overwrite=overwrite)
+    from rcnn_cli.runrecord import resolved_device
+
+    record_run(cfg, ["common"], inputs=[annotations, images_dir],
+               counts={"images": model.training_stats["images"]},
+               resolved={"device": resolved_device(cfg["common"]["device"]),
+                         "backbone": backbone, "attach": attach, "loss": loss,
+                         "iterations": iterations or loc.ITERATIONS})
     s = model.training_stats
     click.echo(f"localize: {s['images']} images, {s['several_objects']} with several objects "
                f"(largest used), loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} in "
@@ -625,6 +725,10 @@ def localize_predict(images, model_dir, out, split, formats, annotations, save_v
     res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
                              annotations=annotations, save_vis=save_vis,
                              device=cfg["common"]["device"], overwrite=overwrite)
+    from rcnn_cli.runrecord import resolved_device
+
+    record_run(cfg, ["common"], inputs=[*images, split, annotations], model=model_dir,
+               report=res.report, resolved={"device": resolved_device(cfg["common"]["device"])})
     for p in res.written:
         if p.name in ("detections.csv", "detections.json", "metrics.json"):
             click.echo(str(p))

@@ -35,7 +35,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from rcnn_cli import __version__
 from rcnn_cli import config as cfgmod
-from rcnn_cli.bbox_regression import apply_regression, predict_deltas
+from rcnn_cli.bbox_regression import predict_deltas
 from rcnn_cli.head import ARRAY_NAMES as HEAD_ARRAYS
 from rcnn_cli.head import Head
 from rcnn_cli.store import (
@@ -122,22 +122,6 @@ class Model:
     def deltas(self, features: ArrayLike) -> NDArray[np.float32]:
         """Per-class regression deltas (N, K, 4) of raw features (N, D)."""
         return predict_deltas(features, self.regressors, self.regression_scale)
-
-    def score_and_refine(self, features: ArrayLike, boxes: ArrayLike,
-                         image_size: tuple[int, int]
-                         ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """Scores (N, K) and per-class boxes (N, K, 4) for boxes (N, 4) and features (N, D).
-
-        Boxes are refined by each class's regressor and clipped to ``image_size = (h, w)``;
-        without regressors they are the input boxes repeated.
-        """
-        scores = self.score(features)
-        if self.regressors is None:
-            b = np.asarray(boxes, np.float32).reshape(-1, 4)
-            return scores, np.repeat(b[:, None], self.num_classes, axis=1)
-        refined = apply_regression(boxes, features, None, self.regressors,
-                                   self.regression_scale, image_size)
-        return scores, refined
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"svm_weights": self.svm_weights, "svm_biases": self.svm_biases,

@@ -7,7 +7,8 @@ from PIL import Image
 from rcnn_cli import __version__
 from rcnn_cli.cli import cli
 
-SUBCOMMANDS = ["propose", "extract", "finetune", "train-svm", "detect", "evaluate", "demo"]
+SUBCOMMANDS = ["propose", "extract", "finetune", "train-svm", "detect", "evaluate", "demo",
+               "info"]
 
 
 def test_help_lists_all_subcommands():

@@ -137,8 +137,12 @@ def test_bundle_with_head_round_trips_and_scores_fc7(tmp_path):
     np.testing.assert_allclose(back.score(x),
                                score(m.head.fc7(x), m.svm_weights, m.svm_biases, 0.5), rtol=1e-6)
     np.testing.assert_allclose(back.deltas(x), predict_deltas(x, m.regressors, 2.0), rtol=1e-6)
-    s, b = back.score_and_refine(x, np.tile([[1, 1, 5, 5]], (5, 1)).astype(np.float32), (9, 9))
-    assert s.shape == (5, 2) and b.shape == (5, 2, 4)
+    from rcnn_cli.detect import DetectSettings, detect_from_features
+
+    out = detect_from_features(np.tile([[1, 1, 5, 5]], (5, 1)).astype(np.float32), x, back,
+                               (9, 9), DetectSettings(1.0, -1e9, 100, nms="hard",
+                                                      box_vote_iou=0.0))
+    assert out["boxes"].shape == (10, 4) and sorted(set(out["labels"].tolist())) == [0, 1]
 
 
 def test_bundle_with_broken_head_is_refused(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from rcnn_cli import __version__
 from rcnn_cli.bbox_regression import apply_regression
+from rcnn_cli.detect import DetectSettings, detect_from_features
 from rcnn_cli.model import Model, ModelError, load_model, save_model
 from rcnn_cli.svm import score
 
@@ -55,21 +56,33 @@ def test_model_without_regressors_round_trips(tmp_path):
     back = load_model(tmp_path)
     assert back.regressors is None and back.regressor_trained is None
     x, boxes = np.ones((2, 6), np.float32), np.float32([[0, 0, 5, 5], [1, 1, 4, 4]])
-    s, b = back.score_and_refine(x, boxes, (10, 10))
-    assert s.shape == (2, 3) and np.array_equal(b, np.repeat(boxes[:, None], 3, 1))
+    out = detect_from_features(boxes, x, back, (10, 10), _ALL)
+    assert sorted(map(tuple, out["boxes"].tolist())) == sorted(  # classes 0 and 2 trained
+        map(tuple, np.concatenate([boxes, boxes]).tolist()))
 
 
-def test_score_and_refine_matches_the_stage_functions():
+#: post-processing that keeps every box (nothing thresholded, suppressed or voted)
+_ALL = DetectSettings(nms_iou=1.0, score_thresh=-1e9, max_per_image=1000, nms="hard",
+                      box_vote_iou=0.0)
+
+
+def test_detect_recipe_scores_and_refines_with_the_stage_functions():
+    # the one recipe (detect.detect_from_features): SVM scores of the features, each class's
+    # regressor applied to the proposals and clipped; an untrained class never fires
     m = _model(seed=1)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(5, 6)).astype(np.float32)
-    boxes = np.float32([[10, 10, 40, 50]] * 5)
-    s, refined = m.score_and_refine(x, boxes, (100, 100))
-    np.testing.assert_array_equal(s, score(x, m.svm_weights, m.svm_biases, m.feat_scale))
-    assert refined.shape == (5, 3, 4)
-    for k in range(3):
-        np.testing.assert_allclose(refined[:, k], apply_regression(
-            boxes, x, k, m.regressors, m.feat_scale, (100, 100)), atol=1e-4)
+    boxes = np.float32([[10, 10, 40, 50], [20, 5, 60, 30], [0, 0, 99, 99], [50, 50, 90, 95],
+                        [5, 60, 30, 99]])
+    out = detect_from_features(boxes, x, m, (100, 100), _ALL)
+    s = score(x, m.svm_weights, m.svm_biases, m.feat_scale)
+    assert sorted(out["labels"].tolist()) == [0] * 5 + [2] * 5  # class 1 untrained
+    for k in (0, 2):
+        got = out["labels"] == k
+        order = np.argsort(-s[:, k], kind="stable")
+        np.testing.assert_allclose(out["scores"][got], s[order, k], rtol=1e-6)
+        np.testing.assert_allclose(out["boxes"][got], apply_regression(
+            boxes, x, k, m.regressors, m.feat_scale, (100, 100))[order], atol=1e-4)
 
 
 def test_existing_bundle_is_not_overwritten(tmp_path):
