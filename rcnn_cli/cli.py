@@ -346,14 +346,13 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
                        FinetuneSettings.from_config(cfg), device=cfg["common"]["device"],
                        overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract", "finetune"])
-    from rcnn_cli.features import default_tap
     from rcnn_cli.runrecord import resolved_device
 
+    done = json.loads(Path(res.recipe_path).read_text())["settings"]  # what auto became
     record_run(cfg, ["common", "extract", "finetune"], inputs=[annotations, proposals_dir],
                counts={"images": len(ds.records)},
-               resolved={"device": resolved_device(device), "mode": m,
-                         "backbone": e["backbone"],
-                         "tap": e["tap"] or default_tap(e["backbone"], m)})
+               resolved={"device": resolved_device(cfg["common"]["device"]),
+                         "mode": done["mode"], "backbone": done["backbone"], "tap": done["tap"]})
     click.echo(str(res.weights_path))
 
 
