@@ -657,6 +657,6 @@ def test_match_image_names_is_linear_on_large_folders():
     from rcnn_cli.evaluate import match_image_names
 
     names = [f"d{i % 50}/img{i}.jpg" for i in range(20000)]
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: other processes on the machine do not count
     m = match_image_names(names, names)
-    assert len(m) == 20000 and time.perf_counter() - t0 < 2.0
+    assert len(m) == 20000 and time.process_time() - t0 < 2.0
