@@ -54,6 +54,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from rcnn_cli.boxes import as_boxes, box_iou, from_xywh, to_xywh
+from rcnn_cli.config import default
 
 # the writers of detect's result files live in rcnn_cli.formats (re-exported here)
 from rcnn_cli.formats import (  # noqa: F401  (re-exports)
@@ -69,8 +70,8 @@ from rcnn_cli.store import atomic_write_bytes, open_upstream
 
 log = logging.getLogger(__name__)
 
-#: PASCAL VOC matching threshold (VOCdevkit ``VOCopts.minoverlap``).
-VOC_IOU_THRESH = 0.5
+#: PASCAL VOC matching threshold (VOCdevkit ``VOCopts.minoverlap``): [evaluate] iou.
+VOC_IOU_THRESH: float = default("evaluate.iou")
 #: Keys of ``COCOeval.stats`` in order (pycocotools ``summarize``).
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 CSV_HEADER = ("image", "class", "score", "x1", "y1", "x2", "y2")
