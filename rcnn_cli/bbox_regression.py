@@ -30,11 +30,14 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from rcnn_cli.boxes import as_boxes, box_iou, clip, decode, encode
+from rcnn_cli.config import default
 
 logger = logging.getLogger("rcnn_cli.bbox_regression")
 
-MIN_OVERLAP = 0.6  # rcnn_train_bbox_regressor.m 'min_overlap'
-LAMBDA = 1000.0  # rcnn_train_bbox_regressor.m 'lambda' (ridge, features at mean norm 20)
+# rcnn_train_bbox_regressor.m 'min_overlap' and 'lambda' (ridge, features at mean norm 20):
+# [train_svm] bbox_min_overlap and bbox_lambda of rcnn_cli/default.toml, the one place.
+MIN_OVERLAP: float = default("train_svm.bbox_min_overlap")
+LAMBDA: float = default("train_svm.bbox_lambda")
 
 RecordsFactory = Callable[[], Iterable[Mapping[str, Any]]]
 

@@ -42,7 +42,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from . import boxes as box_ops
-from .config import ConfigError
+from .config import ConfigError, default
 from .weights import require_cached_weights
 
 log = logging.getLogger("rcnn_cli.features")
@@ -53,8 +53,9 @@ FEATURES_VERSION = 1
 #: ImageNet normalisation of every torchvision backbone.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: R-CNN's context padding: 16 pixels in the warped frame (``rcnn_im_crop``, padding=16).
-CONTEXT_PADDING = 16
+#: R-CNN's context padding: 16 pixels in the warped frame (``rcnn_im_crop``, padding=16);
+#: [extract] padding of rcnn_cli/default.toml, the one place of defaults.
+CONTEXT_PADDING: int = default("extract.padding")
 #: Shared mode resizes each image so its shorter side is SHARED_SHORT (never the longer side
 #: above SHARED_MAX): Fast R-CNN uses 600/1000; 480/800 is the CPU-friendly default here
 #: (see scripts/bench_extract.py for the speed/quality numbers behind it).
@@ -615,16 +616,18 @@ class FeatureExtractor:
         padding: context padding in pixels of the warped frame (R-CNN: 16); shared mode pools
             the same enlarged boxes.
         shared_scale: (shorter side, longer side cap) the image is resized to in shared mode.
-        batch_size: boxes per forward pass (bounds memory); default 128 (warp) / 512 (shared).
+        batch_size: boxes per forward pass (bounds memory); None = 128 (warp) / 512
+            (shared).
         amp: bf16 autocast and channels-last on cuda (ignored on cpu).
         seed: seed of ``weights="random"``.
     """
 
-    def __init__(self, backbone: str = "mobilenet_v2", tap: str | None = None,
-                 mode: str = "auto", weights: str | Path | None = None, device: str = "auto",
-                 padding: float = CONTEXT_PADDING,
+    def __init__(self, backbone: str = default("extract.backbone"), tap: str | None = None,
+                 mode: str = default("extract.mode"), weights: str | Path | None = None,
+                 device: str = default("common.device"), padding: float = CONTEXT_PADDING,
                  shared_scale: tuple[int, int] = (SHARED_SHORT, SHARED_MAX),
-                 batch_size: int | None = None, amp: bool = True, seed: int = 0) -> None:
+                 batch_size: int | None = default("extract.batch_size"), amp: bool = True,
+                 seed: int = 0) -> None:
         self.spec = _check_backbone(backbone)
         if mode not in ("auto", "warp", "shared"):
             raise ConfigError(f"mode must be 'auto', 'warp' or 'shared', got {mode!r}",

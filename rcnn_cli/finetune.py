@@ -42,6 +42,13 @@ weights=path)`` and ``rcnn extract --weights path`` load it), ``classifier.safet
 (K + 1)-way layer: ``weight`` (K + 1, D), ``bias`` (K + 1,); see :func:`load_classifier`) and
 ``finetune.json`` (the recipe: settings, classes, source weights, iterations, validation
 history, device, wall time), written last, so its presence means the run finished.
+
+The code follows the run: :class:`FinetuneSettings` (defaults from ``default.toml``; the CLI
+builds them with :meth:`FinetuneSettings.from_config`) are checked and resolved once
+(``_plan``), the label tables and image cache are built (``_TrainingData``), ``_Trainer``
+samples mini-batches, runs the SGD loop, validates and checkpoints, and :func:`export`
+writes the outputs. Window labels live in :mod:`rcnn_cli.labels`; shared-mode inputs are
+prepared by :func:`rcnn_cli.features.shared_input`, as extraction prepares them.
 """
 from __future__ import annotations
 

@@ -38,22 +38,24 @@ from numpy.typing import ArrayLike, NDArray
 from torch import nn
 
 from rcnn_cli.boxes import as_boxes
-from rcnn_cli.labels import window_labels
+from rcnn_cli.config import default
+from rcnn_cli.labels import FG_IOU, window_labels
 
 log = logging.getLogger("rcnn_cli.head")
 
-# Defaults (measured on raccoon, see README "Detection quality").
-HIDDEN = 1024            # fc6 / fc7 width
-ITERATIONS = 4000        # SGD iterations
+# Width, iterations, learning rate, background windows and seed: [train_svm] head_* and
+# seed of rcnn_cli/default.toml (the one place of defaults); the rest R-CNN's recipe.
+HIDDEN: int = default("train_svm.head_hidden")          # fc6 / fc7 width
+ITERATIONS: int = default("train_svm.head_iterations")  # SGD iterations
 BATCH_SIZE = 128         # windows per mini-batch (R-CNN)
 FG_PER_BATCH = 32        # foreground windows per mini-batch (R-CNN)
-LR = 0.01                # base learning rate (fresh layers: R-CNN's 0.001 x 10 for new layers)
+LR: float = default("train_svm.head_lr")  # base lr (fresh layers: R-CNN's 0.001 x 10)
 MOMENTUM = 0.9
 WEIGHT_DECAY = 0.0005
 DROPOUT = 0.5            # after fc6 and fc7 (R-CNN / AlexNet)
 INPUT_DROPOUT = 0.2      # on the input features (mobilenet_v2's classifier dropout)
-FG_IOU = 0.5
-BG_PER_IMAGE = 1024      # background windows kept per image (memory bound)
+BG_PER_IMAGE: int = default("train_svm.head_bg_per_image")  # per image (memory bound)
+SEED: int = default("train_svm.seed")
 STD_FLOOR = 1e-3         # added to per-dimension standard deviations
 
 ARRAY_NAMES = ("mean", "std", "fc6_w", "fc6_b", "fc7_w", "fc7_b", "cls_w", "cls_b")
@@ -134,7 +136,7 @@ class _Net(nn.Module):
 
 
 def collect_windows(records_factory: RecordsFactory, num_classes: int, fg_iou: float = FG_IOU,
-                    bg_per_image: int = BG_PER_IMAGE, seed: int = 0
+                    bg_per_image: int = BG_PER_IMAGE, seed: int = SEED
                     ) -> tuple[NDArray[np.float16], NDArray[np.int64], int]:
     """Labelled training windows of all records: (features (M, D) float16, labels (M,) with
     0 = background and k + 1 = class k, number of images). Every foreground row is kept and
@@ -168,7 +170,7 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
                fg_per_batch: int = FG_PER_BATCH, lr: float = LR, momentum: float = MOMENTUM,
                weight_decay: float = WEIGHT_DECAY, dropout: float = DROPOUT,
                input_dropout: float = INPUT_DROPOUT, fg_iou: float = FG_IOU,
-               bg_per_image: int = BG_PER_IMAGE, seed: int = 0,
+               bg_per_image: int = BG_PER_IMAGE, seed: int = SEED,
                device: str | torch.device = "cpu", progress: bool = False) -> HeadResult:
     """Train fc6/fc7 + a (K + 1)-way softmax layer on cached features (module docstring).
 

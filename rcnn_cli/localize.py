@@ -987,9 +987,11 @@ def check_formats(formats: Iterable[str]) -> list[str]:
 
 
 def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path,
-                   split: str | Path | None = None, formats: Sequence[str] = ("csv", "coco"),
+                   split: str | Path | None = None,
+                   formats: Sequence[str] = tuple(default("detect.formats")),
                    annotations: str | Path | None = None, save_vis: bool = False,
-                   device: str = default("common.device"), overwrite: bool = False) -> PredictResult:
+                   device: str = default("common.device"), overwrite: bool = False
+                   ) -> PredictResult:
     """One class and box per image of ``inputs`` (folders, files, list files), written as
     ``rcnn detect`` writes detections (``detections.csv``, COCO ``detections.json`` +
     ``images.json`` + ``categories.json``, optionally VOC / YOLO files and ``vis/``), plus

@@ -49,9 +49,10 @@ from rcnn_cli.svm import FEAT_NORM_TARGET, score
 FORMAT_VERSION = 1
 JSON_NAME = "model.json"
 ARRAYS_NAME = "model.npz"
-NMS_IOU = 0.3  # rcnn_test.m: per-class NMS at IoU 0.3
-SCORE_THRESHOLD = 0.0  # SVM decision boundary; evaluation wants a lower one (R-CNN: top-k)
-MAX_DETECTIONS = 100  # per image, over all classes (torchvision detections_per_img)
+# Detection defaults of a bundle: [detect] of rcnn_cli/default.toml (the one place).
+NMS_IOU: float = cfgmod.default("detect.nms_iou")  # rcnn_test.m: per-class NMS at IoU 0.3
+SCORE_THRESHOLD: float = cfgmod.default("detect.score_thresh")  # SVM margin units
+MAX_DETECTIONS: int = cfgmod.default("detect.max_per_image")  # per image, all classes
 
 
 class ModelError(ValueError):

@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 from torchvision.ops import batched_nms
 
 from rcnn_cli import boxes as bx
+from rcnn_cli import config as cfgmod
 
 #: boxes thinner than this (pixels) after regression and clipping are dropped
 MIN_BOX_SIDE = 1e-2
@@ -27,13 +28,14 @@ SOFT_NMS_FLOOR = 1e-3
 class DetectSettings:
     """Post-processing thresholds (defaults live in the model bundle, flags override)."""
 
-    nms_iou: float = 0.3            # R-CNN's per-class NMS overlap
-    score_thresh: float = -2.0      # SVM margin units
-    max_per_image: int = 100
-    bbox_regression: bool = True
-    vis_thresh: float = -0.8        # pictures show detections scoring above this
-    nms: str = "soft"               # soft (Gaussian soft-NMS; CV) | hard (R-CNN's greedy NMS)
-    box_vote_iou: float = 0.5       # box voting among same-class boxes at this IoU (0 = off)
+    # defaults: [detect] of rcnn_cli/default.toml, the one place they are written
+    nms_iou: float = cfgmod.default("detect.nms_iou")  # per-class NMS overlap
+    score_thresh: float = cfgmod.default("detect.score_thresh")  # SVM margin units
+    max_per_image: int = cfgmod.default("detect.max_per_image")
+    bbox_regression: bool = cfgmod.default("detect.bbox_regression")
+    vis_thresh: float = cfgmod.default("detect.vis_thresh")  # pictures: detections above this
+    nms: str = cfgmod.default("detect.nms")  # soft (Gaussian soft-NMS) | hard (greedy NMS)
+    box_vote_iou: float = cfgmod.default("detect.box_vote_iou")  # box voting IoU (0 = off)
 
 
 def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],

@@ -14,10 +14,12 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from rcnn_cli.boxes import as_boxes, box_iou
+from rcnn_cli.config import default
 from rcnn_cli.formats import as_detections
 
 #: PASCAL VOC matching threshold (VOCdevkit ``VOCopts.minoverlap``).
-VOC_IOU_THRESH = 0.5
+#: PASCAL VOC matching threshold (VOCdevkit ``VOCopts.minoverlap``): [evaluate] iou.
+VOC_IOU_THRESH: float = default("evaluate.iou")
 
 
 def _as_gt(x: Any) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.bool_]]:

@@ -83,12 +83,13 @@ def run(cmd: list[str], log: Path) -> tuple[float, str]:
 def finetune_in_process(a: argparse.Namespace, w: Path) -> float:
     """Library fallback for ``rcnn finetune`` (same settings)."""
     from rcnn_cli.datasets import load_dataset
-    from rcnn_cli.finetune import finetune, proposals_from_dir
+    from rcnn_cli.finetune import FinetuneSettings, finetune, proposals_from_dir
 
     t = time.perf_counter()
     train = load_dataset(a.data, split=w / "train.txt")
-    finetune(train, proposals_from_dir(w / "props"), w / "ft", backbone=a.backbone,
-             mode=a.mode, device=a.device, iterations=a.iterations, progress=False)
+    finetune(train, proposals_from_dir(w / "props"), w / "ft",
+             FinetuneSettings(backbone=a.backbone, mode=a.mode, iterations=a.iterations),
+             device=a.device, progress=False)
     return time.perf_counter() - t
 
 

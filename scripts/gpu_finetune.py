@@ -36,7 +36,7 @@ import torch
 from rcnn_cli.datasets import load_dataset
 from rcnn_cli.evaluate import voc_eval
 from rcnn_cli.features import FeatureExtractor
-from rcnn_cli.finetune import finetune, load_classifier, proposals_from_dir
+from rcnn_cli.finetune import FinetuneSettings, finetune, load_classifier, proposals_from_dir
 from rcnn_cli.images import read_image
 
 log = logging.getLogger("gpu_finetune")
@@ -131,10 +131,11 @@ def main() -> None:
 
     train = load_dataset(args.data, split=sp["train"])
     t = time.perf_counter()
-    res = finetune(train, proposals_from_dir(props), args.out / "finetune", mode=args.mode,
-                   device=args.device, iterations=args.iterations, batch_size=args.batch_size,
-                   fg_per_batch=args.fg_per_batch, seed=args.seed,
-                   checkpoint_dir=args.work / "checkpoint", progress=False,
+    settings = FinetuneSettings(mode=args.mode, iterations=args.iterations,
+                                batch_size=args.batch_size, fg_per_batch=args.fg_per_batch,
+                                seed=args.seed)
+    res = finetune(train, proposals_from_dir(props), args.out / "finetune", settings,
+                   device=args.device, checkpoint_dir=args.work / "checkpoint", progress=False,
                    time_limit=args.time_limit)
     row["finetune_seconds"] = time.perf_counter() - t
     recipe = json.loads(res.recipe_path.read_text())

@@ -10,6 +10,7 @@ import inspect
 import numpy as np
 from numpy.typing import NDArray
 
+from ..config import default
 from ._felzenszwalb import felzenszwalb
 from .metrics import plot_recall_curve, proposal_recall
 from .opencv import opencv_selective_search
@@ -33,7 +34,7 @@ METHODS = {"selective_search": selective_search, "opencv": opencv_selective_sear
            "sliding": sliding_windows}
 
 
-def propose(image: NDArray[np.uint8], method: str = "selective_search", **settings
+def propose(image: NDArray[np.uint8], method: str = default("propose.method"), **settings
             ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Proposals of one image with ``method`` and its keyword ``settings``.
 

@@ -20,6 +20,8 @@ from .. import boxes as box_ops
 from .selective_search import (
     DEFAULT_MAX_SIDE,
     DEFAULT_MIN_SIZE,
+    DEFAULT_SEED,
+    DEFAULT_STRATEGY,
     DEFAULT_TOP_K,
     _empty,
     _finish,
@@ -46,10 +48,11 @@ def _libc():
     return _LIBC or None
 
 
-def opencv_selective_search(image: NDArray[np.uint8], mode: str = "fast",
+def opencv_selective_search(image: NDArray[np.uint8], mode: str = DEFAULT_STRATEGY,
                             max_side: int | None = DEFAULT_MAX_SIDE,
                             min_size: int = DEFAULT_MIN_SIZE, top_k: int | None = DEFAULT_TOP_K,
-                            seed: int = 0) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+                            seed: int = DEFAULT_SEED
+                            ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """OpenCV selective search proposals of one image, reproducible for a given ``seed``.
 
     Args:

@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import boxes as box_ops
+from ..config import default
 from ._felzenszwalb import FH_SIGMA, _fh_graph, _fh_segment, _smooth
 from ._grouping import adjacency, hierarchical_grouping, region_features, texture_bins
 
@@ -41,17 +42,20 @@ STRATEGIES: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]] 
 }
 #: Uijlings et al. section 3.2: texture from Gaussian derivatives with sigma = 1.
 TEXTURE_SIGMA = 1.0
+# Defaults: [propose] of rcnn_cli/default.toml, the one place they are written.
 #: R-CNN resizes images to 500 pixels before selective search (``rcnn_exp_cache...``).
-DEFAULT_MAX_SIDE = 500
+DEFAULT_MAX_SIDE: int = default("propose.max_side")
 #: Boxes narrower or shorter than this (original pixels) are dropped (the reference
 #: ``FilterBoxesWidth(boxes, 20)`` in ``demoPascal2007.m``).
-DEFAULT_MIN_SIZE = 20
-DEFAULT_TOP_K = 2000
+DEFAULT_MIN_SIZE: int = default("propose.min_size")
+DEFAULT_TOP_K: int = default("propose.top_k")
+DEFAULT_STRATEGY: str = default("propose.strategy")
+DEFAULT_SEED: int = default("propose.seed")
 
 
-def selective_search(image: NDArray[np.uint8], strategy: str = "fast",
+def selective_search(image: NDArray[np.uint8], strategy: str = DEFAULT_STRATEGY,
                      max_side: int | None = DEFAULT_MAX_SIDE, min_size: int = DEFAULT_MIN_SIZE,
-                     top_k: int | None = DEFAULT_TOP_K, seed: int = 0
+                     top_k: int | None = DEFAULT_TOP_K, seed: int = DEFAULT_SEED
                      ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Selective search proposals of one image.
 

@@ -12,14 +12,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import boxes as box_ops
+from ..config import default
 from .selective_search import DEFAULT_MIN_SIZE, DEFAULT_TOP_K, _check_settings, _empty, _finish
 
+# Defaults: [propose] sliding_* of rcnn_cli/default.toml, the one place they are written.
 #: Window sides as fractions of the image's shorter side (six scales, like OverFeat's six).
-DEFAULT_SCALES = (0.15, 0.25, 0.4, 0.6, 0.8, 1.0)
+DEFAULT_SCALES: tuple[float, ...] = tuple(default("propose.sliding_scales"))
 #: Width / height of the windows.
-DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+DEFAULT_ASPECT_RATIOS: tuple[float, ...] = tuple(default("propose.sliding_ratios"))
 #: Stride as a fraction of the window's width (horizontally) and height (vertically).
-DEFAULT_STRIDE_FRAC = 0.25
+DEFAULT_STRIDE_FRAC: float = default("propose.sliding_stride")
 
 
 def sliding_windows(size: tuple[int, int], scales: tuple[float, ...] = DEFAULT_SCALES,
