@@ -32,6 +32,8 @@ from rcnn_cli import config as cfgmod
 if TYPE_CHECKING:
     import PIL.Image
 
+__all__ = ["DETECT_KEYS", "DetectionResult", "Detector", "ImageLike", "as_rgb_array", "propose"]
+
 #: What :class:`Detector` and :func:`propose` accept as an image: a path, a PIL image or a
 #: uint8 (H, W, 3) RGB array.
 ImageLike = Union[str, Path, NDArray[np.uint8], "PIL.Image.Image"]
