@@ -113,6 +113,14 @@ def test_detector_refuses_bad_settings_in_one_line(chain, kwargs, message):
     assert "\n" not in str(e.value)
 
 
+def test_detector_dense_needs_a_grid_model(chain):
+    from rcnn_cli import ConfigError, Detector
+
+    with pytest.raises(ConfigError, match="needs a model with extract mode 'shared' and tap "
+                                          "'grid'.*resnet18"):
+        Detector(chain["model"], device="cpu", dense=True)
+
+
 def test_detector_refuses_a_bad_bundle_naming_the_file(chain, tmp_path):
     import shutil
 
