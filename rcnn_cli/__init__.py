@@ -23,7 +23,7 @@ _LAZY = {"Detector": "rcnn_cli.api", "DetectionResult": "rcnn_cli.api",
          "propose": "rcnn_cli.api", "ModelError": "rcnn_cli.model",
          "ConfigError": "rcnn_cli.config"}
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["ConfigError", "DetectionResult", "Detector", "ModelError", "__version__", "propose"]
 
 
 def __getattr__(name: str) -> Any:

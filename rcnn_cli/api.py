@@ -22,12 +22,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 from numpy.typing import NDArray
 
 from rcnn_cli import config as cfgmod
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+__all__ = ["DETECT_KEYS", "DetectionResult", "Detector", "ImageLike", "as_rgb_array", "propose"]
 
 #: What :class:`Detector` and :func:`propose` accept as an image: a path, a PIL image or a
 #: uint8 (H, W, 3) RGB array.

@@ -76,14 +76,13 @@ def format_info(info: dict[str, Any]) -> str:
     rows = [
         ("model", info["path"]),
         ("classes", f"{len(info['classes'])}: {', '.join(info['classes'])}"),
-        ("features", f"{f['backbone']}, tap {f['tap']}, mode {f['mode']}, D={f['dim']}"
-                     + (f", weights {f['weights']['id']}" if f["weights"].get("id") else "")),
+        ("features", (f"{f['backbone']}, tap {f['tap']}, mode {f['mode']}, D={f['dim']}"
+                      + (f", weights {f['weights']['id']}" if f["weights"].get("id") else ""))),
         ("head", "none (SVMs on the features)" if h is None else
          f"fc6/fc7 {h['in_dim']} -> {h['hidden']} (SVMs on fc7)"),
         ("proposals", props),
         ("training", train),
-        ("stored", f"nms_iou {s['nms_iou']}, score_threshold {s['score_threshold']}, "
-                   f"max_detections {s['max_detections']}"),
+        ("stored", ", ".join(f"{k} {v}" for k, v in s.items())),
         ("detect", ", ".join(f"{k} {v}" for k, v in info["detect_defaults"].items())),
         ("files", ", ".join(f"{n} {_size(b)}" for n, b in info["files"].items())),
         ("version", f"rcnn_cli {info['package_version']}"),

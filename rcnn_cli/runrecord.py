@@ -27,7 +27,7 @@ import os
 import platform
 import sys
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ PACKAGES = ("torch", "torchvision", "numpy")
 
 def utc_now() -> str:
     """The current time, UTC, ISO 8601 with seconds (``2026-01-01T12:00:00+00:00``)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def package_versions() -> dict[str, str | None]:

@@ -18,6 +18,9 @@ from tests.test_cli_matrix import run, two_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: the tiny model is built once per process: keep these modules on one xdist worker
+pytestmark = pytest.mark.xdist_group("api_chain")
+
 
 _CHAIN: dict = {}
 
@@ -65,21 +68,18 @@ def test_detector_gives_what_rcnn_detect_writes(chain):
 
     det = Detector(chain["model"], device="cpu")
     assert sorted(det.classes) == ["blue", "red", "yellow"] and det.device == "cpu"
-    for name in ("a.png", "b.png"):
+    a, b = chain["img"] / "a.png", chain["img"] / "b.png"
+    array = np.asarray(Image.open(a).convert("RGB"))
+    got = [("a.png", det(a)), ("a.png", det(array)), ("a.png", det(Image.open(a))),
+           *zip(["a.png", "b.png"], det.predict([str(a), b]))]
+    for name, r in got:
         want = np.load(chain["det"] / "per_image" / f"{name}.npz")
-        path = chain["img"] / name
-        array = np.asarray(Image.open(path).convert("RGB"))
-        for r in (det(path), det(str(path)), det(array), det(Image.open(path))):
-            np.testing.assert_array_equal(r.boxes, want["boxes"])
-            np.testing.assert_array_equal(r.scores, want["scores"])
-            np.testing.assert_array_equal(r.labels, want["labels"])
-            assert r.boxes.dtype == np.float32 and r.boxes.shape == (len(r), 4)
-            assert r.image_size == (120, 160)
-            assert r.class_names == [det.classes[i] for i in r.labels]
-    results = det.predict([chain["img"] / "a.png", chain["img"] / "b.png"])
-    assert len(results) == 2
-    np.testing.assert_array_equal(results[1].scores,
-                                  np.load(chain["det"] / "per_image" / "b.png.npz")["scores"])
+        np.testing.assert_array_equal(r.boxes, want["boxes"])
+        np.testing.assert_array_equal(r.scores, want["scores"])
+        np.testing.assert_array_equal(r.labels, want["labels"])
+        assert r.boxes.dtype == np.float32 and r.boxes.shape == (len(r), 4) and len(r)
+        assert r.image_size == (120, 160)
+        assert r.class_names == [det.classes[i] for i in r.labels]
 
 
 def test_detector_overrides_match_the_cli_flags(chain, tmp_path):
@@ -111,6 +111,14 @@ def test_detector_refuses_bad_settings_in_one_line(chain, kwargs, message):
     with pytest.raises(ConfigError, match=message) as e:
         Detector(chain["model"], **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_detector_dense_needs_a_grid_model(chain):
+    from rcnn_cli import ConfigError, Detector
+
+    with pytest.raises(ConfigError, match="needs a model with extract mode 'shared' and tap "
+                                          "'grid'.*resnet18"):
+        Detector(chain["model"], device="cpu", dense=True)
 
 
 def test_detector_refuses_a_bad_bundle_naming_the_file(chain, tmp_path):
@@ -165,7 +173,7 @@ def _readme_snippet() -> str:
     """The first ```python block of the README's "Python API" section."""
     text = (ROOT / "README.md").read_text()
     section = text.split("## Python API", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_readme_python_api_snippet_runs(chain):

@@ -125,6 +125,19 @@ def test_detect_dense_cli(grid_chain, tmp_path):
     assert "--overwrite" in r.output
 
 
+def test_detector_dense_gives_what_rcnn_detect_dense_writes(grid_chain, tmp_path):
+    from rcnn_cli import Detector
+
+    run("detect", grid_chain["img"], "--model", grid_chain["model"], "-o", tmp_path, "--dense",
+        "--score-thresh", "-100", "--config", grid_chain["cfg"], "--device", "cpu")
+    r = Detector(grid_chain["model"], device="cpu", dense=True, score_thresh=-100)(
+        grid_chain["img"] / "a.png")
+    want = np.load(tmp_path / "per_image" / "a.png.npz")
+    assert len(r) > 0
+    np.testing.assert_array_equal(r.boxes, want["boxes"])
+    np.testing.assert_array_equal(r.scores, want["scores"])
+
+
 def test_detect_dense_library_matches_settings(grid_chain):
     """detect_dense returns detect_image's dict; the cap and threshold of the settings hold."""
     from rcnn_cli.detect import _get_model, get_extractor, model_extractor_kwargs

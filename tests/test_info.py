@@ -9,6 +9,9 @@ import pytest
 from tests.test_api import tiny_chain
 from tests.test_cli_matrix import run
 
+#: the tiny model is built once per process: keep these modules on one xdist worker
+pytestmark = pytest.mark.xdist_group("api_chain")
+
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):

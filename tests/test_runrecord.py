@@ -12,6 +12,9 @@ from rcnn_cli.runrecord import MARK, RUN_JSON
 from tests.test_api import tiny_chain
 from tests.test_cli_matrix import run
 
+#: the tiny model is built once per process: keep these modules on one xdist worker
+pytestmark = pytest.mark.xdist_group("api_chain")
+
 KEYS = {"command", "argv", "cwd", "inputs", "model", "resolved", "settings", "versions",
         "started", "finished", "seconds", "counts"}
 
