@@ -276,13 +276,22 @@ def estimate_feat_scale(records_factory: RecordsFactory, seed: int = 0,
     return feat_scale_from_norms(float(norms.mean()), target)
 
 
+def _sample_rows(n: int, rng: np.random.Generator, per_image: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of ``per_image`` of ``n`` rows (all if fewer)."""
+    if n > per_image:
+        return np.sort(rng.choice(n, per_image, replace=False))
+    return np.arange(n)
+
+
 def _sample_norms(feats: np.ndarray, rng: np.random.Generator, per_image: int) -> np.ndarray:
-    if len(feats) > per_image:
-        feats = feats[np.sort(rng.choice(len(feats), per_image, replace=False))]
-    return np.linalg.norm(feats.astype(np.float64), axis=1)
+    rows = _sample_rows(len(feats), rng, per_image)
+    return np.linalg.norm(feats[rows].astype(np.float64), axis=1)
 
 
 # ---------------------------------------------------------------- training
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
 @dataclass
 class _Cache:
     """Negative cache of one class: features (scaled, float32) and (image, row) keys."""
@@ -308,6 +317,61 @@ class _Cache:
         self.chunks, self.key_chunks = [x], [k]
         return x, k
 
+    def retrain(self, fit: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]],
+                objective: Callable[..., tuple[float, float, float, float]],
+                evict_thresh: float) -> tuple[np.ndarray, float] | None:
+        """Solve on the positives and the cached negatives, record the objective, evict
+        cached negatives scoring below ``evict_thresh``; return ``(w, b)`` (None: no
+        negatives cached yet)."""
+        x_neg, keys = self.merged()
+        if len(x_neg) == 0:
+            return None
+        w, b = fit(self.x_pos, x_neg)
+        tot, pl, nl, rl = objective(self.x_pos, x_neg, w, b)
+        st = self.stats
+        st.retrains += 1
+        st.negatives_cached = len(x_neg)
+        st.objective, st.pos_loss, st.neg_loss, st.reg_loss = tot, pl, nl, rl
+        st.objective_history.append(tot)
+        self.num_added = 0
+        easy = x_neg @ w + b < evict_thresh
+        if easy.any():
+            self.chunks, self.key_chunks = [x_neg[~easy]], [keys[~easy]]
+            for i, r in keys[easy].tolist():
+                self.rows_by_image[i].discard(r)
+            st.negatives_evicted += int(easy.sum())
+        logger.debug("retrain %d, cache %d, objective %.6g (pos %.4g neg %.4g reg %.4g), "
+                     "evicted %d", st.retrains, len(x_neg), tot, pl, nl, rl, int(easy.sum()))
+        return w, b
+
+
+def _positives_and_norms(records_factory: RecordsFactory, todo: Sequence[int], seed: int,
+                         transform: Transform | None
+                         ) -> tuple[dict[int, list[np.ndarray]], np.ndarray, int]:
+    """Pass 1: per class the (transformed) features of its ground-truth rows, the L2 norms of
+    a seeded sample of ``NORM_SAMPLE_PER_IMAGE`` rows per image, and the feature dimension.
+
+    Only those rows go through ``transform`` (it is the costly fc7 with a head)."""
+    rng = np.random.default_rng(seed)
+    pos: dict[int, list[np.ndarray]] = {k: [] for k in todo}
+    norms, dim = [], None
+    for i, rec in enumerate(records_factory()):
+        _, feats, gt_label, _, _ = _record_arrays(rec, i)
+        if len(feats) == 0:
+            continue
+        sample = _sample_rows(len(feats), rng, NORM_SAMPLE_PER_IMAGE)
+        is_pos = np.isin(gt_label, todo)
+        rows = np.concatenate([np.flatnonzero(is_pos), sample])
+        x = feats[rows] if transform is None else transform(feats[rows])
+        dim = _check_dim(dim, x, i)
+        n_pos = int(is_pos.sum())
+        norms.append(np.linalg.norm(x[n_pos:].astype(np.float64), axis=1))
+        for k in np.unique(gt_label[is_pos]).tolist():
+            pos[k].append(x[:n_pos][gt_label[is_pos] == k].astype(np.float32))
+    if dim is None:
+        raise ValueError("the records hold no feature rows: nothing to train on")
+    return pos, np.concatenate(norms), dim
+
 
 def train_svms(records_factory: RecordsFactory, num_classes: int,
                classes_to_train: Sequence[int] | None = None, *, c: float = C,
@@ -316,7 +380,9 @@ def train_svms(records_factory: RecordsFactory, num_classes: int,
                evict_thresh: float = EVICT_THRESH, retrain_limit: int = RETRAIN_LIMIT,
                feat_scale: float | None = None, solver: Solver = "liblinear",
                tol: float = SVM_TOL, seed: int = 0,
-               class_names: Sequence[str] | None = None) -> SVMResult:
+               class_names: Sequence[str] | None = None,
+               transform: Transform | None = None,
+               retrain_first: bool = True) -> SVMResult:
     """Train one linear SVM per class with R-CNN's hard-negative mining.
 
     Args:
@@ -326,43 +392,36 @@ def train_svms(records_factory: RecordsFactory, num_classes: int,
             untrained.
         c, pos_weight, bias_mult, neg_overlap, hard_thresh, evict_thresh, retrain_limit:
             R-CNN's hyperparameters (module constants).
-        feat_scale: scale applied to the raw features; ``None`` estimates it from a seeded
-            sample so that the mean L2 norm is ``FEAT_NORM_TARGET``.
+        feat_scale: scale applied to the (transformed) features; ``None`` estimates it from
+            a seeded sample so that the mean L2 norm is ``FEAT_NORM_TARGET``.
         solver: "liblinear" (reference) or "torch" (same objective, see :func:`fit_svm`).
         tol: liblinear's stopping tolerance.
         seed: seeds the norm sample and liblinear's coordinate order.
         class_names: only for log messages.
+        transform: maps a record's raw feature rows (n, D_in) to the SVM's features (n, D)
+            (e.g. ``Head.fc7``); applied once per image in the mining pass and only to the
+            rows pass 1 needs. ``None``: the features themselves.
+        retrain_first: retrain each class once the first image's negatives are in (R-CNN's
+            ``first_time``); False waits for ``retrain_limit`` negatives.
 
     Returns:
         :class:`SVMResult` with weights (K, D) float32 for scaled features.
 
     Mining (one pass over the images, all classes together): the first image gives all its
     negatives; later images only those scoring above ``hard_thresh`` under the current model
-    and not cached yet (key = image index, box row). A class is retrained when more than
-    ``retrain_limit`` negatives have been added since its last training, and after the last
-    image; after each retrain, cached negatives scoring below ``evict_thresh`` are evicted.
+    and not cached yet (key = image index, box row). A class is retrained after the first
+    image, when more than ``retrain_limit`` negatives have been added since its last
+    training, and after the last image; after each retrain, cached negatives scoring below
+    ``evict_thresh`` are evicted.
     """
     todo = sorted(set(range(num_classes) if classes_to_train is None else classes_to_train))
     if any(not 0 <= k < num_classes for k in todo):
         raise ValueError(f"classes_to_train must lie in [0, {num_classes}), got {todo}")
     names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
 
-    # Pass 1: positives (raw features of GT rows) and the feature-norm sample.
-    rng = np.random.default_rng(seed)
-    pos: dict[int, list[np.ndarray]] = {k: [] for k in todo}
-    norms, dim = [], None
-    for i, rec in enumerate(records_factory()):
-        _, feats, gt_label, _, _ = _record_arrays(rec, i)
-        if len(feats) == 0:
-            continue
-        dim = _check_dim(dim, feats, i)
-        norms.append(_sample_norms(feats, rng, NORM_SAMPLE_PER_IMAGE))
-        for k in np.intersect1d(np.unique(gt_label[gt_label >= 0]), todo):
-            pos[int(k)].append(feats[gt_label == k].astype(np.float32))
-    if dim is None:
-        raise ValueError("the records hold no feature rows: nothing to train on")
+    pos, norms, dim = _positives_and_norms(records_factory, todo, seed, transform)
     if feat_scale is None:
-        feat_scale = feat_scale_from_norms(float(np.concatenate(norms).mean()))
+        feat_scale = feat_scale_from_norms(float(norms.mean()))
     scale = np.float32(feat_scale)
     logger.info("feature scale %.6g (mean norm -> %g), dim %d", feat_scale, FEAT_NORM_TARGET, dim)
 
@@ -381,30 +440,16 @@ def train_svms(records_factory: RecordsFactory, num_classes: int,
     del pos
     active = np.array(sorted(caches), dtype=np.int64)
 
+    def fit(x_pos, x_neg):
+        return fit_svm(x_pos, x_neg, c, pos_weight, bias_mult, solver, tol, seed)
+
+    def objective(x_pos, x_neg, w, b):
+        return svm_objective(x_pos, x_neg, w, b, c, pos_weight, bias_mult)
+
     def retrain(k: int) -> None:
-        cache = caches[k]
-        x_neg, keys = cache.merged()
-        if len(x_neg) == 0:
-            return
-        w, b = fit_svm(cache.x_pos, x_neg, c, pos_weight, bias_mult, solver, tol, seed)
-        weights[k], biases[k] = w, b
-        tot, pl, nl, rl = svm_objective(cache.x_pos, x_neg, w, b, c, pos_weight, bias_mult)
-        st = cache.stats
-        st.retrains += 1
-        st.negatives_cached = len(x_neg)
-        st.objective, st.pos_loss, st.neg_loss, st.reg_loss = tot, pl, nl, rl
-        st.objective_history.append(tot)
-        cache.num_added = 0
-        # Evict easy negatives.
-        easy = x_neg @ w + b < evict_thresh
-        if easy.any():
-            cache.chunks, cache.key_chunks = [x_neg[~easy]], [keys[~easy]]
-            for i, r in keys[easy].tolist():
-                cache.rows_by_image[i].discard(r)
-            st.negatives_evicted += int(easy.sum())
-        logger.debug("class %s: retrain %d, cache %d, objective %.6g (pos %.4g neg %.4g reg "
-                     "%.4g), evicted %d", names[k], st.retrains, len(x_neg), tot, pl, nl, rl,
-                     int(easy.sum()))
+        wb = caches[k].retrain(fit, objective, evict_thresh)
+        if wb is not None:
+            weights[k], biases[k] = wb
 
     # Pass 2: hard-negative mining, all classes in one pass over the images.
     t0 = time.perf_counter()
@@ -413,7 +458,8 @@ def train_svms(records_factory: RecordsFactory, num_classes: int,
         boxes, feats, _, gt_boxes, gt_labels = _record_arrays(rec, i)
         if len(feats) == 0:
             continue
-        x = feats.astype(np.float32) * scale
+        x = feats if transform is None else transform(feats)
+        x = np.asarray(x, np.float32) * scale
         z = x @ weights[active].T + biases[active]  # (M, len(active)) current scores
         iou = box_iou(boxes, gt_boxes)  # (M, G)
         for j, k in enumerate(active.tolist()):
@@ -429,11 +475,12 @@ def train_svms(records_factory: RecordsFactory, num_classes: int,
                 rows = np.array([r for r in rows.tolist() if r not in cached], np.int64)
             if len(rows):
                 cache.add(x[rows], i, rows)
-            if cache.num_added > retrain_limit:
+            if (first and retrain_first) or cache.num_added > retrain_limit:
                 retrain(k)
         first = False
-    for k in active.tolist():  # after the last image
-        retrain(k)
+    for k in active.tolist():  # after the last image, unless nothing was added since the
+        if caches[k].num_added or not caches[k].stats.retrains:  # last solve (R-CNN: one
+            retrain(k)  # retrain when the first image is also the last)
 
     trained = np.zeros(num_classes, bool)
     for k in active.tolist():

@@ -154,3 +154,17 @@ def test_bundle_with_broken_head_is_refused(tmp_path):
     m.regressors = np.zeros((2, 4, 5), np.float32)  # sized for fc7, not the features
     with pytest.raises(ModelError, match=r"regressors has shape .* expected \(2, 4, 7\)"):
         save_model(tmp_path, m)
+
+
+def test_train_head_restores_torch_threads_and_drops_out_as_configured():
+    """The SGD loop runs on one CPU thread and gives torch its thread count back; dropout
+    (own seeded masks) changes the result, and a repeat with the same seed does not."""
+    recs = _records()
+    threads = torch.get_num_threads()
+    kw = {"hidden": 16, "iterations": 40, "batch_size": 32, "fg_per_batch": 8, "seed": 3}
+    a = train_head(lambda: iter(recs), 2, dropout=0.5, input_dropout=0.2, **kw).head
+    assert torch.get_num_threads() == threads
+    b = train_head(lambda: iter(recs), 2, dropout=0.5, input_dropout=0.2, **kw).head
+    c = train_head(lambda: iter(recs), 2, dropout=0.0, input_dropout=0.0, **kw).head
+    np.testing.assert_array_equal(a.fc6_w, b.fc6_w)
+    assert not np.array_equal(a.fc6_w, c.fc6_w)

@@ -161,3 +161,43 @@ def test_input_errors_name_the_argument():
     del bad["gt_label"]
     with pytest.raises(ValueError, match="record 0: missing key 'gt_label'"):
         svm.train_svms(lambda: [bad], 1)
+
+
+def test_retrains_after_the_first_image_as_rcnn():
+    """rcnn_train.m retrains once the first image's negatives are in: the second image's
+    easy negatives then score below HARD_THRESH and never enter the cache. Waiting for
+    retrain_limit (retrain_first=False) caches them all."""
+    rng = np.random.default_rng(7)
+
+    def pts(x0, n):
+        return np.column_stack([np.full(n, x0), rng.uniform(-1, 1, (n, 2))])
+
+    img0 = _record(pts(50, 20), pts(-50, 10))
+    img1 = _record(np.zeros((0, 3)), pts(-150, 8))  # easy: score ~-3 after any training
+    kw = {"feat_scale": 1.0, "retrain_limit": 1000, "tol": 1e-4}
+    st = svm.train_svms(lambda: iter([img0, img1]), 1, **kw).stats[0]
+    assert st.retrains == 1  # after image 0; nothing added since, so no final solve
+    assert st.negatives_added == 10
+    late = svm.train_svms(lambda: iter([img0, img1]), 1, retrain_first=False, **kw).stats[0]
+    assert late.retrains == 1 and late.negatives_added == 10 + 8
+
+
+def test_transform_gives_the_model_of_transformed_records():
+    """transform=f trains on f(features) (f applied only to the rows each pass needs)."""
+    recs, _ = _separable_stream(seed=8, images=6)
+    mat = np.random.default_rng(9).normal(size=(16, 24)).astype(np.float32)
+    seen: list[int] = []
+
+    def f(x):
+        seen.append(len(x))
+        return np.maximum(x @ mat, 0)
+
+    res = svm.train_svms(lambda: iter(recs), 1, transform=f, retrain_limit=100)
+    pre = [{**r, "features": np.maximum(r["features"] @ mat, 0)} for r in recs]
+    ref = svm.train_svms(lambda: iter(pre), 1, retrain_limit=100)
+    assert res.feat_scale == pytest.approx(ref.feat_scale, rel=1e-6)
+    np.testing.assert_allclose(res.weights, ref.weights, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res.biases, ref.biases, rtol=1e-4, atol=1e-6)
+    rows = len(recs[0]["boxes"])
+    # pass 1: the 10 ground-truth rows + a 64-row norm sample per image; pass 2: all rows
+    assert seen == [10 + 64] * len(recs) + [rows] * len(recs)
