@@ -85,6 +85,12 @@ def positive_list(v: list) -> str | None:
     return None if ok else "must be a non-empty list of positive numbers"
 
 
+def _scale_pair(v: list) -> str | None:
+    ok = (len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+          and 32 <= v[0] <= v[1])
+    return None if ok else "must be [shorter side, longer-side cap]: integers, 32 <= first <= second"
+
+
 def _device(v: str) -> str | None:
     return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else \
         "must be auto, cpu, cuda or cuda:N"
@@ -118,6 +124,7 @@ RULES: dict[str, Rule] = {
     "propose.sliding_stride": in_range(0.0, 1.0, lo_open=True),
     "extract.mode": one_of("auto", "warp", "shared"),
     "extract.padding": at_least(0),
+    "extract.shared_scale": _scale_pair,
     "extract.dtype": one_of("float16", "float32"),
     "extract.batch_size": at_least(1),
     "extract.max_proposals": at_least(1),

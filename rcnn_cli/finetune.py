@@ -587,6 +587,7 @@ class FinetuneSettings:
         e, f = cfg["extract"], cfg["finetune"]
         return cls(backbone=e["backbone"], weights=e["weights"], tap=e["tap"], mode=e["mode"],
                    padding=e["padding"], max_proposals=e["max_proposals"],
+                   shared_scale=tuple(e.get("shared_scale", (SHARED_SHORT, SHARED_MAX))),
                    **{k: f[k] for k in _SETTINGS_FROM_FINETUNE})
 
 

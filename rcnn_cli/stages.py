@@ -124,8 +124,12 @@ def extractor_kwargs(e: Mapping[str, Any], device: str) -> dict[str, Any]:
     w = e["weights"] or None
     if w and w != "random":
         w = str(Path(w).resolve())  # the key and the model bundle must not depend on the cwd
-    return {"backbone": e["backbone"], "tap": e["tap"] or None, "weights": w, "mode": e["mode"], "device": device,
-            "padding": e["padding"], "batch_size": e["batch_size"]}
+    kw = {"backbone": e["backbone"], "tap": e["tap"] or None, "weights": w, "mode": e["mode"], "device": device,
+          "padding": e["padding"], "batch_size": e["batch_size"]}
+    scale = [int(v) for v in e.get("shared_scale", ())]
+    if scale and scale != cfgmod.default("extract.shared_scale"):  # default: keys stay as before
+        kw["shared_scale"] = scale
+    return kw
 
 
 def get_extractor(kwargs: Mapping[str, Any]):

@@ -120,6 +120,9 @@ CV_CONFIGS: dict[str, dict] = {
     "lambda3000": {"train_svm": {"bbox_lambda": 3000.0}},
     "reg_iou05": {"train_svm": {"bbox_min_overlap": 0.5}},
     "neg_overlap05": {"train_svm": {"neg_overlap": 0.5}},
+    # feature-side settings (small objects): own proposals / features per configuration
+    "shared720": {"extract": {"shared_scale": [720, 1200]}},
+    "propose800": {"propose": {"max_side": 800, "min_size": 10}},
 }
 
 #: Post-processing variants scored offline on every trained fold model ("default" is the
@@ -190,10 +193,18 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
 
     images = [str(data / "images")]
     split = data / "train.txt"
-    propose_folder(images, work / "props", cfg, split=split)
-    extract_folder(images, work / "props", work / "feats_cv", cfg, annotations=data,
-                   split=split)
-    store = open_upstream(work / "feats_cv", "extract")
+
+    def features(name: str, c: dict) -> Path:
+        """Training features of one configuration: shared unless it overrides the
+        [propose] or [extract] settings (then its own proposals / features folders)."""
+        over = CV_CONFIGS[name]
+        props = work / ("props_" + name if "propose" in over else "props")
+        feats = work / ("feats_cv_" + name if {"propose", "extract"} & set(over) else "feats_cv")
+        propose_folder(images, props, c, split=split)
+        extract_folder(images, props, feats, c, annotations=data, split=split)
+        return feats
+
+    store = open_upstream(features("default", cfg), "extract")
     ids = store.done_rels()
     classes = list(store.settings["classes"])
     folds = list(KFold(k, shuffle=True, random_state=seed).split(ids))
@@ -201,14 +212,15 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
                  "variants": list(CV_VARIANTS), "configs": {}}
     for name in configs:
         c = _merge(cfg, CV_CONFIGS[name])
+        feats = features(name, c)
+        fstore = open_upstream(feats, "extract")
         per: dict[str, dict[str, list[float]]] = {}
         t0 = time.perf_counter()
         for f, (tr, te) in enumerate(folds):
             model_dir = work / f"cv_model_{name}_{f}"
             if not (reuse and (model_dir / "model.json").is_file()):
-                train_model(work / "feats_cv", model_dir, c, images=[ids[i] for i in tr],
-                            overwrite=True)
-            scores = _fold_scores(model_dir, store, [ids[i] for i in te], classes, c)
+                train_model(feats, model_dir, c, images=[ids[i] for i in tr], overwrite=True)
+            scores = _fold_scores(model_dir, fstore, [ids[i] for i in te], classes, c)
             for var, m in scores.items():
                 for key, v in m.items():
                     per.setdefault(var, {}).setdefault(key, []).append(v)

@@ -124,6 +124,33 @@ def test_extract_modes_and_dtypes(chain, tmp_path, mode, dtype):
     assert settings["extractor"]["mode"] == ("shared" if mode == "auto" else mode)
 
 
+def test_extract_shared_scale_reaches_features_and_detect(chain, tmp_path):
+    """extract.shared_scale (small objects: a larger shared pass) changes the features, is
+    recorded in the stage and the model, and detect extracts at the same scale; the default
+    leaves the extractor settings (and so existing cache keys) as they were."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(chain["cfg"].read_text().replace("[extract]\n",
+                                                    "[extract]\nshared_scale = [64, 96]\n"))
+    feats, model, det = tmp_path / "f", tmp_path / "m", tmp_path / "d"
+    run("extract", chain["img"], "--proposals", chain["props"], "--annotations", chain["ann"],
+        "-o", feats, "--backbone", "resnet18", "--weights", "random", "--config", cfg)
+    s = json.loads((feats / "manifest.json").read_text())["settings"]
+    assert s["features"]["shared_scale"] == [64, 96] and s["extractor"]["shared_scale"] == [64, 96]
+    base = json.loads((chain["feats"] / "manifest.json").read_text())["settings"]
+    assert "shared_scale" not in base["extractor"]
+    a, b = np.load(feats / "a.png.npz"), np.load(chain["feats"] / "a.png.npz")
+    assert np.array_equal(a["boxes"], b["boxes"]) and not np.allclose(a["features"], b["features"])
+    run("train-svm", "--features", feats, "-o", model, "--config", cfg)
+    run("detect", chain["img"], "--model", model, "-o", det, "--config", cfg)
+    from rcnn_cli.detect import model_extractor_kwargs
+    from rcnn_cli.model import load_model
+    assert model_extractor_kwargs(load_model(model), model, "cpu")["shared_scale"] == [64, 96]
+    cfg.write_text("[extract]\nshared_scale = [480]\n")
+    r = run("extract", chain["img"], "--proposals", chain["props"], "-o", tmp_path / "bad",
+            "--config", cfg, code=2)
+    assert "extract.shared_scale" in r.output and not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------- finetune
 @pytest.mark.parametrize("mode", ["warp", "shared", "auto"])  # auto = shared on a CPU
 def test_finetune_modes(chain, tmp_path, mode):
