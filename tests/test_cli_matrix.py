@@ -222,6 +222,20 @@ def test_detect_flags(chain, tmp_path, flags):
         assert rows == ref
 
 
+def test_detect_nms_iou_without_hard_nms_is_warned(chain, tmp_path):
+    """--nms-iou is the IoU of greedy NMS: with soft-NMS (the default) it does nothing, and
+    one line says so (issue 15); with --nms hard no such line."""
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "soft",
+            "--config", chain["cfg"], "--nms-iou", "0.6")
+    lines = [x for x in r.output.splitlines() if "--nms-iou" in x]
+    assert len(lines) == 1 and "--nms hard" in lines[0], r.output
+    assert _csv_rows(tmp_path / "soft" / "detections.csv") == \
+        _csv_rows(chain["det"] / "detections.csv")
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "hard",
+            "--config", chain["cfg"], "--nms-iou", "0.6", "--nms", "hard")
+    assert "--nms-iou" not in r.output
+
+
 def test_detect_rerun_draws_missing_pictures_and_drops_stale_formats(chain, tmp_path):
     # regressions from review: a rerun with --save-vis found every image "done" and drew
     # nothing; a rerun with fewer --formats left the old run's detections.json, which
