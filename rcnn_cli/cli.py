@@ -253,6 +253,11 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
+    unused = [f for f, v in (("--strategy", strategy), ("--max-side", max_side),
+                             ("--seed", seed)) if v is not None]
+    if unused and cfg["propose"]["method"] == "sliding":  # a flag that would do nothing
+        raise click.UsageError(f"{', '.join(unused)}: selective search only (--method "
+                               "selective_search or opencv), not for sliding windows")
     report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
     from rcnn_cli.runrecord import stage_settings
 

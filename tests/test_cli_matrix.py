@@ -108,6 +108,17 @@ def test_propose_methods_and_strategies(chain, tmp_path, method, strategy):
         assert settings["mode" if method == "opencv" else "strategy"] == strategy
 
 
+@pytest.mark.parametrize("flag,value", [("--strategy", "quality"), ("--max-side", "64"),
+                                        ("--seed", "3")])
+def test_propose_selective_search_flags_with_sliding_are_refused(chain, tmp_path, flag, value):
+    """Sliding windows take no strategy, resizing or seed: a flag that would do nothing is
+    a usage error naming it (like evaluate's --similar without --diagnose), before any work."""
+    r = run("propose", chain["img"], "-o", tmp_path / "out", "--method", "sliding", flag,
+            value, code=2)
+    assert flag in r.output and "sliding" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- extract
 @pytest.mark.parametrize("mode,dtype", [("auto", "float16"), ("warp", "float16"),
                                         ("shared", "float16"), ("shared", "float32")])
