@@ -255,9 +255,9 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
         top_k=top_k, seed=seed))
     unused = [f for f, v in (("--strategy", strategy), ("--max-side", max_side),
                              ("--seed", seed)) if v is not None]
-    if unused and cfg["propose"]["method"] == "sliding":  # a flag that would do nothing
-        raise click.UsageError(f"{', '.join(unused)}: selective search only (--method "
-                               "selective_search or opencv), not for sliding windows")
+    if unused and cfg["propose"]["method"] == "sliding":  # flags that would do nothing
+        log.warning("%s: selective search only (--method selective_search or opencv); "
+                    "ignored by sliding windows", ", ".join(unused))
     report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
     from rcnn_cli.runrecord import stage_settings
 

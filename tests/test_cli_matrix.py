@@ -110,13 +110,20 @@ def test_propose_methods_and_strategies(chain, tmp_path, method, strategy):
 
 @pytest.mark.parametrize("flag,value", [("--strategy", "quality"), ("--max-side", "64"),
                                         ("--seed", "3")])
-def test_propose_selective_search_flags_with_sliding_are_refused(chain, tmp_path, flag, value):
-    """Sliding windows take no strategy, resizing or seed: a flag that would do nothing is
-    a usage error naming it (like evaluate's --similar without --diagnose), before any work."""
+def test_propose_selective_search_flags_with_sliding_are_warned(chain, tmp_path, flag, value):
+    """Sliding windows take no strategy, resizing or seed: a flag that would do nothing
+    gets one warning line naming it (was silent), and the boxes are made as without it."""
     r = run("propose", chain["img"], "-o", tmp_path / "out", "--method", "sliding", flag,
-            value, code=2)
-    assert flag in r.output and "sliding" in r.output and "Traceback" not in r.output
-    assert not (tmp_path / "out").exists()
+            value, "--top-k", 12)
+    lines = [x for x in r.output.splitlines() if flag in x]
+    assert len(lines) == 1 and "sliding" in lines[0], r.output
+    run("propose", chain["img"], "-o", tmp_path / "ref", "--method", "sliding", "--top-k", 12)
+    for name in ("a.png.npz", "b.png.npz"):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / name)["boxes"],
+                                      np.load(tmp_path / "ref" / name)["boxes"])
+    r = run("propose", chain["img"], "-o", tmp_path / "ss", "--method", "opencv", flag,
+            value, "--top-k", 12)
+    assert flag not in r.output
 
 
 # ---------------------------------------------------------------- extract
