@@ -253,6 +253,11 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
+    unused = [f for f, v in (("--strategy", strategy), ("--max-side", max_side),
+                             ("--seed", seed)) if v is not None]
+    if unused and cfg["propose"]["method"] == "sliding":  # flags that would do nothing
+        log.warning("%s: selective search only (--method selective_search or opencv); "
+                    "ignored by sliding windows", ", ".join(unused))
     report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
     from rcnn_cli.runrecord import stage_settings
 
@@ -626,21 +631,21 @@ def localize():
                    "next to the file).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Bundle folder (localize.json + localize.npz).")
-@click.option("--attach", type=click.Choice(["conv", "fc"]), default="fc", show_default=True,
+@click.option("--attach", type=click.Choice(["conv", "fc"]),
               help="Box regressor on the conv features (VGG-style) or after the shared fc "
-                   "layers (DeepPose-style).")
-@click.option("--loss", type=click.Choice(["l2", "smooth_l1"]), default="l2",
-              show_default=True, help="Box regression loss.")
-@click.option("--finetune", is_flag=True, help="Also train the backbone's last blocks.")
+                   "layers (DeepPose-style, the default).")
+@click.option("--loss", type=click.Choice(["l2", "smooth_l1"]),
+              help="Box regression loss (default l2).")
+@click.option("--finetune/--no-finetune", default=None,
+              help="Also train the backbone's last blocks.")
 @click.option("--parts", type=click.IntRange(min=1), default=None,
               help="Regress K part boxes per image (the K classes, ordered by name).")
-@click.option("--iterations", type=click.IntRange(min=1), default=None,
-              help="SGD iterations (default 1500).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--iterations", type=click.IntRange(min=1), help="SGD iterations.")
+@click.option("--seed", type=int,
               help="Seed of the init, batches and dropout (and of --weights random).")
 @click.option("--backbone", type=click.Choice(["mobilenet_v2", "resnet18", "resnet50",
-                                               "vgg16", "alexnet"]), default="mobilenet_v2",
-              show_default=True, help="Backbone network.")
+                                               "vgg16", "alexnet"]),
+              help="Backbone network (default mobilenet_v2).")
 @click.option("--weights", help="Backbone weights: .safetensors / .pth path, or 'random' "
                                 "(default ImageNet).")
 @click.option("--input-size", type=click.IntRange(min=32), default=None,
@@ -657,7 +662,11 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
     from rcnn_cli import localize as loc
     from rcnn_cli.datasets import AnnotationError, load_dataset
 
-    cfg = load_config(config_file, common=common)
+    cfg = load_config(config_file, common=common, localize=dict(
+        attach=attach, loss=loss, finetune=finetune, parts=parts, iterations=iterations,
+        seed=seed, backbone=backbone, weights=weights, input_size=input_size))
+    lc = cfg["localize"]  # defaults < --config < flags; "" / 0 = the library's None
+    parts = lc["parts"] or None
     if not overwrite and (Path(out) / loc.JSON_NAME).exists():
         raise click.UsageError(f"{out}: a localize bundle exists; pass --overwrite")
     try:
@@ -669,20 +678,19 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
         raise click.BadParameter(str(e), param_hint="--parts" if parts else "--annotations")
     try:
         model = loc.train_localizer(
-            ds, attach=attach, loss=loss, finetune=finetune, parts=parts,
-            iterations=iterations or loc.ITERATIONS, seed=seed, backbone=backbone,
-            weights=weights or None, input_size=input_size,
+            ds, attach=lc["attach"], loss=lc["loss"], finetune=lc["finetune"], parts=parts,
+            iterations=lc["iterations"], seed=lc["seed"], backbone=lc["backbone"],
+            weights=lc["weights"] or None, input_size=lc["input_size"] or None,
+            hidden=lc["hidden"], lr=lc["lr"], batch_size=lc["batch_size"],
             device=cfg["common"]["device"])
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     loc.save_localizer(out, model, overwrite=overwrite)
     from rcnn_cli.runrecord import resolved_device
 
-    record_run(cfg, ["common"], inputs=[annotations, images_dir],
+    record_run(cfg, ["common", "localize"], inputs=[annotations, images_dir],
                counts={"images": model.training_stats["images"]},
-               resolved={"device": resolved_device(cfg["common"]["device"]),
-                         "backbone": backbone, "attach": attach, "loss": loss,
-                         "iterations": iterations or loc.ITERATIONS})
+               resolved={"device": resolved_device(cfg["common"]["device"])})
     s = model.training_stats
     click.echo(f"localize: {s['images']} images, {s['several_objects']} with several objects "
                f"(largest used), loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} in "
@@ -700,8 +708,8 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
                    "categories.json, localize.json.")
 @click.option("--split", type=click.Path(exists=True, dir_okay=False),
               help="File of image stems: only these images are processed.")
-@click.option("--formats", default="csv,coco", show_default=True,
-              help="Comma-separated outputs: csv, coco, voc, yolo.")
+@click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo "
+                                "(default csv,coco).")
 @click.option("--annotations", type=click.Path(exists=True),
               help="Ground truth: also write OUT/metrics.json (classification and "
                    "localisation accuracy, mean IoU).")
@@ -717,16 +725,18 @@ def localize_predict(images, model_dir, out, split, formats, annotations, save_v
     from rcnn_cli import localize as loc
 
     try:
-        fmts = loc.check_formats(formats.split(","))
+        fmts = loc.check_formats(formats.split(",")) if formats else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--formats") from None
-    cfg = load_config(config_file, common=common)
+    cfg = load_config(config_file, common=common, localize=dict(formats=fmts))
+    fmts = cfg["localize"]["formats"]
     res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
                              annotations=annotations, save_vis=save_vis,
                              device=cfg["common"]["device"], overwrite=overwrite)
     from rcnn_cli.runrecord import resolved_device
 
-    record_run(cfg, ["common"], inputs=[*images, split, annotations], model=model_dir,
+    record_run(cfg, ["common", "localize"], inputs=[*images, split, annotations],
+               model=model_dir,
                report=res.report, resolved={"device": resolved_device(cfg["common"]["device"])})
     for p in res.written:
         if p.name in ("detections.csv", "detections.json", "metrics.json"):

@@ -165,6 +165,17 @@ RULES: dict[str, Rule] = {
     "detect.nms": one_of("hard", "soft"),
     "detect.box_vote_iou": _PROB,
     "evaluate.iou": in_range(0.0, 1.0, lo_open=True),
+    "localize.backbone": one_of("mobilenet_v2", "resnet18", "resnet50", "vgg16", "alexnet"),
+    "localize.input_size": lambda v: None if v == 0 or v >= 32 else "must be 0 or >= 32",
+    "localize.attach": one_of("conv", "fc"),
+    "localize.loss": one_of("l2", "smooth_l1"),
+    "localize.parts": at_least(0),          # 0 = one object box per image
+    "localize.hidden": at_least(1),
+    "localize.iterations": at_least(1),
+    "localize.batch_size": at_least(1),
+    "localize.lr": in_range(0.0, lo_open=True),
+    "localize.seed": at_least(0),
+    "localize.formats": subset_of("csv", "coco", "voc", "yolo"),
 }
 
 

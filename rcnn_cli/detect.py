@@ -206,6 +206,9 @@ def model_detect_settings(model, cfg: Mapping[str, Any],
                 "max_per_image": model.max_detections}
         base.update({k: v for k, v in overrides.items() if k in base})
     extra = dict(d) if overrides is None else {**d, **overrides}
+    if overrides and "nms_iou" in overrides and extra["nms"] != "hard":  # soft: no IoU cut
+        log.warning("nms_iou (--nms-iou) applies to --nms hard only; Gaussian soft-NMS "
+                    "(nms = %s) has no IoU threshold, so it is ignored", extra["nms"])
     return DetectSettings(nms_iou=float(base["nms_iou"]), score_thresh=float(base["score_thresh"]),
                           max_per_image=int(base["max_per_image"]),
                           bbox_regression=bool(extra["bbox_regression"]),

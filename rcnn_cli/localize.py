@@ -89,10 +89,12 @@ LOSSES = ("l2", "smooth_l1")
 # Hyperparameters (R-CNN's fine-tuning recipe for the SGD settings; the rest measured on
 # raccoon, see README "Classification + localisation").
 GRID = 4                 # last conv map average-pooled to GRID x GRID cells
-HIDDEN = 256             # width of fc6 / fc7 (and of the conv-attached regressor's layer)
-ITERATIONS = 1500        # SGD iterations
-BATCH_SIZE = 32          # images per mini-batch
-LR = 0.01                # new layers (R-CNN: 10 x the base rate 0.001 for fresh layers)
+# [localize] in default.toml: fc6 / fc7 width, SGD iterations, images per mini-batch, learning
+# rate of the new layers (R-CNN: 10 x the base rate 0.001 for fresh layers)
+HIDDEN: int = default("localize.hidden")
+ITERATIONS: int = default("localize.iterations")
+BATCH_SIZE: int = default("localize.batch_size")
+LR: float = default("localize.lr")
 FINETUNE_LR_MULT = 0.1   # backbone blocks learn at LR x 0.1 (R-CNN's base rate 0.001)
 MOMENTUM = 0.9           # R-CNN
 WEIGHT_DECAY = 0.0005    # R-CNN
@@ -749,10 +751,11 @@ def _fit(data: _Cached, heads: Heads, tail: nn.Module, opt: torch.optim.Optimize
     return losses
 
 
-def train_localizer(dataset: Any, *, attach: str = "fc", loss: str = "l2",
-                    finetune: bool = False, parts: int | None = None,
-                    iterations: int = ITERATIONS, seed: int = 0,
-                    backbone: str = default("extract.backbone"),
+def train_localizer(dataset: Any, *, attach: str = default("localize.attach"),
+                    loss: str = default("localize.loss"),
+                    finetune: bool = default("localize.finetune"), parts: int | None = None,
+                    iterations: int = ITERATIONS, seed: int = default("localize.seed"),
+                    backbone: str = default("localize.backbone"),
                     weights: str | Path | None = None, input_size: int | None = None,
                     device: str = default("common.device"), hidden: int = HIDDEN,
                     lr: float = LR, batch_size: int = BATCH_SIZE,
@@ -988,7 +991,7 @@ def check_formats(formats: Iterable[str]) -> list[str]:
 
 def predict_folder(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path,
                    split: str | Path | None = None,
-                   formats: Sequence[str] = tuple(default("detect.formats")),
+                   formats: Sequence[str] = tuple(default("localize.formats")),
                    annotations: str | Path | None = None, save_vis: bool = False,
                    device: str = default("common.device"), overwrite: bool = False
                    ) -> PredictResult:

@@ -97,6 +97,18 @@ def test_detector_overrides_match_the_cli_flags(chain, tmp_path):
     np.testing.assert_array_equal(r.scores, want["scores"])
 
 
+def test_detector_nms_iou_with_soft_nms_is_warned(chain, caplog):
+    from rcnn_cli import Detector
+
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        Detector(chain["model"], device="cpu", nms_iou=0.6)
+    assert sum("nms_iou" in m and "hard" in m for m in caplog.messages) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        Detector(chain["model"], device="cpu", nms_iou=0.6, nms="hard")
+    assert not any("nms_iou" in m for m in caplog.messages)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"nms_iou": 1.5}, r"detect.nms_iou must be in \[0.0, 1.0\]"),
     ({"nms": "medium"}, "detect.nms must be one of hard, soft"),

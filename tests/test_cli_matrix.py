@@ -108,6 +108,24 @@ def test_propose_methods_and_strategies(chain, tmp_path, method, strategy):
         assert settings["mode" if method == "opencv" else "strategy"] == strategy
 
 
+@pytest.mark.parametrize("flag,value", [("--strategy", "quality"), ("--max-side", "64"),
+                                        ("--seed", "3")])
+def test_propose_selective_search_flags_with_sliding_are_warned(chain, tmp_path, flag, value):
+    """Sliding windows take no strategy, resizing or seed: a flag that would do nothing
+    gets one warning line naming it (was silent), and the boxes are made as without it."""
+    r = run("propose", chain["img"], "-o", tmp_path / "out", "--method", "sliding", flag,
+            value, "--top-k", 12)
+    lines = [x for x in r.output.splitlines() if flag in x]
+    assert len(lines) == 1 and "sliding" in lines[0], r.output
+    run("propose", chain["img"], "-o", tmp_path / "ref", "--method", "sliding", "--top-k", 12)
+    for name in ("a.png.npz", "b.png.npz"):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / name)["boxes"],
+                                      np.load(tmp_path / "ref" / name)["boxes"])
+    r = run("propose", chain["img"], "-o", tmp_path / "ss", "--method", "opencv", flag,
+            value, "--top-k", 12)
+    assert flag not in r.output
+
+
 # ---------------------------------------------------------------- extract
 @pytest.mark.parametrize("mode,dtype", [("auto", "float16"), ("warp", "float16"),
                                         ("shared", "float16"), ("shared", "float32")])
@@ -247,6 +265,20 @@ def test_detect_flags(chain, tmp_path, flags):
         assert any(r[3:] != q[3:] for r, q in zip(rows, ref))
     else:
         assert rows == ref
+
+
+def test_detect_nms_iou_without_hard_nms_is_warned(chain, tmp_path):
+    """--nms-iou is the IoU of greedy NMS: with soft-NMS (the default) it does nothing, and
+    one line says so (issue 15); with --nms hard no such line."""
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "soft",
+            "--config", chain["cfg"], "--nms-iou", "0.6")
+    lines = [x for x in r.output.splitlines() if "--nms-iou" in x]
+    assert len(lines) == 1 and "--nms hard" in lines[0], r.output
+    assert _csv_rows(tmp_path / "soft" / "detections.csv") == \
+        _csv_rows(chain["det"] / "detections.csv")
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "hard",
+            "--config", chain["cfg"], "--nms-iou", "0.6", "--nms", "hard")
+    assert "--nms-iou" not in r.output
 
 
 def test_detect_rerun_draws_missing_pictures_and_drops_stale_formats(chain, tmp_path):

@@ -9,7 +9,7 @@ import inspect
 import pytest
 
 from rcnn_cli import bbox_regression, detect, diagnose, evaluate, features, finetune, head
-from rcnn_cli import labels, localize, model, proposals
+from rcnn_cli import labels, localize, model, proposals, svm
 from rcnn_cli import config as C
 
 FINETUNE_KEYS = [f.name for f in dataclasses.fields(finetune.FinetuneSettings)
@@ -39,6 +39,13 @@ TABLE = [
     *[(detect.DetectSettings, k, f"detect.{k}")
       for k in ("nms_iou", "score_thresh", "max_per_image", "bbox_regression", "vis_thresh",
                 "nms", "box_vote_iou")],
+    *[(svm.train_svms, k, f"train_svm.{k}")
+      for k in ("pos_weight", "bias_mult", "neg_overlap", "hard_thresh", "evict_thresh",
+                "retrain_limit", "solver", "seed")],
+    (svm.train_svms, "c", "train_svm.C"),
+    *[(svm.fit_svm, k, f"train_svm.{k}") for k in ("pos_weight", "bias_mult", "solver")],
+    (svm.fit_svm, "c", "train_svm.C"),
+    (svm.feat_scale_from_norms, "target", "train_svm.feat_norm"),
     (bbox_regression.train_bbox_regressors, "min_overlap", "train_svm.bbox_min_overlap"),
     (bbox_regression.train_bbox_regressors, "lam", "train_svm.bbox_lambda"),
     (evaluate.voc_eval, "iou_thresh", "evaluate.iou"),
@@ -63,14 +70,32 @@ TABLE = [
     (features.FeatureExtractor, "batch_size", "extract.batch_size"),
     (features.warp_crops_cpu, "padding", "extract.padding"),
     (features.warp_crops_roi_align, "padding", "extract.padding"),
-    (localize.train_localizer, "backbone", "extract.backbone"),
+    *[(localize.train_localizer, k, f"localize.{k}")
+      for k in ("backbone", "attach", "loss", "finetune", "iterations", "seed", "hidden", "lr",
+                "batch_size")],
     (localize.train_localizer, "device", "common.device"),
     (localize.Backbone, "name", "extract.backbone"),
     (localize.Backbone, "device", "common.device"),
     (localize.Localizer.build, "device", "common.device"),
     (localize.Localizer.predict, "device", "common.device"),
     (localize.predict_folder, "device", "common.device"),
-    (localize.predict_folder, "formats", "detect.formats"),
+    (localize.predict_folder, "formats", "localize.formats"),
+]
+
+#: (module, CONSTANT, "section.key"): named constants that duplicate a setting
+CONSTANTS = [
+    (localize, "HIDDEN", "localize.hidden"),
+    (localize, "ITERATIONS", "localize.iterations"),
+    (localize, "LR", "localize.lr"),
+    (localize, "BATCH_SIZE", "localize.batch_size"),
+    (svm, "C", "train_svm.C"),
+    (svm, "POS_LOSS_WEIGHT", "train_svm.pos_weight"),
+    (svm, "BIAS_MULT", "train_svm.bias_mult"),
+    (svm, "NEG_OVERLAP", "train_svm.neg_overlap"),
+    (svm, "HARD_THRESH", "train_svm.hard_thresh"),
+    (svm, "EVICT_THRESH", "train_svm.evict_thresh"),
+    (svm, "RETRAIN_LIMIT", "train_svm.retrain_limit"),
+    (svm, "FEAT_NORM_TARGET", "train_svm.feat_norm"),
 ]
 
 
@@ -87,6 +112,21 @@ def test_library_default_is_the_toml_value(obj, name, key):
     assert got == want and type(got) is type(want) or (
         isinstance(want, float) and isinstance(got, (int, float)) and got == want), \
         f"{obj.__qualname__}({name}={got!r}) but default.toml {key} = {want!r}"
+
+
+@pytest.mark.parametrize("module,name,key", CONSTANTS,
+                         ids=[f"{m.__name__.split('.')[-1]}.{n}" for m, n, _ in CONSTANTS])
+def test_named_constant_is_the_toml_value(module, name, key):
+    got, want = getattr(module, name), C.default(key)
+    assert got == want and (type(got) is type(want) or isinstance(want, float)), \
+        f"{module.__name__}.{name} = {got!r} but default.toml {key} = {want!r}"
+
+
+def test_every_localize_setting_is_read():
+    """Each [localize] key is a train_localizer / predict_folder default or a CLI-only
+    value (weights, input_size, parts: None in the library, "" / 0 in TOML)."""
+    lib = {n for o, n, k in TABLE if k.startswith("localize.")}
+    assert set(C.defaults()["localize"]) == lib | {"weights", "input_size", "parts"}
 
 
 def test_every_finetune_setting_has_a_settings_field():

@@ -514,3 +514,40 @@ def test_training_skips_records_without_a_size():
                        np.zeros(1, np.int64), np.zeros(1, bool))
     t = L.training_targets(Dataset([ok, gone], ["cat"], Path(".")))
     assert t.images == ["a.jpg"] and "gone.jpg" in t.skipped
+
+
+# ------------------------------------------------------------------ settings (issue 15)
+def test_cli_train_reads_the_localize_config_and_flags_override(data, tmp_path):
+    """[localize] in --config sets train's values (one source of defaults); a flag wins."""
+    ann, images = data
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[localize]\nweights = "random"\ninput_size = 32\niterations = 2\n'
+                   'hidden = 8\nattach = "conv"\nloss = "smooth_l1"\nseed = 3\n')
+    res = _invoke(["localize", "train", "--annotations", str(ann), "--images", str(images),
+                   "-o", str(tmp_path / "m"), "--config", str(cfg), "--iterations", "3"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "m" / L.JSON_NAME).read_text())
+    assert (meta["hidden"], meta["attach"], meta["loss"]) == (8, "conv", "smooth_l1")
+    assert meta["extractor"]["input_size"] == 32 and meta["extractor"]["seed"] == 3
+    assert meta["training_stats"]["iterations"] == 3  # the flag over the file
+    run = json.loads((tmp_path / "m" / "run.json").read_text())["runs"]["localize train"]
+    assert run["settings"]["localize"]["hidden"] == 8
+
+
+def test_cli_localize_config_values_are_checked(data, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[localize]\nattach = "pool"\n')
+    res = _train(data, tmp_path / "m", "--config", str(cfg))
+    assert res.exit_code == 2 and "localize.attach" in res.output and "conv" in res.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_predict_reads_formats_from_the_localize_config(data, tiny_model, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[localize]\nformats = ["yolo"]\n')
+    out = tmp_path / "out"
+    res = _predict(data, tiny_model, out, "--config", str(cfg))
+    assert res.exit_code == 0, res.output
+    assert (out / "yolo" / "im000.txt").is_file() and not (out / "detections.csv").exists()
+    res = _predict(data, tiny_model, tmp_path / "o2", "--config", str(cfg), "--formats", "csv")
+    assert res.exit_code == 0 and (tmp_path / "o2" / "detections.csv").is_file()
