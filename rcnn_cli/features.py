@@ -186,6 +186,29 @@ def load_backbone(name: str, weights: str | Path | None = None, seed: int = 0) -
     return model.eval()
 
 
+def fold_batch_norm(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` inside an
+    ``nn.Sequential`` into that convolution's weights and bias (the norm becomes
+    ``nn.Identity``), in place; returns ``module``.
+
+    For inference only: the outputs are those of the unfolded network up to float rounding
+    (~1e-6 relative), and one pass over each feature map is saved (on a CPU, mobilenet_v2's
+    batch norms cost about a third of its forward pass).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        fold_batch_norm(child)
+    if isinstance(module, nn.Sequential):
+        for i in range(len(module) - 1):
+            conv, bn = module[i], module[i + 1]
+            if (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
+                    and not conv.training and not bn.training and bn.track_running_stats):
+                module[i] = fuse_conv_bn_eval(conv, bn)
+                module[i + 1] = nn.Identity()
+    return module
+
+
 def weights_id(weights: str | Path | None, name: str, seed: int) -> str:
     """A short string identifying the weights, for settings / cache keys."""
     if weights is None:
@@ -650,7 +673,7 @@ class FeatureExtractor:
         self.input_size = self.spec.input_size
         self.amp = bool(amp) and self.device.type == "cuda"
         self._weights_id = weights_id(weights, backbone, seed)
-        model = load_backbone(backbone, weights, seed)
+        model = fold_batch_norm(load_backbone(backbone, weights, seed))  # inference only
         self.context = self.input_size / (self.input_size - 2 * self.padding)
         if mode == "warp":
             self.net = tap_network(backbone, model, self.tap)

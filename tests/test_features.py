@@ -439,3 +439,27 @@ def test_training_and_extraction_prepare_shared_inputs_identically(tmp_path):
                                  fe.shared_scale)
     torch.testing.assert_close(flip_t, mir_t)
     np.testing.assert_allclose(flip_b[:, [2, 0]], 88 - train_b[:, [0, 2]], rtol=1e-6)
+
+
+def test_fold_batch_norm_keeps_the_outputs_and_removes_the_norms():
+    model = F.load_backbone("mobilenet_v2", "random")
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():  # non-trivial statistics: folding identity norms proves nothing
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.2)
+    x = torch.randn(1, 3, 64, 80, generator=gen)
+    with torch.inference_mode():
+        want = model.features(x)
+    F.fold_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.features.modules())
+    with torch.inference_mode():
+        got = model.features(x)
+    _assert_close(got.numpy(), want.numpy(), rtol=1e-4)
+    # a norm in training mode is not folded (its batch statistics are not constants)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    F.fold_batch_norm(seq)
+    assert isinstance(seq[1], torch.nn.BatchNorm2d)

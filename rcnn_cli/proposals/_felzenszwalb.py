@@ -57,8 +57,8 @@ def felzenszwalb(image: NDArray, scale: float = 100.0, sigma: float = FH_SIGMA,
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     min_size = int(scale) if min_size is None else int(min_size)
     smooth = _smooth(img, sigma)
-    sa, sb, sw = _fh_graph(smooth)
-    labels, n = _fh_segment(sa, sb, sw, img.shape[0], img.shape[1], float(scale), min_size)
+    sc, sw = _fh_graph(smooth)
+    labels, n = _fh_segment(sc, sw, img.shape[0], img.shape[1], float(scale), min_size)
     return labels, int(n)
 
 
@@ -77,13 +77,24 @@ def _smooth(img: NDArray, sigma: float) -> NDArray[np.float32]:
     return np.ascontiguousarray(f)
 
 
+#: An edge is stored as one int32: the pixel index of its first end (raster order) in the low
+#: bits and its direction (:data:`_DIRECTIONS`) in the top two, so the sorted graph is two
+#: arrays of 4 bytes per edge.
+_DIR_SHIFT = 30
+_PIX_MASK = (1 << _DIR_SHIFT) - 1
+#: The reference's neighbours (dy, dx), in its order: right, down, down-right, up-right.
+_DIRECTIONS = ((0, 1), (1, 0), (1, 1), (-1, 1))
+
+
 @njit(cache=True, nogil=True)
-def _add_edges(img, dy, dx, ea, eb, ew, m):
-    """Append the edges from each pixel to its (dy, dx) neighbour; returns the new count."""
+def _add_edges(img, d, dy, dx, code, ew, q, m):
+    """Append the edges from each pixel to its (dy, dx) neighbour (direction ``d``): packed
+    codes, float32 weights and their sort buckets; returns the new count."""
     h, w, c = img.shape
     y0 = 1 if dy < 0 else 0
     y1 = h - 1 if dy > 0 else h
     x1 = w - 1 if dx > 0 else w
+    tag = np.int32(d << _DIR_SHIFT)
     for y in range(y0, y1):
         yy = y + dy
         for x in range(x1):
@@ -92,9 +103,10 @@ def _add_edges(img, dy, dx, ea, eb, ew, m):
             for ch in range(c):
                 diff = img[y, x, ch] - img[yy, xx, ch]
                 s += diff * diff
-            ea[m] = y * w + x
-            eb[m] = yy * w + xx
-            ew[m] = math.sqrt(s)
+            wt = np.float32(math.sqrt(s))
+            code[m] = tag | (y * w + x)
+            ew[m] = wt
+            q[m] = np.int32(wt * _WEIGHT_QUANT)
             m += 1
     return m
 
@@ -103,93 +115,107 @@ def _add_edges(img, dy, dx, ea, eb, ew, m):
 def _fh_graph(img):
     """Sorted 8-neighbour grid graph of smoothed float32 (H, W, C) ``img``.
 
-    Returns (a, b, weight): int32, int32, float32 arrays (E,) of edges in ascending weight
-    order (counting sort on weights quantised by ``_WEIGHT_QUANT``; ties in raster order).
+    Returns (code int32 (E,), weight float32 (E,)) in ascending weight order (counting sort
+    on weights quantised by ``_WEIGHT_QUANT``; ties in raster order of the reference's
+    edges, direction by direction). ``code & _PIX_MASK`` is the first end's pixel index and
+    ``code >> _DIR_SHIFT`` the direction; :func:`_fh_segment` unpacks them.
     The graph does not depend on ``k``, so one graph serves every scale.
     """
     h, w = img.shape[0], img.shape[1]
     cap = 4 * h * w
-    ea = np.empty(cap, np.int32)
-    eb = np.empty(cap, np.int32)
+    code = np.empty(cap, np.int32)
     ew = np.empty(cap, np.float32)
-    # the reference's neighbours: right, down, down-right, up-right
-    m = _add_edges(img, 0, 1, ea, eb, ew, 0)
-    m = _add_edges(img, 1, 0, ea, eb, ew, m)
-    m = _add_edges(img, 1, 1, ea, eb, ew, m)
-    m = _add_edges(img, -1, 1, ea, eb, ew, m)
+    q = np.empty(cap, np.int32)
+    m = 0
+    for d in range(4):
+        m = _add_edges(img, d, _DIRECTIONS[d][0], _DIRECTIONS[d][1], code, ew, q, m)
     qmax = 0
-    q = np.empty(m, np.int32)
     for e in range(m):
-        q[e] = int(ew[e] * _WEIGHT_QUANT)
         qmax = max(qmax, q[e])
     start = np.zeros(qmax + 2, np.int64)
     for e in range(m):
         start[q[e] + 1] += 1
     for i in range(1, qmax + 2):
         start[i] += start[i - 1]
-    sa = np.empty(m, np.int32)
-    sb = np.empty(m, np.int32)
+    sc = np.empty(m, np.int32)
     sw = np.empty(m, np.float32)
     for e in range(m):
         j = start[q[e]]
         start[q[e]] += 1
-        sa[j] = ea[e]
-        sb[j] = eb[e]
+        sc[j] = code[e]
         sw[j] = ew[e]
-    return sa, sb, sw
+    return sc, sw
 
 
 @njit(cache=True, nogil=True)
-def _find(parent, x):
-    """Union-find root of ``x`` with path halving."""
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
+def _find(up, x):
+    """Union-find root of ``x`` with path halving; ``up[x]`` is the parent of ``x``, or
+    minus the size of the component when ``x`` is a root."""
+    while up[x] >= 0:
+        p = up[x]
+        gp = up[p]
+        if gp < 0:
+            return p
+        up[x] = gp
+        x = gp
     return x
 
 
 @njit(cache=True, nogil=True)
-def _fh_segment(sa, sb, sw, h, w, k, min_size):
+def _fh_segment(sc, sw, h, w, k, min_size):
     """Segment the sorted graph (``_fh_graph``) of an (h, w) image at scale ``k``.
 
     Returns (labels int32 (h, w), n): contiguous labels numbered in raster order.
     """
     n = h * w
-    m = sa.shape[0]
-    parent = np.arange(n).astype(np.int32)
-    size = np.ones(n, np.int32)
-    thresh = np.full(n, k, np.float32)
+    m = sc.shape[0]
+    off = np.array([1, w, w + 1, 1 - w], np.int32)  # pixel offset of each direction
+    # per pixel, side by side (one cache line): parent or -size, and the join threshold
+    node = np.empty((n, 2), np.int32)
+    thresh = node.view(np.float32)[:, 1]
+    up = node[:, 0]
+    up[:] = -1
+    thresh[:] = k
     # greedy joins with the adaptive threshold Int(C) + k / |C|
     for e in range(m):
-        a = _find(parent, sa[e])
-        b = _find(parent, sb[e])
+        pa = sc[e] & _PIX_MASK
+        a = _find(up, pa)
+        b = _find(up, pa + off[sc[e] >> _DIR_SHIFT])
         if a == b:
             continue
         wt = sw[e]
         if wt <= thresh[a] and wt <= thresh[b]:
-            if size[a] < size[b]:
+            if up[a] > up[b]:  # a is the smaller: the larger becomes the root
                 a, b = b, a
-            parent[b] = a
-            size[a] += size[b]
-            thresh[a] = wt + k / size[a]
-    # absorb components smaller than min_size, in edge order
+            up[a] += up[b]
+            up[b] = a
+            thresh[a] = wt + k / -up[a]
+    # absorb components smaller than min_size, in edge order; components only grow, so an
+    # edge between two pixels whose components are already large cannot join anything
     if min_size > 1:
+        small = np.empty(n, np.bool_)
+        for p in range(n):
+            small[p] = -up[_find(up, p)] < min_size
         for e in range(m):
-            a = _find(parent, sa[e])
-            b = _find(parent, sb[e])
-            if a != b and (size[a] < min_size or size[b] < min_size):
-                if size[a] < size[b]:
+            pa = sc[e] & _PIX_MASK
+            pb = pa + off[sc[e] >> _DIR_SHIFT]
+            if not (small[pa] or small[pb]):
+                continue
+            a = _find(up, pa)
+            b = _find(up, pb)
+            if a != b and (-up[a] < min_size or -up[b] < min_size):
+                if up[a] > up[b]:
                     a, b = b, a
-                parent[b] = a
-                size[a] += size[b]
+                up[a] += up[b]
+                up[b] = a
     # contiguous labels in raster order
     lab = np.full(n, -1, np.int32)
-    out = np.empty((h, w), np.int32)
+    out = np.empty(n, np.int32)
     nlab = 0
     for p in range(n):
-        r = _find(parent, p)
+        r = _find(up, p)
         if lab[r] < 0:
             lab[r] = nlab
             nlab += 1
-        out[p // w, p % w] = lab[r]
-    return out, nlab
+        out[p] = lab[r]
+    return out.reshape(h, w), nlab

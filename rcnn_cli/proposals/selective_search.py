@@ -117,8 +117,7 @@ def selective_search(image: NDArray[np.uint8], strategy: str = DEFAULT_STRATEGY,
     # rank ascending (stable: ties keep grouping order), remove duplicates keeping the first
     order = np.argsort(priority, kind="stable")
     ibox, priority = ibox[order], priority[order]
-    _, first = np.unique(ibox, axis=0, return_index=True)
-    keep = np.sort(first)
+    keep = np.sort(_first_unique(ibox, max(sh, sw)))
     ibox, priority = ibox[keep], priority[keep]
     # back to continuous original pixels, drop small boxes, cap
     out = _to_original(ibox, (sh, sw), (h, w))
@@ -231,6 +230,16 @@ def _check_settings(max_side, min_size, top_k) -> None:
         raise ValueError(f"min_size must be >= 0, got {min_size!r}")
     if top_k is not None and (int(top_k) != top_k or top_k < 0):
         raise ValueError(f"top_k must be a non-negative integer or None, got {top_k!r}")
+
+
+def _first_unique(ibox: NDArray[np.int32], side: int) -> NDArray[np.intp]:
+    """Index of the first occurrence of each distinct row of inclusive boxes (N, 4) whose
+    coordinates lie in ``0..side - 1`` (one int64 key per box: faster than rows)."""
+    if side > 1 << 15:
+        return np.unique(ibox, axis=0, return_index=True)[1]
+    k = ibox.astype(np.int64)
+    key = ((k[:, 0] << 16 | k[:, 1]) << 16 | k[:, 2]) << 16 | k[:, 3]
+    return np.unique(key, return_index=True)[1]
 
 
 def _to_original(ibox: NDArray, small_size: tuple[int, int],
