@@ -347,7 +347,7 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
                       weights=weights, mode=mode), finetune=dict(iterations=iterations, lr=lr,
                                                                  seed=seed))
     ds = load_dataset(annotations, split=split)
-    res = run_finetune(ds, proposals_from_dir(proposals_dir), out,
+    res = run_finetune(ds, proposals_from_dir(proposals_dir, ds.image_path), out,
                        FinetuneSettings.from_config(cfg), device=cfg["common"]["device"],
                        overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract", "finetune"])
