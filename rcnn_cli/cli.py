@@ -248,16 +248,18 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
 
     Example: rcnn propose data/images -o runs/props --strategy fast --workers 2
     """
-    from rcnn_cli.stages import propose_folder
+    from rcnn_cli.stages import propose_folder, unused_propose_keys
 
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
-    unused = [f for f, v in (("--strategy", strategy), ("--max-side", max_side),
-                             ("--seed", seed)) if v is not None]
-    if unused and cfg["propose"]["method"] == "sliding":  # flags that would do nothing
+    given = [k for k, v in (("strategy", strategy), ("max_side", max_side), ("seed", seed))
+             if v is not None]
+    unused = unused_propose_keys(cfg["propose"]["method"], given)  # flags that do nothing
+    if unused:
         log.warning("%s: selective search only (--method selective_search or opencv); "
-                    "ignored by sliding windows", ", ".join(unused))
+                    "ignored by sliding windows", ", ".join(
+                        "--" + k.replace("_", "-") for k in unused))
     report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
     from rcnn_cli.runrecord import stage_settings
 
@@ -662,9 +664,10 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
     from rcnn_cli import localize as loc
     from rcnn_cli.datasets import AnnotationError, load_dataset
 
-    cfg = load_config(config_file, common=common, localize=dict(
-        attach=attach, loss=loss, finetune=finetune, parts=parts, iterations=iterations,
-        seed=seed, backbone=backbone, weights=weights, input_size=input_size))
+    cfg = load_config(config_file, common=common, localize={
+        "attach": attach, "loss": loss, "finetune": finetune, "parts": parts,
+        "iterations": iterations, "seed": seed, "backbone": backbone, "weights": weights,
+        "input_size": input_size})
     lc = cfg["localize"]  # defaults < --config < flags; "" / 0 = the library's None
     parts = lc["parts"] or None
     if not overwrite and (Path(out) / loc.JSON_NAME).exists():
@@ -728,7 +731,7 @@ def localize_predict(images, model_dir, out, split, formats, annotations, save_v
         fmts = loc.check_formats(formats.split(",")) if formats else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--formats") from None
-    cfg = load_config(config_file, common=common, localize=dict(formats=fmts))
+    cfg = load_config(config_file, common=common, localize={"formats": fmts})
     fmts = cfg["localize"]["formats"]
     res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
                              annotations=annotations, save_vis=save_vis,
