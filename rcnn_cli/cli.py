@@ -624,6 +624,11 @@ def localize():
     """
 
 
+def _loc_default(key: str):
+    """A [localize] default for help texts (default.toml is the one place it is written)."""
+    return cfgmod.default(f"localize.{key}")
+
+
 @localize.command("train")
 @click.option("--annotations", required=True, type=click.Path(exists=True),
               help="Training ground truth (VOC folder, COCO .json or .csv).")
@@ -634,20 +639,21 @@ def localize():
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Bundle folder (localize.json + localize.npz).")
 @click.option("--attach", type=click.Choice(["conv", "fc"]),
-              help="Box regressor on the conv features (VGG-style) or after the shared fc "
-                   "layers (DeepPose-style, the default).")
+              help="Box regressor on the conv features (conv, VGG-style) or after the shared "
+                   f"fc layers (fc, DeepPose-style); default {_loc_default('attach')}.")
 @click.option("--loss", type=click.Choice(["l2", "smooth_l1"]),
-              help="Box regression loss (default l2).")
+              help=f"Box regression loss (default {_loc_default('loss')}).")
 @click.option("--finetune/--no-finetune", default=None,
               help="Also train the backbone's last blocks.")
 @click.option("--parts", type=click.IntRange(min=1), default=None,
               help="Regress K part boxes per image (the K classes, ordered by name).")
-@click.option("--iterations", type=click.IntRange(min=1), help="SGD iterations.")
+@click.option("--iterations", type=click.IntRange(min=1),
+              help=f"SGD iterations (default {_loc_default('iterations')}).")
 @click.option("--seed", type=int,
               help="Seed of the init, batches and dropout (and of --weights random).")
 @click.option("--backbone", type=click.Choice(["mobilenet_v2", "resnet18", "resnet50",
                                                "vgg16", "alexnet"]),
-              help="Backbone network (default mobilenet_v2).")
+              help=f"Backbone network (default {_loc_default('backbone')}).")
 @click.option("--weights", help="Backbone weights: .safetensors / .pth path, or 'random' "
                                 "(default ImageNet).")
 @click.option("--input-size", type=click.IntRange(min=32), default=None,
@@ -711,8 +717,8 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
                    "categories.json, localize.json.")
 @click.option("--split", type=click.Path(exists=True, dir_okay=False),
               help="File of image stems: only these images are processed.")
-@click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo "
-                                "(default csv,coco).")
+@click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo (default "
+                                f"{','.join(_loc_default('formats'))}).")
 @click.option("--annotations", type=click.Path(exists=True),
               help="Ground truth: also write OUT/metrics.json (classification and "
                    "localisation accuracy, mean IoU).")
