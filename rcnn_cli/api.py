@@ -19,6 +19,7 @@ keyword overrides, the rest from ``default.toml``. :func:`propose` runs the prop
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,8 +209,12 @@ def propose(image: ImageLike, **settings: Any
     Raises:
         ConfigError: an unknown setting or a value outside its allowed range.
     """
-    from rcnn_cli.stages import compute_proposals, proposal_settings
+    from rcnn_cli.stages import compute_proposals, proposal_settings, unused_propose_keys
 
     cfg = _settings("propose", settings, cfgmod.defaults()["propose"])
+    unused = unused_propose_keys(cfg["propose"]["method"], settings)
+    if unused:
+        logging.getLogger("rcnn_cli.api").warning("%s: not read by method %r; ignored",
+                                                  ", ".join(unused), cfg["propose"]["method"])
     boxes, scores = compute_proposals(as_rgb_array(image), proposal_settings(cfg["propose"]))
     return boxes.astype(np.float32), scores.astype(np.float32)

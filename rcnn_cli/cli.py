@@ -248,16 +248,18 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
 
     Example: rcnn propose data/images -o runs/props --strategy fast --workers 2
     """
-    from rcnn_cli.stages import propose_folder
+    from rcnn_cli.stages import propose_folder, unused_propose_keys
 
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
-    unused = [f for f, v in (("--strategy", strategy), ("--max-side", max_side),
-                             ("--seed", seed)) if v is not None]
-    if unused and cfg["propose"]["method"] == "sliding":  # flags that would do nothing
+    given = [k for k, v in (("strategy", strategy), ("max_side", max_side), ("seed", seed))
+             if v is not None]
+    unused = unused_propose_keys(cfg["propose"]["method"], given)  # flags that do nothing
+    if unused:
         log.warning("%s: selective search only (--method selective_search or opencv); "
-                    "ignored by sliding windows", ", ".join(unused))
+                    "ignored by sliding windows", ", ".join(
+                        "--" + k.replace("_", "-") for k in unused))
     report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
     from rcnn_cli.runrecord import stage_settings
 
@@ -347,7 +349,7 @@ def finetune(annotations, proposals_dir, out, split, backbone, weights, mode, it
                       weights=weights, mode=mode), finetune=dict(iterations=iterations, lr=lr,
                                                                  seed=seed))
     ds = load_dataset(annotations, split=split)
-    res = run_finetune(ds, proposals_from_dir(proposals_dir), out,
+    res = run_finetune(ds, proposals_from_dir(proposals_dir, ds.image_path), out,
                        FinetuneSettings.from_config(cfg), device=cfg["common"]["device"],
                        overwrite=overwrite)
     cfgmod.write_resolved(out, cfg, ["common", "extract", "finetune"])
@@ -622,6 +624,11 @@ def localize():
     """
 
 
+def _loc_default(key: str):
+    """A [localize] default for help texts (default.toml is the one place it is written)."""
+    return cfgmod.default(f"localize.{key}")
+
+
 @localize.command("train")
 @click.option("--annotations", required=True, type=click.Path(exists=True),
               help="Training ground truth (VOC folder, COCO .json or .csv).")
@@ -632,20 +639,21 @@ def localize():
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Bundle folder (localize.json + localize.npz).")
 @click.option("--attach", type=click.Choice(["conv", "fc"]),
-              help="Box regressor on the conv features (VGG-style) or after the shared fc "
-                   "layers (DeepPose-style, the default).")
+              help="Box regressor on the conv features (conv, VGG-style) or after the shared "
+                   f"fc layers (fc, DeepPose-style); default {_loc_default('attach')}.")
 @click.option("--loss", type=click.Choice(["l2", "smooth_l1"]),
-              help="Box regression loss (default l2).")
+              help=f"Box regression loss (default {_loc_default('loss')}).")
 @click.option("--finetune/--no-finetune", default=None,
               help="Also train the backbone's last blocks.")
 @click.option("--parts", type=click.IntRange(min=1), default=None,
               help="Regress K part boxes per image (the K classes, ordered by name).")
-@click.option("--iterations", type=click.IntRange(min=1), help="SGD iterations.")
+@click.option("--iterations", type=click.IntRange(min=1),
+              help=f"SGD iterations (default {_loc_default('iterations')}).")
 @click.option("--seed", type=int,
               help="Seed of the init, batches and dropout (and of --weights random).")
 @click.option("--backbone", type=click.Choice(["mobilenet_v2", "resnet18", "resnet50",
                                                "vgg16", "alexnet"]),
-              help="Backbone network (default mobilenet_v2).")
+              help=f"Backbone network (default {_loc_default('backbone')}).")
 @click.option("--weights", help="Backbone weights: .safetensors / .pth path, or 'random' "
                                 "(default ImageNet).")
 @click.option("--input-size", type=click.IntRange(min=32), default=None,
@@ -662,9 +670,10 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
     from rcnn_cli import localize as loc
     from rcnn_cli.datasets import AnnotationError, load_dataset
 
-    cfg = load_config(config_file, common=common, localize=dict(
-        attach=attach, loss=loss, finetune=finetune, parts=parts, iterations=iterations,
-        seed=seed, backbone=backbone, weights=weights, input_size=input_size))
+    cfg = load_config(config_file, common=common, localize={
+        "attach": attach, "loss": loss, "finetune": finetune, "parts": parts,
+        "iterations": iterations, "seed": seed, "backbone": backbone, "weights": weights,
+        "input_size": input_size})
     lc = cfg["localize"]  # defaults < --config < flags; "" / 0 = the library's None
     parts = lc["parts"] or None
     if not overwrite and (Path(out) / loc.JSON_NAME).exists():
@@ -708,8 +717,8 @@ def localize_train(annotations, split, images_dir, out, attach, loss, finetune, 
                    "categories.json, localize.json.")
 @click.option("--split", type=click.Path(exists=True, dir_okay=False),
               help="File of image stems: only these images are processed.")
-@click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo "
-                                "(default csv,coco).")
+@click.option("--formats", help="Comma-separated outputs: csv, coco, voc, yolo (default "
+                                f"{','.join(_loc_default('formats'))}).")
 @click.option("--annotations", type=click.Path(exists=True),
               help="Ground truth: also write OUT/metrics.json (classification and "
                    "localisation accuracy, mean IoU).")
@@ -728,7 +737,7 @@ def localize_predict(images, model_dir, out, split, formats, annotations, save_v
         fmts = loc.check_formats(formats.split(",")) if formats else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--formats") from None
-    cfg = load_config(config_file, common=common, localize=dict(formats=fmts))
+    cfg = load_config(config_file, common=common, localize={"formats": fmts})
     fmts = cfg["localize"]["formats"]
     res = loc.predict_folder(list(images), model_dir, out, split=split, formats=fmts,
                              annotations=annotations, save_vis=save_vis,

@@ -167,15 +167,22 @@ def _proposal_lookup(proposals: ProposalSource) -> Callable[[ImageRecord], NDArr
                     f"ImageRecord -> boxes, got {type(proposals).__name__}")
 
 
-def proposals_from_dir(folder: str | Path) -> Callable[[ImageRecord], NDArray[np.float32]]:
+def proposals_from_dir(folder: str | Path,
+                       image_path: Callable[[ImageRecord], Path] | None = None
+                       ) -> Callable[[ImageRecord], NDArray[np.float32]]:
     """Proposals read from an ``rcnn propose`` output folder. A record's ``file_name`` finds
     the image whose identity (relative path with extension) it is, else the one image whose
     relative path or name matches it (:func:`rcnn_cli.evaluate.match_image_names`: the
     propose run may have been given the dataset root or its ``images/`` folder). The
     callable's ``key`` attribute is the folder's settings key (:func:`finetune` uses it as
-    ``proposals_id``)."""
+    ``proposals_id``).
+
+    With ``image_path`` (e.g. ``Dataset.image_path``) each record's proposals must have been
+    computed from the image as it is now (size and mtime, the check `rcnn extract` makes);
+    a changed image raises ValueError naming it (rerun `rcnn propose`).
+    """
     from rcnn_cli.formats import match_image_names
-    from rcnn_cli.store import open_upstream
+    from rcnn_cli.store import file_identity, open_upstream
 
     store = open_upstream(folder, "propose")
     matched: dict[str, str] = {}  # names that are not a file of the folder -> its image
@@ -201,6 +208,15 @@ def proposals_from_dir(folder: str | Path) -> Callable[[ImageRecord], NDArray[np
             if name not in matched:
                 raise KeyError(name)
             name = matched[name]
+        if image_path is not None:  # the image changed since propose: its boxes are stale
+            try:
+                source = file_identity(image_path(rec))
+            except OSError:
+                source = None  # a missing image is reported where it is read
+            if source is not None and store.record_id(name, source=source) is None:
+                raise ValueError(f"{folder}: the proposals of {rec.file_name!r} were computed "
+                                 "from an earlier version of the image (size or time "
+                                 "changed): rerun `rcnn propose` on it")
         return store.load(name)["boxes"]
 
     lookup.key = store.key  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,19 @@ def proposal_settings(p: Mapping[str, Any]) -> dict[str, Any]:
         s.update(scales=list(p["sliding_scales"]), aspect_ratios=list(p["sliding_ratios"]),
                  stride_frac=p["sliding_stride"])
     return s
+
+
+#: [propose] keys that only some methods read (all read method, min_size, top_k)
+METHOD_KEYS = {"selective_search": ("strategy", "max_side", "seed"),
+               "opencv": ("strategy", "max_side", "seed"),
+               "sliding": ("sliding_scales", "sliding_ratios", "sliding_stride")}
+
+
+def unused_propose_keys(method: str, keys: Iterable[str]) -> list[str]:
+    """The ``keys`` of [propose] (in order) that ``method`` does not read: given explicitly
+    they would do nothing (the CLI and the API warn)."""
+    own = {k for ks in METHOD_KEYS.values() for k in ks}
+    return [k for k in keys if k in own and k not in METHOD_KEYS[method]]
 
 
 def compute_proposals(image: np.ndarray, settings: Mapping[str, Any]

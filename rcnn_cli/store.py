@@ -317,13 +317,19 @@ def remove_stale_tmp(folder: str | Path, recursive: bool = True,
     return n
 
 
+#: Files that file browsers drop into any folder (macOS Finder, Windows Explorer): not user
+#: files, so a folder holding only these counts as empty (they are never touched).
+OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
 def _foreign_entries(folder: Path, ours: tuple[str, ...] = ()) -> list[str]:
-    """Names in ``folder`` other than our temp files and ``ours`` (sorted)."""
+    """Names in ``folder`` other than our temp files, OS clutter and ``ours`` (sorted)."""
     try:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    return [n for n in names if n not in ours and not (n.startswith(".") and n.endswith(".tmp"))]
+    return [n for n in names if n not in ours and n not in OS_CLUTTER
+            and not (n.startswith(".") and n.endswith(".tmp"))]
 
 
 def claim_folder(folder: str | Path, ours: bool, names: tuple[str, ...], overwrite: bool,

@@ -181,6 +181,24 @@ def test_propose_gives_what_rcnn_propose_writes(chain):
         propose(path, nms="hard")
 
 
+def test_propose_settings_the_method_does_not_read_are_warned(caplog):
+    """As `rcnn propose --method sliding --strategy ...`: one warning naming the setting."""
+    from rcnn_cli import propose
+
+    img = np.zeros((40, 60, 3), np.uint8)
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        propose(img, method="sliding", strategy="quality", seed=2, top_k=5)
+    assert len(caplog.messages) == 1 and "strategy, seed" in caplog.messages[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        propose(img, method="selective_search", sliding_stride=0.5, top_k=5)
+    assert len(caplog.messages) == 1 and "sliding_stride" in caplog.messages[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rcnn_cli"):
+        propose(img, method="sliding", sliding_stride=0.5, top_k=5)
+    assert not caplog.messages
+
+
 def _readme_snippet() -> str:
     """The first ```python block of the README's "Python API" section."""
     text = (ROOT / "README.md").read_text()

@@ -82,6 +82,20 @@ def test_evaluate_missing_detections_is_a_file_error(tmp_path):
     assert r.exit_code == 1 and "detections.csv" in r.output
 
 
+def test_output_folder_with_only_os_clutter_is_accepted(tmp_path, rect_image):
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(rect_image[0]).save(img / "a.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"\0")
+    (out / "Thumbs.db").write_bytes(b"\0")
+    r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(out), "--method", "sliding",
+                                 "--top-k", "5"])
+    assert r.exit_code == 0, r.output
+    assert (out / "a.png.npz").is_file() and (out / ".DS_Store").read_bytes() == b"\0"
+
+
 @pytest.mark.parametrize("method", ["opencv", "sliding"])
 def test_propose_other_methods_run_through_the_cli(tmp_path, rect_image, method):
     # regression: the CLI passed selective search's settings to every back-end, so both

@@ -182,6 +182,20 @@ def test_finetune_modes(chain, tmp_path, mode):
     assert recipe["settings"]["mode"] == ("shared" if mode == "auto" else mode)
 
 
+def test_finetune_refuses_proposals_of_a_changed_image(chain, tmp_path):
+    """An image edited after `rcnn propose`: finetune names it instead of training on the old
+    image's boxes (extract's staleness check, issue 15)."""
+    img = tmp_path / "imgs"
+    shutil.copytree(chain["img"], img)
+    run("propose", img, "-o", tmp_path / "props", "--config", chain["cfg"])
+    im = np.array(Image.open(img / "b.png"))
+    Image.fromarray(255 - im).save(img / "b.png")  # same name, new pixels
+    r = run("finetune", "--annotations", img / "ann.csv", "--proposals", tmp_path / "props",
+            "-o", tmp_path / "ft", "--backbone", "resnet18", "--weights", "random",
+            "--iterations", 1, "--config", chain["cfg"], code=1)
+    assert "b.png" in r.output and "rcnn propose" in r.output and "Traceback" not in r.output
+
+
 # ---------------------------------------------------------------- train-svm
 @pytest.mark.parametrize("solver", ["liblinear", "torch"])
 @pytest.mark.parametrize("head", ["auto", "fc", "none"])

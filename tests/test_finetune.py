@@ -9,6 +9,7 @@ vanish with frozen random batch norm, so it cannot learn in a few steps).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -302,6 +303,26 @@ def test_bad_arguments(data, tmp_path):
         finetune(no_gt, far, tmp_path, **run)
     with pytest.raises(FileNotFoundError, match="classifier.safetensors"):
         ft.load_classifier(tmp_path / "nothing")
+
+
+def test_stale_proposals_are_refused_naming_the_image(tmp_path):
+    """An image changed (size or mtime) since `rcnn propose`: its proposals belong to the old
+    image; with ``image_path`` the lookup says so, as extract does (issue 15)."""
+    from rcnn_cli.store import file_identity
+
+    ds, props = make_dataset(tmp_path / "imgs", n=2)
+    store = StageStore.create(tmp_path / "props", "propose", {"method": "test"})
+    for r in ds.records:
+        store.save(r.file_name, {"boxes": props[r.file_name],
+                                 "scores": np.zeros(len(props[r.file_name]), np.float32)},
+                   source=file_identity(ds.image_path(r)))
+    lookup = ft.proposals_from_dir(tmp_path / "props", image_path=ds.image_path)
+    assert len(ft.build_windows(ds.records, lookup)) == 2  # current: used
+    p = ds.image_path(ds.records[1])
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the image was edited
+    with pytest.raises(ValueError, match=r"img1.png.*rcnn propose"):
+        ft.build_windows(ds.records, lookup)
 
 
 def test_proposals_from_a_propose_folder(data, tmp_path):

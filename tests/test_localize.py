@@ -522,14 +522,17 @@ def test_cli_train_reads_the_localize_config_and_flags_override(data, tmp_path):
     ann, images = data
     cfg = tmp_path / "c.toml"
     cfg.write_text('[localize]\nweights = "random"\ninput_size = 32\niterations = 2\n'
-                   'hidden = 8\nattach = "conv"\nloss = "smooth_l1"\nseed = 3\n')
+                   'hidden = 8\nattach = "conv"\nloss = "smooth_l1"\nseed = 3\n'
+                   'finetune = true\n')
     res = _invoke(["localize", "train", "--annotations", str(ann), "--images", str(images),
-                   "-o", str(tmp_path / "m"), "--config", str(cfg), "--iterations", "3"])
+                   "-o", str(tmp_path / "m"), "--config", str(cfg), "--iterations", "3",
+                   "--no-finetune"])
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "m" / L.JSON_NAME).read_text())
     assert (meta["hidden"], meta["attach"], meta["loss"]) == (8, "conv", "smooth_l1")
     assert meta["extractor"]["input_size"] == 32 and meta["extractor"]["seed"] == 3
-    assert meta["training_stats"]["iterations"] == 3  # the flag over the file
+    assert meta["training_stats"]["iterations"] == 3  # the flags over the file
+    assert meta["extractor"]["finetune_blocks"] == 0
     run = json.loads((tmp_path / "m" / "run.json").read_text())["runs"]["localize train"]
     assert run["settings"]["localize"]["hidden"] == 8
 

@@ -141,6 +141,19 @@ def test_foreign_folder_is_refused_and_its_files_kept(tmp_path):
     assert (other / "config.toml").read_text() == "# mine"
 
 
+def test_os_clutter_is_not_a_user_file(tmp_path):
+    """A folder holding only .DS_Store / Thumbs.db / desktop.ini (written by file browsers)
+    is as good as empty (issue 15); a real file next to them is still refused, named."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (".DS_Store", "Thumbs.db", "desktop.ini"):
+        (out / name).write_bytes(b"\0clutter")
+    st.claim_folder(out, False, ("a.npz",), overwrite=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(st.ForeignFolderError, match=r"\(notes.txt; no manifest"):
+        st.claim_folder(out, False, ("a.npz",), overwrite=False)
+
+
 def test_output_inside_or_around_an_input_is_refused(tmp_path):
     imgs = tmp_path / "imgs"
     (imgs / "sub").mkdir(parents=True)
