@@ -21,6 +21,10 @@ from the cached features of its proposals (exactly what ``rcnn detect`` computes
 images: same proposals, same extractor), for several post-processing variants at once.
 Prints one JSON line: per configuration and variant the mean, standard deviation and per-fold
 AP50 (VOC07 and all-point) and COCO AP. ``test.txt`` is never read in this mode.
+A configuration with an ``extract`` override (e.g. ``lite0``: the efficientnet_lite0 backbone)
+gets its own feature folder (``WORK/feats_cv_<name>``), extracted once; every configuration is
+paired fold by fold with the first one named. ``--feats DIR`` reads the default configuration's
+training features from an earlier run's folder (read only) instead of extracting them.
 """
 from __future__ import annotations
 
@@ -120,6 +124,8 @@ CV_CONFIGS: dict[str, dict] = {
     "lambda3000": {"train_svm": {"bbox_lambda": 3000.0}},
     "reg_iou05": {"train_svm": {"bbox_min_overlap": 0.5}},
     "neg_overlap05": {"train_svm": {"neg_overlap": 0.5}},
+    "lite0": {"extract": {"backbone": "efficientnet_lite0"}},
+    "lite0_pool": {"extract": {"backbone": "efficientnet_lite0", "tap": "pool"}},
 }
 
 #: Post-processing variants scored offline on every trained fold model ("default" is the
@@ -181,38 +187,57 @@ def _spread(values: list[float]) -> dict:
             if len(v) > 1 else 0.0, "folds": [round(float(x), 4) for x in v]}
 
 
+def _cv_features(data: Path, work: Path, cfg: dict, name: str, feats: Path | None):
+    """The training features of configuration ``name``: ``feats`` (read only) for the default
+    extract settings when given, else extracted once into ``WORK/feats_cv[_<name>]``."""
+    from rcnn_cli.store import open_upstream
+
+    over = CV_CONFIGS[name].get("extract")
+    if over is None and feats is not None:
+        return feats, open_upstream(feats, "extract")
+    out = work / ("feats_cv" if over is None else f"feats_cv_{name}")
+    images, split = [str(data / "images")], data / "train.txt"
+    propose_folder(images, work / "props", cfg, split=split)
+    t0 = time.perf_counter()
+    rep = extract_folder(images, work / "props", out, _merge(cfg, CV_CONFIGS[name]),
+                         annotations=data, split=split)
+    if rep.done:
+        print(json.dumps({"config": name, "extract_s_per_image": round(
+            (time.perf_counter() - t0) / rep.done, 3)}), file=sys.stderr, flush=True)
+    return out, open_upstream(out, "extract")
+
+
 def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: int,
-           reuse: bool = False) -> dict:
+           reuse: bool = False, feats: Path | None = None) -> dict:
     """K-fold cross-validation over train.txt (see the module docstring)."""
     from sklearn.model_selection import KFold
 
-    from rcnn_cli.store import open_upstream
-
-    images = [str(data / "images")]
-    split = data / "train.txt"
-    propose_folder(images, work / "props", cfg, split=split)
-    extract_folder(images, work / "props", work / "feats_cv", cfg, annotations=data,
-                   split=split)
-    store = open_upstream(work / "feats_cv", "extract")
-    ids = store.done_rels()
-    classes = list(store.settings["classes"])
-    folds = list(KFold(k, shuffle=True, random_state=seed).split(ids))
-    res: dict = {"data": str(data), "k": k, "fold_seed": seed, "images": len(ids),
-                 "variants": list(CV_VARIANTS), "configs": {}}
+    res: dict = {"data": str(data), "k": k, "fold_seed": seed, "variants": list(CV_VARIANTS),
+                 "configs": {}}
+    ids: list[str] = []
     for name in configs:
         c = _merge(cfg, CV_CONFIGS[name])
+        feats_dir, store = _cv_features(data, work, cfg, name, feats)
+        if not ids:
+            ids = store.done_rels()
+            classes = list(store.settings["classes"])
+            folds = list(KFold(k, shuffle=True, random_state=seed).split(ids))
+            res["images"] = len(ids)
+        elif store.done_rels() != ids:  # the folds must hold the same images for every config
+            raise SystemExit(f"{feats_dir}: holds other images than the first configuration's")
         per: dict[str, dict[str, list[float]]] = {}
         t0 = time.perf_counter()
         for f, (tr, te) in enumerate(folds):
             model_dir = work / f"cv_model_{name}_{f}"
             if not (reuse and (model_dir / "model.json").is_file()):
-                train_model(work / "feats_cv", model_dir, c, images=[ids[i] for i in tr],
+                train_model(feats_dir, model_dir, c, images=[ids[i] for i in tr],
                             overwrite=True)
             scores = _fold_scores(model_dir, store, [ids[i] for i in te], classes, c)
             for var, m in scores.items():
                 for key, v in m.items():
                     per.setdefault(var, {}).setdefault(key, []).append(v)
         res["configs"][name] = {"seconds": round(time.perf_counter() - t0, 1),
+                                "features": str(feats_dir),
                                 **{var: {key: _spread(v) for key, v in m.items()}
                                    for var, m in per.items()}}
         # paired against the first configuration's default post-processing, fold by fold
@@ -240,6 +265,9 @@ def main() -> None:
     ap.add_argument("--fold-seed", type=int, default=0)
     ap.add_argument("--reuse-models", action="store_true",
                     help="--cv: score the fold models of an earlier run (new variants only)")
+    ap.add_argument("--feats", type=Path,
+                    help="--cv: training features of the default extract settings from an "
+                         "earlier run (read only)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     data, work = Path(a.data), Path(a.work)
@@ -252,7 +280,8 @@ def main() -> None:
         if bad or a.cv < 2:
             ap.error(f"--configs: unknown {bad} (choose from {sorted(CV_CONFIGS)})" if bad
                      else "--cv needs K >= 2")
-        print(json.dumps(run_cv(data, work, cfg, a.cv, names, a.fold_seed, a.reuse_models)), flush=True)
+        print(json.dumps(run_cv(data, work, cfg, a.cv, names, a.fold_seed, a.reuse_models,
+                                a.feats)), flush=True)
         return
     t0 = time.perf_counter()
     rep = propose_folder([str(data / "images")], work / "props", cfg)
