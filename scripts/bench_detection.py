@@ -25,6 +25,9 @@ A configuration with an ``extract`` override (e.g. ``lite0``: the efficientnet_l
 gets its own feature folder (``WORK/feats_cv_<name>``), extracted once; every configuration is
 paired fold by fold with the first one named. ``--feats DIR`` reads the default configuration's
 training features from an earlier run's folder (read only) instead of extracting them.
+``--score-test`` then trains each configuration on all of ``train.txt`` and scores
+``test.txt`` once, offline from the test images' cached features (what ``rcnn detect``
+computes), with the seconds per image of feature extraction on the test images.
 """
 from __future__ import annotations
 
@@ -251,6 +254,37 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
     return res
 
 
+def run_test(data: Path, work: Path, cfg: dict, configs: list[str],
+             feats: Path | None = None) -> dict:
+    """Train each configuration on all of train.txt, score test.txt once (every variant)."""
+    from rcnn_cli.store import open_upstream
+
+    out: dict = {}
+    images, split = [str(data / "images")], data / "test.txt"
+    propose_folder(images, work / "props", cfg, split=split)
+    for name in configs:
+        c = _merge(cfg, CV_CONFIGS[name])
+        feats_dir, _ = _cv_features(data, work, cfg, name, feats)
+        model_dir = work / f"test_model_{name}"
+        t0 = time.perf_counter()
+        train_model(feats_dir, model_dir, c, overwrite=True)
+        train_s = time.perf_counter() - t0
+        over = CV_CONFIGS[name].get("extract")
+        test_dir = work / ("feats_test" if over is None else f"feats_test_{name}")
+        t0 = time.perf_counter()
+        rep = extract_folder(images, work / "props", test_dir, c, annotations=data, split=split)
+        ext_s = (time.perf_counter() - t0) / rep.done if rep.done else None
+        test = open_upstream(test_dir, "extract")
+        scores = _fold_scores(model_dir, test, test.done_rels(), list(test.settings["classes"]),
+                              c)
+        out[name] = {"train_svm_s": round(train_s, 1), "images": len(test.done_rels()),
+                     "extract_test_s_per_image": None if ext_s is None else round(ext_s, 3),
+                     **{var: {k: round(v, 4) for k, v in m.items()}
+                        for var, m in scores.items()}}
+        print(json.dumps({"test": name, **out[name]}), file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "raccoon"))
@@ -265,6 +299,8 @@ def main() -> None:
     ap.add_argument("--fold-seed", type=int, default=0)
     ap.add_argument("--reuse-models", action="store_true",
                     help="--cv: score the fold models of an earlier run (new variants only)")
+    ap.add_argument("--score-test", action="store_true",
+                    help="--cv: then train on all of train.txt and score test.txt once")
     ap.add_argument("--feats", type=Path,
                     help="--cv: training features of the default extract settings from an "
                          "earlier run (read only)")
@@ -280,8 +316,10 @@ def main() -> None:
         if bad or a.cv < 2:
             ap.error(f"--configs: unknown {bad} (choose from {sorted(CV_CONFIGS)})" if bad
                      else "--cv needs K >= 2")
-        print(json.dumps(run_cv(data, work, cfg, a.cv, names, a.fold_seed, a.reuse_models,
-                                a.feats)), flush=True)
+        res = run_cv(data, work, cfg, a.cv, names, a.fold_seed, a.reuse_models, a.feats)
+        if a.score_test:
+            res["test"] = run_test(data, work, cfg, names, a.feats)
+        print(json.dumps(res), flush=True)
         return
     t0 = time.perf_counter()
     rep = propose_folder([str(data / "images")], work / "props", cfg)
