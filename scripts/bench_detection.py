@@ -21,6 +21,13 @@ from the cached features of its proposals (exactly what ``rcnn detect`` computes
 images: same proposals, same extractor), for several post-processing variants at once.
 Prints one JSON line: per configuration and variant the mean, standard deviation and per-fold
 AP50 (VOC07 and all-point) and COCO AP. ``test.txt`` is never read in this mode.
+A configuration with an ``extract`` override (e.g. ``lite0``: the efficientnet_lite0 backbone)
+gets its own feature folder (``WORK/feats_cv_<name>``), extracted once; every configuration is
+paired fold by fold with the first one named. ``--feats DIR`` reads the default configuration's
+training features from an earlier run's folder (read only) instead of extracting them.
+``--score-test`` then trains each configuration on all of ``train.txt`` and scores
+``test.txt`` once, offline from the test images' cached features (what ``rcnn detect``
+computes), with the seconds per image of feature extraction on the test images.
 """
 from __future__ import annotations
 
@@ -123,6 +130,8 @@ CV_CONFIGS: dict[str, dict] = {
     # feature-side settings (small objects): own proposals / features per configuration
     "shared720": {"extract": {"shared_scale": [720, 1200]}},
     "propose800": {"propose": {"max_side": 800, "min_size": 10}},
+    "lite0": {"extract": {"backbone": "efficientnet_lite0"}},
+    "lite0_pool": {"extract": {"backbone": "efficientnet_lite0", "tap": "pool"}},
 }
 
 #: Post-processing variants scored offline on every trained fold model ("default" is the
@@ -184,47 +193,60 @@ def _spread(values: list[float]) -> dict:
             if len(v) > 1 else 0.0, "folds": [round(float(x), 4) for x in v]}
 
 
+def _cv_features(data: Path, work: Path, cfg: dict, name: str, feats: Path | None):
+    """The training features of configuration ``name``: ``feats`` (read only) for the default
+    propose and extract settings when given, else extracted once into
+    ``WORK/feats_cv[_<name>]`` (from ``WORK/props[_<name>]`` when it overrides [propose])."""
+    from rcnn_cli.store import open_upstream
+
+    over = CV_CONFIGS[name]
+    own = bool({"propose", "extract"} & set(over))
+    if not own and feats is not None:
+        return feats, open_upstream(feats, "extract")
+    c = _merge(cfg, over)
+    props = work / ("props_" + name if "propose" in over else "props")
+    out = work / ("feats_cv_" + name if own else "feats_cv")
+    images, split = [str(data / "images")], data / "train.txt"
+    propose_folder(images, props, c, split=split)
+    t0 = time.perf_counter()
+    rep = extract_folder(images, props, out, c, annotations=data, split=split)
+    if rep.done:
+        print(json.dumps({"config": name, "extract_s_per_image": round(
+            (time.perf_counter() - t0) / rep.done, 3)}), file=sys.stderr, flush=True)
+    return out, open_upstream(out, "extract")
+
+
 def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: int,
-           reuse: bool = False) -> dict:
+           reuse: bool = False, feats: Path | None = None) -> dict:
     """K-fold cross-validation over train.txt (see the module docstring)."""
     from sklearn.model_selection import KFold
 
-    from rcnn_cli.store import open_upstream
-
-    images = [str(data / "images")]
-    split = data / "train.txt"
-
-    def features(name: str, c: dict) -> Path:
-        """Training features of one configuration: shared unless it overrides the
-        [propose] or [extract] settings (then its own proposals / features folders)."""
-        over = CV_CONFIGS[name]
-        props = work / ("props_" + name if "propose" in over else "props")
-        feats = work / ("feats_cv_" + name if {"propose", "extract"} & set(over) else "feats_cv")
-        propose_folder(images, props, c, split=split)
-        extract_folder(images, props, feats, c, annotations=data, split=split)
-        return feats
-
-    store = open_upstream(features("default", cfg), "extract")
-    ids = store.done_rels()
-    classes = list(store.settings["classes"])
-    folds = list(KFold(k, shuffle=True, random_state=seed).split(ids))
-    res: dict = {"data": str(data), "k": k, "fold_seed": seed, "images": len(ids),
-                 "variants": list(CV_VARIANTS), "configs": {}}
+    res: dict = {"data": str(data), "k": k, "fold_seed": seed, "variants": list(CV_VARIANTS),
+                 "configs": {}}
+    ids: list[str] = []
     for name in configs:
         c = _merge(cfg, CV_CONFIGS[name])
-        feats = features(name, c)
-        fstore = open_upstream(feats, "extract")
+        feats_dir, store = _cv_features(data, work, cfg, name, feats)
+        if not ids:
+            ids = store.done_rels()
+            classes = list(store.settings["classes"])
+            folds = list(KFold(k, shuffle=True, random_state=seed).split(ids))
+            res["images"] = len(ids)
+        elif store.done_rels() != ids:  # the folds must hold the same images for every config
+            raise SystemExit(f"{feats_dir}: holds other images than the first configuration's")
         per: dict[str, dict[str, list[float]]] = {}
         t0 = time.perf_counter()
         for f, (tr, te) in enumerate(folds):
             model_dir = work / f"cv_model_{name}_{f}"
             if not (reuse and (model_dir / "model.json").is_file()):
-                train_model(feats, model_dir, c, images=[ids[i] for i in tr], overwrite=True)
-            scores = _fold_scores(model_dir, fstore, [ids[i] for i in te], classes, c)
+                train_model(feats_dir, model_dir, c, images=[ids[i] for i in tr],
+                            overwrite=True)
+            scores = _fold_scores(model_dir, store, [ids[i] for i in te], classes, c)
             for var, m in scores.items():
                 for key, v in m.items():
                     per.setdefault(var, {}).setdefault(key, []).append(v)
         res["configs"][name] = {"seconds": round(time.perf_counter() - t0, 1),
+                                "features": str(feats_dir),
                                 **{var: {key: _spread(v) for key, v in m.items()}
                                    for var, m in per.items()}}
         # paired against the first configuration's default post-processing, fold by fold
@@ -236,6 +258,37 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
         print(json.dumps({"config": name, **res["configs"][name]}), file=sys.stderr,
               flush=True)
     return res
+
+
+def run_test(data: Path, work: Path, cfg: dict, configs: list[str],
+             feats: Path | None = None) -> dict:
+    """Train each configuration on all of train.txt, score test.txt once (every variant)."""
+    from rcnn_cli.store import open_upstream
+
+    out: dict = {}
+    images, split = [str(data / "images")], data / "test.txt"
+    propose_folder(images, work / "props", cfg, split=split)
+    for name in configs:
+        c = _merge(cfg, CV_CONFIGS[name])
+        feats_dir, _ = _cv_features(data, work, cfg, name, feats)
+        model_dir = work / f"test_model_{name}"
+        t0 = time.perf_counter()
+        train_model(feats_dir, model_dir, c, overwrite=True)
+        train_s = time.perf_counter() - t0
+        over = CV_CONFIGS[name].get("extract")
+        test_dir = work / ("feats_test" if over is None else f"feats_test_{name}")
+        t0 = time.perf_counter()
+        rep = extract_folder(images, work / "props", test_dir, c, annotations=data, split=split)
+        ext_s = (time.perf_counter() - t0) / rep.done if rep.done else None
+        test = open_upstream(test_dir, "extract")
+        scores = _fold_scores(model_dir, test, test.done_rels(), list(test.settings["classes"]),
+                              c)
+        out[name] = {"train_svm_s": round(train_s, 1), "images": len(test.done_rels()),
+                     "extract_test_s_per_image": None if ext_s is None else round(ext_s, 3),
+                     **{var: {k: round(v, 4) for k, v in m.items()}
+                        for var, m in scores.items()}}
+        print(json.dumps({"test": name, **out[name]}), file=sys.stderr, flush=True)
+    return out
 
 
 def main() -> None:
@@ -252,6 +305,11 @@ def main() -> None:
     ap.add_argument("--fold-seed", type=int, default=0)
     ap.add_argument("--reuse-models", action="store_true",
                     help="--cv: score the fold models of an earlier run (new variants only)")
+    ap.add_argument("--score-test", action="store_true",
+                    help="--cv: then train on all of train.txt and score test.txt once")
+    ap.add_argument("--feats", type=Path,
+                    help="--cv: training features of the default extract settings from an "
+                         "earlier run (read only)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     data, work = Path(a.data), Path(a.work)
@@ -264,7 +322,10 @@ def main() -> None:
         if bad or a.cv < 2:
             ap.error(f"--configs: unknown {bad} (choose from {sorted(CV_CONFIGS)})" if bad
                      else "--cv needs K >= 2")
-        print(json.dumps(run_cv(data, work, cfg, a.cv, names, a.fold_seed, a.reuse_models)), flush=True)
+        res = run_cv(data, work, cfg, a.cv, names, a.fold_seed, a.reuse_models, a.feats)
+        if a.score_test:
+            res["test"] = run_test(data, work, cfg, names, a.feats)
+        print(json.dumps(res), flush=True)
         return
     t0 = time.perf_counter()
     rep = propose_folder([str(data / "images")], work / "props", cfg)
