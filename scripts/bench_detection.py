@@ -21,6 +21,9 @@ from the cached features of its proposals (exactly what ``rcnn detect`` computes
 images: same proposals, same extractor), for several post-processing variants at once.
 Prints one JSON line: per configuration and variant the mean, standard deviation and per-fold
 AP50 (VOC07 and all-point) and COCO AP. ``test.txt`` is never read in this mode.
+Configurations that change ``[propose]`` or ``[extract]`` (``shared720``, ``propose800``: small
+objects) propose / extract the training images again into their own folders; the folds stay
+the same, so the paired differences hold.
 """
 from __future__ import annotations
 
