@@ -545,11 +545,37 @@ def evaluate_proposals(dataset_or_gts: Any, proposals: Mapping[str, ArrayLike],
          "missing_images": missing,
          "recall@0.5": float(r["recall@0.5"]), "recall@0.7": float(r["recall@0.7"]),
          "average_recall": float(r["ar"]), "ABO": abo, "MABO": _nanmean(abo.values()),
-         "curve": r["curve"]}
+         "curve": r["curve"], "by_size": _proposal_recall_by_size(plist, glist)}
     m["summary"] = (f"recall@0.5 {m['recall@0.5']:.4f}, recall@0.7 {m['recall@0.7']:.4f}, "
                     f"AR {m['average_recall']:.4f}, MABO {m['MABO']:.4f} ({m['num_objects']} "
-                    f"objects, {m['mean_proposals']:.0f} proposals per image)")
+                    f"objects, {m['mean_proposals']:.0f} proposals per image); recall@0.7 by "
+                    "size (small/medium/large) " + "/".join(
+                        f"{v['recall@0.7']:.2f}" for v in m["by_size"].values()))
     return m
+
+
+def _proposal_recall_by_size(props: Sequence[NDArray[np.float32]],
+                             gts: Sequence[NDArray[np.float32]]) -> dict[str, dict[str, Any]]:
+    """Recall at IoU 0.5 / 0.7 and ABO of proposals per COCO object size (small < 32^2 <=
+    medium < 96^2 <= large pixels^2): does propose's max_side / min_size lose small objects?
+    Returns {"small" | "medium" | "large": {"objects", "recall@0.5", "recall@0.7", "ABO"}}
+    (nan for an empty bin)."""
+    from rcnn_cli.boxes import area, box_iou
+    from rcnn_cli.diagnose import COCO_AREA_EDGES, COCO_AREA_NAMES
+
+    best = [box_iou(g, p).max(1) if len(p) else np.zeros(len(g), np.float32)
+            for g, p in zip(gts, props) if len(g)]
+    best_iou = np.concatenate(best) if best else np.zeros(0)
+    areas = np.concatenate([area(g) for g in gts]) if gts else np.zeros(0)
+    which = np.digitize(areas, COCO_AREA_EDGES[1:-1])
+    out = {}
+    for i, name in enumerate(COCO_AREA_NAMES):
+        b = best_iou[which == i]
+        n = len(b)
+        out[name] = {"objects": n, "recall@0.5": float((b >= 0.5).mean()) if n else math.nan,
+                     "recall@0.7": float((b >= 0.7).mean()) if n else math.nan,
+                     "ABO": float(b.mean()) if n else math.nan}
+    return out
 
 
 def read_detections_for(classes: Sequence[str], detections: str | Path

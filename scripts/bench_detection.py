@@ -22,12 +22,15 @@ images: same proposals, same extractor), for several post-processing variants at
 Prints one JSON line: per configuration and variant the mean, standard deviation and per-fold
 AP50 (VOC07 and all-point) and COCO AP. ``test.txt`` is never read in this mode.
 A configuration with an ``extract`` override (e.g. ``lite0``: the efficientnet_lite0 backbone)
-gets its own feature folder (``WORK/feats_cv_<name>``), extracted once; every configuration is
+or a ``propose`` one gets its own feature folder (``WORK/feats_cv_<name>``), extracted once; every configuration is
 paired fold by fold with the first one named. ``--feats DIR`` reads the default configuration's
 training features from an earlier run's folder (read only) instead of extracting them.
 ``--score-test`` then trains each configuration on all of ``train.txt`` and scores
 ``test.txt`` once, offline from the test images' cached features (what ``rcnn detect``
 computes), with the seconds per image of feature extraction on the test images.
+Configurations that change ``[propose]`` or ``[extract]`` (``shared720``, ``propose800``: small
+objects) propose / extract the training images again into their own folders; the folds stay
+the same, so the paired differences hold.
 """
 from __future__ import annotations
 

@@ -462,6 +462,22 @@ def test_evaluate_proposals_hand_computed():
     assert m["recall@0.5"] == pytest.approx(1.0) and m["ABO"]["cat"] == pytest.approx(0.5)
 
 
+def test_evaluate_proposals_recall_by_size():
+    """Proposal recall per COCO size (small < 32^2 <= medium < 96^2 <= large), so a user can
+    see whether propose's max_side / min_size lose the small objects; in the summary too."""
+    gts = {"a.jpg": (np.array([[0, 0, 20, 20], [30, 30, 50, 50], [0, 100, 50, 150],
+                               [100, 0, 300, 200]]), [0, 0, 0, 0], [False] * 4)}
+    # the two small ones: one found at IoU 1, one at 200 / 400 = 0.5; medium: none; large: 1.0
+    props = {"a": np.array([[0, 0, 20, 20], [30, 30, 50, 40], [100, 0, 300, 200]])}
+    m = evaluate_proposals(gts, props, ["cat"])
+    s = m["by_size"]
+    assert [s[k]["objects"] for k in ("small", "medium", "large")] == [2, 1, 1]
+    assert s["small"]["recall@0.5"] == 1.0 and s["small"]["recall@0.7"] == 0.5
+    assert s["small"]["ABO"] == pytest.approx(0.75)
+    assert s["medium"]["recall@0.5"] == 0.0 and s["large"]["recall@0.7"] == 1.0
+    assert "recall@0.7 by size (small/medium/large) 0.50/0.00/1.00" in m["summary"]
+
+
 def make_voc_folder(root):
     from rcnn_cli.datasets import ImageRecord, write_voc_xml
     from rcnn_cli.visualize import save_image
