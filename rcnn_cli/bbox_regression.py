@@ -35,6 +35,7 @@ logger = logging.getLogger("rcnn_cli.bbox_regression")
 
 MIN_OVERLAP = 0.6  # rcnn_train_bbox_regressor.m 'min_overlap'
 LAMBDA = 1000.0  # rcnn_train_bbox_regressor.m 'lambda' (ridge, features at mean norm 20)
+FLUSH_ROWS = 1024  # samples buffered per class (8 (D+1) x this bytes) before the X^T X update
 
 RecordsFactory = Callable[[], Iterable[Mapping[str, Any]]]
 
@@ -82,6 +83,21 @@ def train_bbox_regressors(records_factory: RecordsFactory, num_classes: int, fea
     tsq = np.zeros((num_classes, 4))
     count = np.zeros(num_classes, np.int64)
     dim = None
+    buf: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # samples not yet in the sums
+
+    def flush(k: int) -> None:
+        """Add class k's buffered samples to its sums (one large product, not one per
+        image: a (D+1)^2 float64 update per image was most of the regression's time)."""
+        x = np.concatenate([b[0] for b in buf[k]])
+        t = np.concatenate([b[1] for b in buf[k]])
+        buf[k] = []
+        if k not in gram:
+            gram[k], xty[k] = np.zeros((dim + 1, dim + 1)), np.zeros((dim + 1, 4))
+        gram[k] += x.T @ x
+        xty[k] += x.T @ t
+        tsum[k] += t.sum(0)
+        tsq[k] += (t * t).sum(0)
+
     for i, rec in enumerate(records_factory()):
         boxes = as_boxes(rec["boxes"])
         feats = np.asarray(rec["features"])
@@ -107,13 +123,12 @@ def train_bbox_regressors(records_factory: RecordsFactory, num_classes: int, fea
             x[:, :dim] = feats[rows].astype(np.float64) * feat_scale
             x[:, dim] = 1.0
             t = encode(boxes[rows], gt_boxes[best[rows]]).astype(np.float64)
-            if k not in gram:
-                gram[k], xty[k] = np.zeros((dim + 1, dim + 1)), np.zeros((dim + 1, 4))
-            gram[k] += x.T @ x
-            xty[k] += x.T @ t
-            tsum[k] += t.sum(0)
-            tsq[k] += (t * t).sum(0)
+            buf.setdefault(k, []).append((x, t))
             count[k] += len(rows)
+            if sum(len(b[0]) for b in buf[k]) >= FLUSH_ROWS:
+                flush(k)
+    for k in list(buf):
+        flush(k)
 
     d = 0 if dim is None else dim
     regressors = np.zeros((num_classes, 4, d + 1), np.float32)
