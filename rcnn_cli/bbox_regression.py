@@ -88,6 +88,8 @@ def train_bbox_regressors(records_factory: RecordsFactory, num_classes: int, fea
     def flush(k: int) -> None:
         """Add class k's buffered samples to its sums (one large product, not one per
         image: a (D+1)^2 float64 update per image was most of the regression's time)."""
+        if not buf[k]:
+            return
         x = np.concatenate([b[0] for b in buf[k]])
         t = np.concatenate([b[1] for b in buf[k]])
         buf[k] = []
