@@ -38,6 +38,7 @@ logger = logging.getLogger("rcnn_cli.bbox_regression")
 # [train_svm] bbox_min_overlap and bbox_lambda of rcnn_cli/default.toml, the one place.
 MIN_OVERLAP: float = default("train_svm.bbox_min_overlap")
 LAMBDA: float = default("train_svm.bbox_lambda")
+FLUSH_ROWS = 1024  # samples buffered per class (8 (D+1) x this bytes) before the X^T X update
 
 RecordsFactory = Callable[[], Iterable[Mapping[str, Any]]]
 
@@ -85,6 +86,23 @@ def train_bbox_regressors(records_factory: RecordsFactory, num_classes: int, fea
     tsq = np.zeros((num_classes, 4))
     count = np.zeros(num_classes, np.int64)
     dim = None
+    buf: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # samples not yet in the sums
+
+    def flush(k: int) -> None:
+        """Add class k's buffered samples to its sums (one large product, not one per
+        image: a (D+1)^2 float64 update per image was most of the regression's time)."""
+        if not buf[k]:
+            return
+        x = np.concatenate([b[0] for b in buf[k]])
+        t = np.concatenate([b[1] for b in buf[k]])
+        buf[k] = []
+        if k not in gram:
+            gram[k], xty[k] = np.zeros((dim + 1, dim + 1)), np.zeros((dim + 1, 4))
+        gram[k] += x.T @ x
+        xty[k] += x.T @ t
+        tsum[k] += t.sum(0)
+        tsq[k] += (t * t).sum(0)
+
     for i, rec in enumerate(records_factory()):
         boxes = as_boxes(rec["boxes"])
         feats = np.asarray(rec["features"])
@@ -110,13 +128,12 @@ def train_bbox_regressors(records_factory: RecordsFactory, num_classes: int, fea
             x[:, :dim] = feats[rows].astype(np.float64) * feat_scale
             x[:, dim] = 1.0
             t = encode(boxes[rows], gt_boxes[best[rows]]).astype(np.float64)
-            if k not in gram:
-                gram[k], xty[k] = np.zeros((dim + 1, dim + 1)), np.zeros((dim + 1, 4))
-            gram[k] += x.T @ x
-            xty[k] += x.T @ t
-            tsum[k] += t.sum(0)
-            tsq[k] += (t * t).sum(0)
+            buf.setdefault(k, []).append((x, t))
             count[k] += len(rows)
+            if sum(len(b[0]) for b in buf[k]) >= FLUSH_ROWS:
+                flush(k)
+    for k in list(buf):
+        flush(k)
 
     d = 0 if dim is None else dim
     regressors = np.zeros((num_classes, 4, d + 1), np.float32)

@@ -402,7 +402,10 @@ def train_svms(records_factory: RecordsFactory, num_classes: int,
             (e.g. ``Head.fc7``); applied once per image in the mining pass and only to the
             rows pass 1 needs. ``None``: the features themselves.
         retrain_first: retrain each class once the first image's negatives are in (R-CNN's
-            ``first_time``); False waits for ``retrain_limit`` negatives.
+            ``first_time``); False waits for ``retrain_limit`` negatives. Measured on
+            raccoon (160 images, fc7 of one head, seed 0): True adds 4194 negatives, False
+            6047 (image 2 then enters whole); both 3 retrains, objective 0.14997, SVM CPU
+            time 36.9 vs 38.5 s, test AP50 0.874 both, COCO AP 0.466 vs 0.464.
 
     Returns:
         :class:`SVMResult` with weights (K, D) float32 for scaled features.

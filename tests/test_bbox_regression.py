@@ -117,3 +117,14 @@ def test_decode_clamps_and_input_errors():
            "gt_boxes": np.float32([[0, 0, 5, 5]]), "gt_labels": np.array([0])}
     with pytest.raises(ValueError, match="record 0: features"):
         br.train_bbox_regressors(lambda: [rec], 1, 1.0)
+
+
+def test_buffered_sums_do_not_depend_on_the_flush_size(monkeypatch):
+    """Samples are added to X^T X in blocks of FLUSH_ROWS: any block size, one answer."""
+    recs, _ = _linear_stream(seed=3, images=12)
+    ref = br.train_bbox_regressors(lambda: recs, 2, feat_scale=0.5)
+    monkeypatch.setattr(br, "FLUSH_ROWS", 7)  # several flushes, most mid-image
+    small = br.train_bbox_regressors(lambda: recs, 2, feat_scale=0.5)
+    assert small.num_samples.tolist() == ref.num_samples.tolist() == [0, 12 * 31]
+    np.testing.assert_allclose(small.regressors, ref.regressors, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(small.target_std, ref.target_std, rtol=1e-6)
