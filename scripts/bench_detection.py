@@ -191,6 +191,7 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
     images = [str(data / "images")]
     split = data / "train.txt"
     propose_folder(images, work / "props", cfg, split=split)
+    cfg = _merge(cfg, {"extract": {"keep": "all"}})  # held-out folds are scored from the store
     extract_folder(images, work / "props", work / "feats_cv", cfg, annotations=data,
                    split=split)
     store = open_upstream(work / "feats_cv", "extract")
