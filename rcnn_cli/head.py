@@ -58,6 +58,8 @@ BG_PER_IMAGE = 1024      # background windows kept per image (memory bound)
 # memory does not grow with the images): 64k + 192k windows x 2816 x 2 bytes = 1.5 GB.
 MAX_FG_WINDOWS = 65536
 MAX_BG_WINDOWS = 196608
+BLOCK_ROWS = 16384      # per-image rows are merged into blocks this large (big arrays are
+                        # mmapped and go back to the system when freed; small ones fragment)
 STD_FLOOR = 1e-3         # added to per-dimension standard deviations
 
 ARRAY_NAMES = ("mean", "std", "fc6_w", "fc6_b", "fc7_w", "fc7_b", "cls_w", "cls_b")
@@ -149,6 +151,7 @@ def collect_windows(records_factory: RecordsFactory, num_classes: int, fg_iou: f
     rng = np.random.default_rng(seed)
     prio_rng = np.random.default_rng([seed, 1])  # bounded sample (own stream: see _bottom_k)
     feats, labels, prio, n, total = [], [], [], 0, 0
+    start = pending = 0  # first entry not merged into a block, and its rows
     for n, rec in enumerate(records_factory(), 1):
         boxes = as_boxes(rec["boxes"])
         f = np.asarray(rec["features"])
@@ -168,6 +171,11 @@ def collect_windows(records_factory: RecordsFactory, num_classes: int, fg_iou: f
         labels.append(lab[keep])
         prio.append(prio_rng.random(len(keep)))
         total += len(keep)
+        pending += len(keep)
+        if pending >= BLOCK_ROWS:
+            for lst in (feats, labels, prio):
+                lst[start:] = [np.concatenate(lst[start:])]
+            start, pending = len(feats), 0
         if total > 1.25 * (max_fg + max_bg):
             total = _bottom_k(feats, labels, prio, max_fg, max_bg)
     if not feats:

@@ -116,3 +116,15 @@ def test_head_windows_are_bounded_and_unchanged_under_the_bound():
     xc, _, _ = collect_windows(lambda: iter(recs), 1, bg_per_image=100, seed=0,
                                max_fg=30, max_bg=70)
     assert np.array_equal(xb, xc)  # seeded
+
+
+def test_head_windows_merged_into_blocks_are_the_same(monkeypatch):
+    from rcnn_cli import head
+
+    recs = _window_records(50)
+    for bounds in ({}, {"max_fg": 30, "max_bg": 70}):
+        ref = collect_windows(lambda: iter(recs), 1, bg_per_image=100, seed=0, **bounds)
+        monkeypatch.setattr(head, "BLOCK_ROWS", 50)  # a block every ~2 images
+        got = collect_windows(lambda: iter(recs), 1, bg_per_image=100, seed=0, **bounds)
+        monkeypatch.undo()
+        assert all(np.array_equal(a, b) for a, b in zip(ref, got))
