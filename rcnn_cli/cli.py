@@ -288,10 +288,13 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
 @click.option("--mode", type=click.Choice(["auto", "warp", "shared"]),
               help="warp = R-CNN crops; shared = one conv pass + RoIAlign; auto picks.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), help="Stored precision.")
+@click.option("--keep", type=click.Choice(["all", "train"]),
+              help="With --annotations: all proposals, or only what train-svm reads (ground "
+                   "truth, windows near it, a background sample; ~12x smaller).")
 @common_options
 @cluster_options
 def extract(images, proposals_dir, out, annotations, split, backbone, tap, weights, mode, dtype,
-            config_file, common, overwrite):
+            keep, config_file, common, overwrite):
     """Compute a CNN feature vector for every proposal (and ground-truth box) of each image.
 
     Example: rcnn extract data/images --proposals runs/props --annotations data -o runs/feats
@@ -299,7 +302,7 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
     from rcnn_cli.stages import extract_folder
 
     cfg = load_config(config_file, common=common, extract=dict(
-        backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype))
+        backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype, keep=keep))
     report = extract_folder(list(images), proposals_dir, out, cfg, annotations=annotations,
                             split=split, overwrite=overwrite)
     from rcnn_cli.runrecord import resolved_device, stage_settings

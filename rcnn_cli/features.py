@@ -572,8 +572,9 @@ def shared_parts(name: str, model: nn.Module, tap: str | None = None,
         return (TwoMapTrunk(model.features, GRID_CUTS[name]),
                 GridHead(GRID_CELLS, spec.stride, 2 * spec.stride, context))
     else:
-        trunk = model.features[:GRID_CUTS[name]]
-        head = nn.Sequential(model.features[GRID_CUTS[name]:], _GlobalPool())
+        cut = GRID_CUTS.get(name, GRID_CUT)  # a registered ``features`` net: mobilenet_v2's cut
+        trunk = model.features[:cut]
+        head = nn.Sequential(model.features[cut:], _GlobalPool())
     return trunk, SharedHead(pooler, head)
 
 

@@ -56,6 +56,12 @@ DROPOUT = 0.5            # after fc6 and fc7 (R-CNN / AlexNet)
 INPUT_DROPOUT = 0.2      # on the input features (mobilenet_v2's classifier dropout)
 BG_PER_IMAGE: int = default("train_svm.head_bg_per_image")  # per image (memory bound)
 SEED: int = default("train_svm.seed")
+# Windows held in memory over the whole dataset (a uniform seeded sample beyond these, so
+# memory does not grow with the images): 64k + 192k windows x 2816 x 2 bytes = 1.5 GB.
+MAX_FG_WINDOWS = 65536
+MAX_BG_WINDOWS = 196608
+BLOCK_ROWS = 16384      # per-image rows are merged into blocks this large (big arrays are
+                        # mmapped and go back to the system when freed; small ones fragment)
 STD_FLOOR = 1e-3         # added to per-dimension standard deviations
 
 ARRAY_NAMES = ("mean", "std", "fc6_w", "fc6_b", "fc7_w", "fc7_b", "cls_w", "cls_b")
@@ -136,13 +142,18 @@ class _Net(nn.Module):
 
 
 def collect_windows(records_factory: RecordsFactory, num_classes: int, fg_iou: float = FG_IOU,
-                    bg_per_image: int = BG_PER_IMAGE, seed: int = SEED
+                    bg_per_image: int = BG_PER_IMAGE, seed: int = SEED,
+                    max_fg: int = MAX_FG_WINDOWS, max_bg: int = MAX_BG_WINDOWS
                     ) -> tuple[NDArray[np.float16], NDArray[np.int64], int]:
     """Labelled training windows of all records: (features (M, D) float16, labels (M,) with
     0 = background and k + 1 = class k, number of images). Every foreground row is kept and
-    at most ``bg_per_image`` background rows per image (seeded choice); ignored rows never."""
+    at most ``bg_per_image`` background rows per image (seeded choice); ignored rows never.
+    Beyond ``max_fg`` foreground or ``max_bg`` background windows in all, a uniform seeded
+    sample of that many is kept (memory bounded by these, not by the number of images)."""
     rng = np.random.default_rng(seed)
-    feats, labels, n = [], [], 0
+    prio_rng = np.random.default_rng([seed, 1])  # bounded sample (own stream: see _bottom_k)
+    feats, labels, prio, n, total = [], [], [], 0, 0
+    start = pending = 0  # first entry not merged into a block, and its rows
     for n, rec in enumerate(records_factory(), 1):
         boxes = as_boxes(rec["boxes"])
         f = np.asarray(rec["features"])
@@ -160,9 +171,56 @@ def collect_windows(records_factory: RecordsFactory, num_classes: int, fg_iou: f
         keep = np.concatenate([fg, bg])
         feats.append(f[keep].astype(np.float16))
         labels.append(lab[keep])
+        prio.append(prio_rng.random(len(keep)))
+        total += len(keep)
+        pending += len(keep)
+        if pending >= BLOCK_ROWS:
+            for lst in (feats, labels, prio):
+                lst[start:] = [np.concatenate(lst[start:])]
+            start, pending = len(feats), 0
+        if total > 1.25 * (max_fg + max_bg):
+            total = _bottom_k(feats, labels, prio, max_fg, max_bg)
     if not feats:
         raise ValueError("no training records")
-    return np.concatenate(feats), np.concatenate(labels), n
+    y = np.concatenate(labels)
+    if (y > 0).sum() > max_fg or (y == 0).sum() > max_bg:
+        total = _bottom_k(feats, labels, prio, max_fg, max_bg)
+    x = np.empty((total, feats[0].shape[1]), np.float16)  # filled chunk by chunk, freeing
+    i = 0
+    for j, c in enumerate(feats):
+        x[i:i + len(c)], feats[j], i = c, None, i + len(c)
+    return x, np.concatenate(labels), n
+
+
+def _bottom_k(feats: list, labels: list, prio: list, max_fg: int, max_bg: int) -> int:
+    """Keep, in place, the ``max_fg`` foreground and ``max_bg`` background windows of
+    lowest priority (uniform draws: a uniform sample without replacement of every window
+    seen so far); return the rows left. Under both bounds nothing changes."""
+    y, p = np.concatenate(labels), np.concatenate(prio)
+    keep = np.zeros(len(y), bool)
+    for idx, k in ((np.flatnonzero(y > 0), max_fg), (np.flatnonzero(y == 0), max_bg)):
+        keep[idx if len(idx) <= k else idx[np.argpartition(p[idx], k)[:k]]] = True
+    i = 0
+    for j in range(len(feats)):
+        m = keep[i:i + len(labels[j])]
+        i += len(labels[j])
+        feats[j], labels[j], prio[j] = feats[j][m], labels[j][m], prio[j][m]
+    return int(keep.sum())
+
+
+def _mean_std(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and (unbiased) standard deviation of float16 rows, in float64
+    chunks (no float32 copy of the whole matrix; 4096 x 2816 x 8 bytes = 92 MB a chunk)."""
+    s = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    s2 = torch.zeros_like(s)
+    for i in range(0, len(x), chunk):
+        c = x[i:i + chunk].double()
+        s += c.sum(0)
+        s2 += (c * c).sum(0)
+    n = len(x)
+    mean = s / n
+    var = (s2 - n * mean * mean) / max(n - 1, 1)
+    return mean.float(), var.clamp(min=0).sqrt().float()
 
 
 def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int = HIDDEN,
@@ -190,9 +248,8 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     dev = torch.device(device)
     x = torch.from_numpy(x16).to(dev)
     y = torch.from_numpy(labels).to(dev)
-    xf = x.float()  # one float32 copy for both statistics
-    mean, std = xf.mean(0), xf.std(0) + STD_FLOOR
-    del xf
+    mean, std = _mean_std(x)
+    std = std + STD_FLOOR
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = _Net(x.shape[1], hidden, num_classes, dropout, input_dropout).to(dev)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from rcnn_cli import config as cfgmod
+from rcnn_cli.compact import compact_rows, keep_settings
 from rcnn_cli.images import ImageItem, list_images, read_image
 from rcnn_cli.runner import Report, run_stage_into
 from rcnn_cli.store import (
@@ -168,8 +169,9 @@ def dataset_fingerprint(records) -> str:
 
 def extract_one(item: ImageItem, store: StageStore, upstream: StageStore,
                 kwargs: Mapping[str, Any], gt: Mapping[str, Any] | None,
-                max_proposals: int, dtype: str) -> dict:
-    """Per-image work of `rcnn extract`: decode, read proposals, add ground truth, features."""
+                max_proposals: int, dtype: str, keep: Mapping[str, Any] | None = None) -> dict:
+    """Per-image work of `rcnn extract`: decode, read proposals, add ground truth, keep the
+    rows ``keep`` selects (:mod:`rcnn_cli.compact`; None: all), features."""
     t0 = time.perf_counter()
     source = file_identity(item.path)
     up_id = upstream.record_id(item.rel, source=source)
@@ -185,13 +187,18 @@ def extract_one(item: ImageItem, store: StageStore, upstream: StageStore,
         gtb, gtl, gtd = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
     boxes = np.concatenate([gtb, props]).astype(np.float32)
     gt_label = np.concatenate([gtl.astype(np.int32), np.full(len(props), -1, np.int32)])
+    kept = compact_rows(keep or {}, item.rel, boxes, gt_label, gtb)
+    extra = {} if kept is None else {"kept_rows": kept.astype(np.int32),
+                                     "num_windows": np.int64(len(boxes))}
+    if kept is not None:
+        boxes, gt_label = boxes[kept], gt_label[kept]
     t1 = time.perf_counter()
     feats = get_extractor(kwargs).extract(img, boxes)
     t2 = time.perf_counter()
     store.save(item.rel, {"boxes": boxes, "features": feats.astype(dtype),
                           "gt_label": gt_label, "gt_boxes": gtb.astype(np.float32),
                           "gt_labels": gtl.astype(np.int64), "gt_difficult": gtd,
-                          "image_size": np.array(img.shape[:2], np.int64)},
+                          "image_size": np.array(img.shape[:2], np.int64), **extra},
                source=source, upstream=up_id)
     return {"times": {"decode": t1 - t0, "features": t2 - t1}}
 
@@ -222,12 +229,15 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     if ds is not None:
         gt = ds.by_name()  # ImageItem.rel -> record
         settings.update(classes=ds.classes, annotations=dataset_fingerprint(ds.records))
+    keep = keep_settings(e, annotated=ds is not None)
+    if keep["keep"] != "all":  # absent for "all": stores made before the option stay valid
+        settings["keep"] = keep
     store = StageStore(out, "extract", settings, upstream_key=upstream.key,
                        format_version=EXTRACT_FORMAT)
     up_ids = {it.rel: upstream_id(upstream, it) for it in items}
     missing = [it for it in items if up_ids[it.rel] is None]
     fn = functools.partial(extract_one, store=store, upstream=upstream, kwargs=kwargs, gt=gt,
-                           max_proposals=e["max_proposals"], dtype=e["dtype"])
+                           max_proposals=e["max_proposals"], dtype=e["dtype"], keep=keep)
     report = run_stage_into(store, fn, [it for it in items if up_ids[it.rel] is not None],
                             overwrite=overwrite, upstream=up_ids, desc="extract", holds_model=True,
                             write_settings=functools.partial(cfgmod.write_resolved, out, cfg,

@@ -124,6 +124,10 @@ def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any
                              f"{all_classes}")
         todo = [all_classes.index(c) for c in classes]
     log.info("training %d class(es) on %d images", len(todo or all_classes), n_images)
+    keep = dict(store.settings.get("keep") or {"keep": "all"})  # rcnn_cli.compact
+    if keep["keep"] != "all":
+        log.info("compact features: ground truth, windows at IoU >= %g and %d background "
+                 "windows per image", keep["near_iou"], keep["background"])
     feat = store.settings["features"]
     head_res = None
     if use_head(t["head"], feat["tap"]):
@@ -161,6 +165,7 @@ def train_model(features_dir: str | Path, out: str | Path, cfg: Mapping[str, Any
         nms_iou=d["nms_iou"], score_threshold=d["score_thresh"],
         max_detections=d["max_per_image"],
         training_stats={"images": n_images, "train_svm": dict(t), "features_key": store.key,
+                        "features_keep": keep,
                         "features_records": store.content_id(factory.rels),
                         "svm": [s.__dict__ for s in svm.stats],
                         "head": None if head_res is None else head_res.stats},

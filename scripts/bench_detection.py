@@ -224,6 +224,7 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
     """K-fold cross-validation over train.txt (see the module docstring)."""
     from sklearn.model_selection import KFold
 
+    cfg = _merge(cfg, {"extract": {"keep": "all"}})  # held-out folds are scored from the store
     res: dict = {"data": str(data), "k": k, "fold_seed": seed, "variants": list(CV_VARIANTS),
                  "configs": {}}
     ids: list[str] = []
@@ -269,19 +270,21 @@ def run_test(data: Path, work: Path, cfg: dict, configs: list[str],
     from rcnn_cli.store import open_upstream
 
     out: dict = {}
+    cfg = _merge(cfg, {"extract": {"keep": "all"}})  # test images are scored from the store
     images, split = [str(data / "images")], data / "test.txt"
-    propose_folder(images, work / "props", cfg, split=split)
     for name in configs:
         c = _merge(cfg, CV_CONFIGS[name])
+        props = work / ("props_" + name if "propose" in CV_CONFIGS[name] else "props")
+        propose_folder(images, props, c, split=split)
         feats_dir, _ = _cv_features(data, work, cfg, name, feats)
         model_dir = work / f"test_model_{name}"
         t0 = time.perf_counter()
         train_model(feats_dir, model_dir, c, overwrite=True)
         train_s = time.perf_counter() - t0
-        over = CV_CONFIGS[name].get("extract")
-        test_dir = work / ("feats_test" if over is None else f"feats_test_{name}")
+        own = bool({"propose", "extract"} & set(CV_CONFIGS[name]))
+        test_dir = work / (f"feats_test_{name}" if own else "feats_test")
         t0 = time.perf_counter()
-        rep = extract_folder(images, work / "props", test_dir, c, annotations=data, split=split)
+        rep = extract_folder(images, props, test_dir, c, annotations=data, split=split)
         ext_s = (time.perf_counter() - t0) / rep.done if rep.done else None
         test = open_upstream(test_dir, "extract")
         scores = _fold_scores(model_dir, test, test.done_rels(), list(test.settings["classes"]),

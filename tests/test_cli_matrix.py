@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from rcnn_cli.boxes import box_iou
 from rcnn_cli.cli import cli
 from tests.conftest import rectangles_image
 
@@ -167,6 +168,63 @@ def test_extract_shared_scale_reaches_features_and_detect(chain, tmp_path):
     r = run("extract", chain["img"], "--proposals", chain["props"], "-o", tmp_path / "bad",
             "--config", cfg, code=2)
     assert "extract.shared_scale" in r.output and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("keep", ["all", "train"])
+def test_extract_keep_choices(chain, tmp_path, keep):
+    """--keep all stores every window; --keep train the ground truth, every window near it
+    (IoU >= keep_near_iou) and keep_background others: those rows of the full store, with the
+    same features."""
+    cfg = tmp_path / "keep.toml"
+    cfg.write_text(chain["cfg"].read_text().replace(  # tiny images: most windows are near
+        "[extract]\n", "[extract]\nkeep_near_iou = 0.5\nkeep_background = 1\n"))
+    full, out = tmp_path / "full", tmp_path / "out"
+    common = [chain["img"], "--proposals", chain["props"], "--annotations", chain["ann"],
+              "--backbone", "resnet18", "--weights", "random", "--config", cfg]
+    run("extract", *common, "-o", full, "--keep", "all")
+    run("extract", *common, "-o", out, "--keep", keep)
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert settings.get("keep", {"keep": "all"})["keep"] == keep
+    for name in ("a.png", "b.png"):
+        f, z = np.load(full / f"{name}.npz"), np.load(out / f"{name}.npz")
+        if keep == "all":
+            assert "kept_rows" not in z.files and len(z["boxes"]) == len(f["boxes"])
+            continue
+        idx = z["kept_rows"]
+        assert int(z["num_windows"]) == len(f["boxes"]) and len(idx) < len(f["boxes"])
+        assert np.array_equal(z["boxes"], f["boxes"][idx])
+        assert np.array_equal(z["gt_label"], f["gt_label"][idx])
+        np.testing.assert_allclose(z["features"].astype(np.float32),
+                                   f["features"][idx].astype(np.float32), atol=1e-2)
+        near = np.flatnonzero(box_iou(f["boxes"], f["gt_boxes"]).max(1) >= 0.5)
+        assert set(near.tolist()) <= set(idx.tolist())  # every GT and near window
+        assert len(idx) - len(near) <= 1  # and one background window
+    run("train-svm", "--features", out, "-o", tmp_path / "model", "--config", cfg)
+    stats = json.loads((tmp_path / "model" / "model.json").read_text())["training_stats"]
+    assert stats["features_keep"]["keep"] == keep
+
+
+def test_extract_store_is_recomputed_when_keep_changes(chain, tmp_path):
+    common = [chain["img"], "--proposals", chain["props"], "--annotations", chain["ann"],
+              "-o", tmp_path / "f", "--backbone", "resnet18", "--weights", "random"]
+    cfgs = []
+    for bg in (1, 2):
+        c = tmp_path / f"bg{bg}.toml"
+        c.write_text(chain["cfg"].read_text().replace("[extract]\n",
+                                                      f"[extract]\nkeep_background = {bg}\n"))
+        cfgs.append(c)
+    run("extract", *common, "--keep", "train", "--config", cfgs[0])
+    key = json.loads((tmp_path / "f" / "manifest.json").read_text())["key"]
+    for args in (["--keep", "all", "--config", cfgs[0]], ["--keep", "train", "--config", cfgs[1]]):
+        r = run("extract", *common, *args, code=2)  # refused, never mixed
+        assert "other settings" in r.output
+        r = run("extract", *common, *args, "--overwrite")
+        assert "2 done, 0 already done" in r.output  # recomputed
+        new = json.loads((tmp_path / "f" / "manifest.json").read_text())["key"]
+        assert new != key
+        key = new
+    z = np.load(tmp_path / "f" / "a.png.npz")
+    assert len(z["kept_rows"]) == len(z["boxes"]) and (z["gt_label"] >= 0).sum() == 3
 
 
 # ---------------------------------------------------------------- finetune

@@ -128,7 +128,7 @@ def chain(tmp_path_factory):
     assert res.exit_code == 0, res.output
     res = r.invoke(cli, ["extract", str(data / "images"), "--proposals", str(root / "props"),
                          "--annotations", str(data), "--split", str(data / "train.txt"),
-                         "-o", str(root / "feats")])
+                         "-o", str(root / "feats"), "--keep", "all"])  # scored from the store
     assert res.exit_code == 0, res.output
     # the default fc head (mobilenet_v2 grid features), smaller and shorter than the default
     (root / "head.toml").write_text("[train_svm]\nhead_hidden = 64\nhead_iterations = 300\n")
