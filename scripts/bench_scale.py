@@ -38,10 +38,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rcnn_cli import config  # noqa: E402
-from rcnn_cli.compact import compact_record, keep_settings  # noqa: E402
-from rcnn_cli.stages import EXTRACT_FORMAT  # noqa: E402
-from rcnn_cli.store import StageStore, open_upstream  # noqa: E402
+from rcnn_cli import config
+from rcnn_cli.compact import compact_record, keep_settings
+from rcnn_cli.stages import EXTRACT_FORMAT
+from rcnn_cli.store import StageStore, open_upstream
 
 
 def mirror(boxes: np.ndarray, width: int) -> np.ndarray:

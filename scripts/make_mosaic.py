@@ -21,13 +21,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rcnn_cli.datasets import ImageRecord, load_dataset, write_voc_xml  # noqa: E402
+from rcnn_cli.datasets import ImageRecord, load_dataset, write_voc_xml
 
 GREY = (124, 116, 104)  # ImageNet mean colour: the border adds no edges of its own
 

@@ -478,8 +478,8 @@ def test_every_dataset_layout_through_rcnn_extract(tmp_path, monkeypatch, layout
 
     from click.testing import CliRunner
 
-    from rcnn_cli import stages
     from rcnn_cli import boxes as bx
+    from rcnn_cli import stages
     from rcnn_cli.cli import cli
 
     monkeypatch.setattr(stages, "get_extractor", lambda kwargs: _FakeExtractor())

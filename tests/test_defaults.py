@@ -8,8 +8,20 @@ import inspect
 
 import pytest
 
-from rcnn_cli import bbox_regression, detect, diagnose, evaluate, features, finetune, head
-from rcnn_cli import labels, localize, model, proposals, svm
+from rcnn_cli import (
+    bbox_regression,
+    detect,
+    diagnose,
+    evaluate,
+    features,
+    finetune,
+    head,
+    labels,
+    localize,
+    model,
+    proposals,
+    svm,
+)
 from rcnn_cli import config as C
 
 FINETUNE_KEYS = [f.name for f in dataclasses.fields(finetune.FinetuneSettings)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn_cli.labels import window_labels
 from rcnn_cli.head import Head, _Net, collect_windows, train_head
+from rcnn_cli.labels import window_labels
 from rcnn_cli.model import Model, ModelError, load_model, save_model
 
 

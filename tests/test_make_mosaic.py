@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rcnn_cli.datasets import Dataset, ImageRecord, load_dataset, write_voc_xml
+from rcnn_cli.datasets import ImageRecord, load_dataset, write_voc_xml
 
 ROOT = Path(__file__).resolve().parents[1]
 
