@@ -74,6 +74,7 @@ from rcnn_cli.features import BACKBONES, load_backbone, resolve_device, weights_
 from rcnn_cli.store import (
     atomic_write_bytes,
     atomic_write_text,
+    class_names_problem,
     npz_bytes,
     read_bundle,
 )
@@ -473,11 +474,9 @@ def _validate(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], path: P
             fail(f"{key!r} missing or not a {typ.__name__}")
     if meta["kind"] != "localize":
         fail(f"kind is {meta['kind']!r}, not 'localize'")
-    classes = meta["classes"]
-    if not classes or not all(isinstance(c, str) and c for c in classes):
-        fail("'classes' must be a non-empty list of names")
-    if len(set(classes)) != len(classes):
-        fail(f"duplicate class names in {classes}")
+    problem = class_names_problem(meta["classes"])
+    if problem:
+        fail(problem)
     if meta["attach"] not in ATTACH:
         fail(f"attach must be one of {ATTACH}, got {meta['attach']!r}")
     if meta["loss"] not in LOSSES:

@@ -41,6 +41,7 @@ from rcnn_cli.head import Head
 from rcnn_cli.store import (
     atomic_write_bytes,
     atomic_write_text,
+    class_names_problem,
     npz_bytes,
     read_bundle,
 )
@@ -233,10 +234,9 @@ def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: Path,
         if not isinstance(meta[key], typ):
             fail(f"{key!r} must be a {typ.__name__}, got {type(meta[key]).__name__}")
     classes = meta["classes"]
-    if not classes or not all(isinstance(c, str) and c for c in classes):
-        fail("'classes' must be a non-empty list of names")
-    if len(set(classes)) != len(classes):
-        fail(f"duplicate class names in {classes}")
+    problem = class_names_problem(classes)
+    if problem:
+        fail(problem)
     for key in ("feat_scale", "reg_feat_scale"):
         scale = meta["feature_scaling"].get(key, 1.0 if key == "reg_feat_scale" else None)
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

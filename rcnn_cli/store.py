@@ -160,6 +160,15 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def class_names_problem(classes: Any) -> str | None:
+    """What is wrong with a bundle's ``classes`` list (model, localizer), or None."""
+    if not classes or not all(isinstance(c, str) and c for c in classes):
+        return "'classes' must be a non-empty list of names"
+    if len(set(classes)) != len(classes):
+        return f"duplicate class names in {classes}"
+    return None
+
+
 def read_bundle(directory: str | Path, json_name: str, arrays_name: str, version: int,
                 error: type[Exception], what: str) -> tuple[dict, dict[str, np.ndarray]]:
     """The JSON and the arrays of a bundle folder (model, localizer), checked as files.
