@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -622,6 +622,28 @@ def shared_input(image: torch.Tensor, boxes: NDArray[np.float32],
             (f_y, f_x))
 
 
+@contextlib.contextmanager
+def varying_shapes(device: torch.device) -> Iterator[None]:
+    """Run the enclosed convolutions without cuDNN on cuda (no effect on cpu).
+
+    For networks whose input shape changes from call to call: shared mode's trunk sees each
+    image at its own size, and its RoI batches have any length. cuDNN chooses kernels per input
+    shape, and on an H200 (torch 2.11) that choice cost 1.0-1.8 s for every new image size of
+    mobilenet_v2, while PyTorch's own kernels ran shared extraction at the same steady speed
+    (0.030 s per image in bf16 either way; README, GPU table).
+    Backward passes inside the block (fine-tuning) run without cuDNN too.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = before
+
+
 # --------------------------------------------------------------------------------------------
 # The extractor
 # --------------------------------------------------------------------------------------------
@@ -777,11 +799,21 @@ class FeatureExtractor:
                 # NHWC numpy -> NCHW view with channels-last strides
                 out.append(self._forward_net(torch.from_numpy(crops).permute(0, 3, 1, 2)))
             return torch.cat(out)
-        t = self.image_tensor(image)
-        tb = torch.from_numpy(boxes).to(self.device)
-        for i in range(0, len(boxes), self.batch_size):
-            crops = warp_crops_roi_align(t, tb[i:i + self.batch_size], s, self.padding)
-            out.append(self._forward_net(crops))
+        return self._warp_roi_align(self.image_tensor(image),
+                                    torch.from_numpy(boxes).to(self.device))
+
+    def _warp_roi_align(self, t: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        """Warp mode's tensor path (cuda): crops by ``roi_align``, every batch ``batch_size``
+        long (the last one padded with copies of its last box, dropped after), so the net sees
+        one input shape: cuDNN picks kernels per shape, ~1-2 s for each new one (H200)."""
+        out, bs = [], self.batch_size
+        for i in range(0, len(tb), bs):
+            b = tb[i:i + bs]
+            k = len(b)
+            if k < bs:
+                b = torch.cat([b, b[-1:].expand(bs - k, 4)])
+            crops = warp_crops_roi_align(t, b, self.input_size, self.padding)
+            out.append(self._forward_net(crops)[:k])
         return torch.cat(out)
 
     def shared_maps(self, image: NDArray[np.uint8] | torch.Tensor
@@ -792,13 +824,13 @@ class FeatureExtractor:
         ``grid`` tap (:class:`TwoMapTrunk`). Call under ``torch.inference_mode()``."""
         t, _, factors = shared_input(self.image_tensor(image), np.zeros((0, 4), np.float32),
                                      self.shared_scale)
-        with self._autocast():
+        with self._autocast(), varying_shapes(self.device):
             return self.trunk(t), factors
 
     def _extract_shared(self, image, boxes: NDArray[np.float32]) -> torch.Tensor:
         t, scaled, _ = shared_input(self.image_tensor(image), boxes, self.shared_scale)
         scaled = torch.from_numpy(scaled).to(self.device)
-        with self._autocast():
+        with self._autocast(), varying_shapes(self.device):
             fmap = self.trunk(t)
             out = [self.head(fmap, [scaled[i:i + self.batch_size]]).float()
                    for i in range(0, len(boxes), self.batch_size)]

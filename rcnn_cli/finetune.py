@@ -87,6 +87,7 @@ from rcnn_cli.features import (
     shared_input,
     shared_parts,
     tap_network,
+    varying_shapes,
     warp_crops_cpu,
     warp_crops_roi_align,
     weights_id,
@@ -789,6 +790,11 @@ class _Trainer:
                        flips: Sequence[bool]) -> torch.Tensor:
         """Logits of the RoIs ``box_list[j]`` of images ``img_list[j]``: one trunk pass per
         image, prepared as shared extraction prepares it (:func:`shared_input`)."""
+        with varying_shapes(self.dev):  # images of every size: no cuDNN
+            return self._forward_shared(img_list, box_list, flips)
+
+    def _forward_shared(self, img_list: Sequence[int], box_list: Sequence[NDArray[np.float32]],
+                        flips: Sequence[bool]) -> torch.Tensor:
         feats = []
         for i, b, fl in zip(img_list, box_list, flips):
             img = self.data.cache.get(int(i))
@@ -910,7 +916,9 @@ class _Trainer:
             rng = np.random.default_rng([s.seed, it])
             with torch.random.fork_rng(devices=cuda_devs):
                 torch.manual_seed(s.seed * 1000003 + it)  # dropout
-                loss = _sgd_step(self.train_batch, rng, self.opt, self.dev)
+                with (varying_shapes(self.dev) if p.mode == "shared"
+                      else contextlib.nullcontext()):  # images of every size: no cuDNN
+                    loss = _sgd_step(self.train_batch, rng, self.opt, self.dev)
             self.losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{s.lr * _lr_factor(it, p.step):.1e}")

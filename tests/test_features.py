@@ -463,3 +463,36 @@ def test_fold_batch_norm_keeps_the_outputs_and_removes_the_norms():
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
     F.fold_batch_norm(seq)
     assert isinstance(seq[1], torch.nn.BatchNorm2d)
+
+
+def test_roi_align_warp_pads_every_batch_to_one_shape():
+    """The cuda warp path feeds the net batches of exactly ``batch_size`` crops (cuDNN picks
+    kernels per input shape: ~1-2 s for each new one on an H200), and the padding rows never
+    reach the output: same features as one unpadded pass, row for row."""
+    img = _image(90, 130, seed=7)
+    boxes = torch.from_numpy(_random_boxes(11, 90, 130, seed=8))
+    fe = F.FeatureExtractor("mobilenet_v2", mode="warp", weights="random", device="cpu",
+                            batch_size=4)
+    seen = []
+    net = fe.net
+    fe.net = lambda x: (seen.append(tuple(x.shape)), net(x))[1]
+    t = fe.image_tensor(img)
+    with torch.inference_mode():
+        padded = fe._warp_roi_align(t, boxes)
+    assert seen == [(4, 3, 224, 224)] * 3  # 11 boxes: 4 + 4 + 3 padded to 4
+    fe.net, fe.batch_size = net, 11
+    with torch.inference_mode():
+        whole = fe._warp_roi_align(t, boxes)
+    assert padded.shape == (11, fe.dim)
+    np.testing.assert_allclose(padded.numpy(), whole.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_varying_shapes_turns_cudnn_off_on_cuda_only_and_restores_it():
+    before = torch.backends.cudnn.enabled
+    with F.varying_shapes(torch.device("cpu")):
+        assert torch.backends.cudnn.enabled == before
+    with pytest.raises(RuntimeError):
+        with F.varying_shapes(torch.device("cuda")):
+            assert torch.backends.cudnn.enabled is False
+            raise RuntimeError("boom")
+    assert torch.backends.cudnn.enabled == before
