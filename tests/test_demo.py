@@ -32,5 +32,5 @@ def test_split_files_seeded_when_absent(tmp_path):
     tr, te = _split_files(d, tmp_path / "s", seed=0)
     train, test = tr.read_text().split(), te.read_text().split()
     assert len(test) == 2 and len(train) == 8 and not set(train) & set(test)
-    tr2, te2 = _split_files(d, tmp_path / "s2", seed=0)
+    _tr2, te2 = _split_files(d, tmp_path / "s2", seed=0)
     assert te2.read_text() == te.read_text()

@@ -491,8 +491,7 @@ def test_varying_shapes_turns_cudnn_off_on_cuda_only_and_restores_it():
     before = torch.backends.cudnn.enabled
     with F.varying_shapes(torch.device("cpu")):
         assert torch.backends.cudnn.enabled == before
-    with pytest.raises(RuntimeError):
-        with F.varying_shapes(torch.device("cuda")):
-            assert torch.backends.cudnn.enabled is False
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), F.varying_shapes(torch.device("cuda")):
+        assert torch.backends.cudnn.enabled is False
+        raise RuntimeError("boom")
     assert torch.backends.cudnn.enabled == before

@@ -486,7 +486,7 @@ def test_predict_output_folder_rules_and_one_picture_per_image(data, tiny_model,
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
-    src = sorted(Path(data[1]).glob("*.png"))[0]
+    src = min(Path(data[1]).glob("*.png"))
     shutil.copy(src, imgs / "a.png")
     Image.open(src).convert("RGB").save(imgs / "a.jpg")
     res = _invoke(["localize", "predict", str(imgs), "--model", str(tiny_model), "-o",

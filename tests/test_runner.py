@@ -50,7 +50,8 @@ def test_dead_worker_is_a_failure_not_a_crash():
 def test_shards_partition_the_items():
     items = _items(*[f"{i}.jpg" for i in range(7)])
     parts = [shard_items(items, f"{i}/3") for i in range(3)]
-    assert sorted(sum(parts, []), key=lambda it: it.rel) == sorted(items, key=lambda it: it.rel)
+    assert sorted((it for p in parts for it in p), key=lambda it: it.rel) == sorted(
+        items, key=lambda it: it.rel)
     assert [it.rel for it in parts[1]] == ["1.jpg", "4.jpg"]
     assert shard_items(items, None) == items
     for bad in ("3/3", "x", "1/0", "-1/2"):
