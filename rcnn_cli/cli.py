@@ -44,7 +44,8 @@ def common_options(f):
     @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
     @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
     @click.option("--workers", type=click.IntRange(min=1), default=None,
-                  help="Processes for the CPU stages (default 1).")
+                  help="Processes for the CPU stages (default 1; with a GPU, detect's "
+                  "selective search runs in them, feeding the GPU process).")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                   help="Where the CNN runs: auto picks cuda when present.")
     @click.option("--overwrite", is_flag=True,

@@ -310,6 +310,60 @@ def _run(session: Session, task: _Task, items: list[ImageItem], desc: str
             log.info("%s", throughput_summary(session.name, n, failed, wall, per_worker, busy))
 
 
+def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | None],
+                 items: Sequence[ImageItem], workers: int, desc: str = "images"
+                 ) -> Iterator[Result]:
+    """A two-stage local pipeline: ``prepare(item)`` on a pool of ``workers`` one-thread
+    processes (CPU work: decoding, selective search), ``fn(item, prepared=...)`` in this
+    process (a GPU model), image after image in item order. At most ``2 * workers`` images
+    are prepared ahead, so memory stays bounded when this process is the slower stage.
+
+    Yields ``(item, result, error)`` like :func:`map_images_on`; a result's ``"times"`` holds
+    both stages' entries. A failure of either stage is that image's error.
+    """
+    from collections import deque
+
+    items = list(items)
+    if not items:
+        return
+    pool = _LocalPoolSession(workers)
+    todo, ahead = iter(items), deque()
+    try:
+        for it in todo:
+            ahead.append((it, pool.pool.submit(_Task(prepare), it)))
+            if len(ahead) >= 2 * workers:
+                break
+        bar = progress(None, len(items), desc)
+        while ahead:
+            item, fut = ahead.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append((nxt, pool.pool.submit(_Task(prepare), nxt)))
+            try:
+                _, prepared, err, _, _ = fut.result()
+            except TaskError as e:
+                prepared, err = None, str(e)
+            except Exception as e:  # noqa: BLE001 - a dead worker (killed, out of memory)
+                prepared, err = None, f"worker process died ({type(e).__name__}: {e})"
+            if err is None:
+                try:
+                    _, result, err, _, _ = _Task(functools.partial(fn, prepared=prepared),
+                                                 limit=False)(item)
+                except TaskError as e:
+                    result, err = None, str(e)
+                if result is not None:
+                    times = dict(prepared.get("times") or {})
+                    times.update(result.get("times") or {})
+                    result["times"] = times
+            else:
+                result = None
+            bar.update(1)
+            yield item, result, err
+        bar.close()
+    finally:
+        pool.close()
+
+
 def throughput_summary(engine: str, n: int, failed: int, wall: float,
                        per_worker: Counter, busy: dict[str, float]) -> str:
     """One line: images, wall time, images/s overall and per worker (images, images/s, busy)."""

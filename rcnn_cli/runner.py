@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from rcnn_cli.executors import map_images_on
+from rcnn_cli.executors import map_images_on, map_prepared
 from rcnn_cli.images import ImageItem
 from rcnn_cli.store import StageStore, file_identity
 
@@ -87,14 +87,18 @@ def is_current(store: StageStore, item: ImageItem, upstream: str | None = None) 
 def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem],
               is_done: Callable[[ImageItem], bool] | None = None, workers: int = 1,
               desc: str = "images", executor: str = "local", address: str | None = None,
-              shard: str | None = None, holds_model: bool = False) -> Report:
+              shard: str | None = None, holds_model: bool = False,
+              prepare: Callable[[ImageItem], dict] | None = None) -> Report:
     """Run a per-image stage over ``items``, skipping those ``is_done`` says are finished.
 
     ``fn`` may return a dict with a ``"times"`` entry ({stage: seconds}) for the report.
     ``executor`` picks where ``fn`` runs ("local": this process or a pool of ``workers``;
     "dask"/"ray": a cluster at ``address``, see :mod:`rcnn_cli.executors`); ``shard`` keeps
     one slice of the images; ``holds_model``: ``fn`` keeps a model loaded per process (see
-    :func:`rcnn_cli.executors.map_images_on`).
+    :func:`rcnn_cli.executors.map_images_on`). ``prepare`` (local executor, ``workers > 1``):
+    a two-stage pipeline instead, ``prepare(item)`` on ``workers`` processes feeding
+    ``fn(item, prepared=...)`` in this process (:func:`rcnn_cli.executors.map_prepared`: a
+    GPU process fed by CPU processes); otherwise ``fn(item)`` does all the work.
     """
     report = Report()
     t0 = time.perf_counter()
@@ -104,8 +108,11 @@ def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem]
             report.skipped += 1
         else:
             todo.append(it)
-    results = map_images_on(executor, fn, todo, workers=workers, address=address or None,
-                            desc=desc, holds_model=holds_model)
+    if prepare is not None and executor == "local" and workers > 1:
+        results = map_prepared(prepare, fn, todo, workers, desc)
+    else:
+        results = map_images_on(executor, fn, todo, workers=workers, address=address or None,
+                                desc=desc, holds_model=holds_model)
     for it, result, err in results:
         if err is not None:
             report.fail(str(it.path), err)
@@ -123,7 +130,8 @@ def run_stage_into(store: StageStore, fn: Callable[[ImageItem], dict | None],
                    also_done: Callable[[ImageItem], bool] | None = None,
                    desc: str = "images", holds_model: bool = False, workers: int = 1,
                    executor: str = "local", address: str | None = None,
-                   shard: str | None = None) -> Report:
+                   shard: str | None = None,
+                   prepare: Callable[[ImageItem], dict] | None = None) -> Report:
     """Run a stage that writes one record per image into ``store`` (the one stage driver).
 
     Steps: claim the store's folder (:meth:`StageStore.claim`: refuses a folder of other
@@ -133,7 +141,8 @@ def run_stage_into(store: StageStore, fn: Callable[[ImageItem], dict | None],
     now, the record ``upstream[item.rel]`` when given) and, when given, ``also_done(item)``
     (what else a finished image has, e.g. its picture);
     map ``fn`` (which writes the record) over the rest on ``executor`` (:func:`run_stage`;
-    ``holds_model``: ``fn`` keeps a CNN loaded per process).
+    ``holds_model``: ``fn`` keeps a CNN loaded per process; ``prepare``: its CPU half on a
+    pool of ``workers`` feeding ``fn`` in this process).
 
     Raises:
         StaleStoreError, ForeignFolderError: see :meth:`StageStore.claim`.
@@ -149,4 +158,5 @@ def run_stage_into(store: StageStore, fn: Callable[[ImageItem], dict | None],
         return is_current(store, it, up) and (also_done is None or also_done(it))
 
     return run_stage(fn, items, is_done=current, workers=workers, desc=desc,
-                     executor=executor, address=address, shard=shard, holds_model=holds_model)
+                     executor=executor, address=address, shard=shard, holds_model=holds_model,
+                     prepare=prepare)

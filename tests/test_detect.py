@@ -306,3 +306,30 @@ def test_detect_keeps_one_identity_per_image(chain, tmp_path):
     images = {i["file_name"]: (i["height"], i["width"])
               for i in json.loads((out / "images.json").read_text())}
     assert images["img.png"] == (60, 90)
+
+
+def test_gpu_pipeline_gives_the_same_detections(chain, tmp_path, monkeypatch):
+    """`rcnn detect --device cuda --workers N`: N processes decode and propose, the model's
+    process scores (executors.map_prepared). Forced on here on the CPU: same detections as
+    the one-process run, a broken image still one failure among the others."""
+    import rcnn_cli.detect as D
+
+    root, data = chain
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for stem in (data / "test.txt").read_text().split():
+        shutil.copy(data / "images" / f"{stem}.jpg", imgs / f"{stem}.jpg")
+    (imgs / "broken.jpg").write_text("not an image")
+    r = CliRunner()
+    base = ["detect", str(imgs), "--model", str(root / "model")]
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "one")])
+    assert res.exit_code == 1 and "1 failed" in res.output
+    calls = []
+    monkeypatch.setattr(D, "_feeds_gpu", lambda dev, cfg, dense: calls.append(dev) or True)
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "pipe"), "--workers", "2", "-v"])
+    assert calls == ["cpu"]
+    assert res.exit_code == 1, res.output
+    assert "broken.jpg" in res.output and "4 done" in res.output and "1 failed" in res.output
+    assert "2 processes make proposals" in res.output
+    one = (tmp_path / "one" / "detections.csv").read_text()
+    assert one.count("\n") > 4 and (tmp_path / "pipe" / "detections.csv").read_text() == one
