@@ -70,9 +70,9 @@ def build_store(full_dir: Path, out: Path, n_images: int, extract: dict) -> dict
     if "keep" in full.settings:
         raise SystemExit(f"{full_dir}: a compact store; --full needs `--keep all`")
     keep = keep_settings(extract, annotated=True)
-    store = StageStore(out, "extract", {**full.settings, "keep": keep},
-                       upstream_key=full.upstream_key, format_version=EXTRACT_FORMAT,
-                       overwrite=True)
+    store = StageStore.create(out, "extract", {**full.settings, "keep": keep},
+                              upstream_key=full.upstream_key, format_version=EXTRACT_FORMAT,
+                              overwrite=True)
     cache: dict[str, dict] = {}
     full_bytes = disk = 0
     t0 = time.perf_counter()
