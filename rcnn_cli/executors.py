@@ -47,6 +47,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
 from tqdm import tqdm
@@ -319,32 +320,63 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
     are prepared ahead, so memory stays bounded when this process is the slower stage.
 
     Yields ``(item, result, error)`` like :func:`map_images_on`; a result's ``"times"`` holds
-    both stages' entries. A failure of either stage is that image's error.
+    both stages' entries. A failure of either stage is that image's error. A worker that dies
+    (killed, out of memory) breaks the whole pool: a new pool takes over the images in flight,
+    and the image being waited for is tried once more before it is reported as failed (the
+    image that killed the worker may have been another one).
     """
     from collections import deque
 
     items = list(items)
     if not items:
         return
+    task = _Task(prepare)
     pool = _LocalPoolSession(workers)
     todo, ahead = iter(items), deque()
+    retried: set[str] = set()
+    renewals = 0
+
+    def renew() -> None:
+        nonlocal pool, renewals
+        renewals += 1
+        if renewals > len(items) + 2:
+            raise ExecutorError(f"{desc}: worker processes keep dying; stopped")
+        pool.close()
+        pool = _LocalPoolSession(workers)
+        for entry in ahead:
+            entry[1] = pool.pool.submit(task, entry[0])
+
+    def fill() -> None:
+        while len(ahead) < 2 * workers:
+            nxt = next(todo, None)
+            if nxt is None:
+                return
+            entry = [nxt, None]
+            ahead.append(entry)
+            try:
+                entry[1] = pool.pool.submit(task, nxt)
+            except BrokenProcessPool:
+                renew()  # submits every entry of ``ahead``, this one too
+
+    bar = progress(None, len(items), desc)
     try:
-        for it in todo:
-            ahead.append((it, pool.pool.submit(_Task(prepare), it)))
-            if len(ahead) >= 2 * workers:
-                break
-        bar = progress(None, len(items), desc)
+        fill()
         while ahead:
             item, fut = ahead.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                ahead.append((nxt, pool.pool.submit(_Task(prepare), nxt)))
             try:
                 _, prepared, err, _, _ = fut.result()
             except TaskError as e:
                 prepared, err = None, str(e)
             except Exception as e:  # noqa: BLE001 - a dead worker (killed, out of memory)
                 prepared, err = None, f"worker process died ({type(e).__name__}: {e})"
+                if item.rel not in retried:
+                    retried.add(item.rel)
+                    ahead.appendleft([item, None])
+                    renew()
+                    continue
+                renew()
+            fill()
+            result = None
             if err is None:
                 try:
                     _, result, err, _, _ = _Task(functools.partial(fn, prepared=prepared),
@@ -355,12 +387,10 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
                     times = dict(prepared.get("times") or {})
                     times.update(result.get("times") or {})
                     result["times"] = times
-            else:
-                result = None
             bar.update(1)
             yield item, result, err
-        bar.close()
     finally:
+        bar.close()
         pool.close()
 
 

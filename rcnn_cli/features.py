@@ -622,9 +622,18 @@ def shared_input(image: torch.Tensor, boxes: NDArray[np.float32],
             (f_y, f_x))
 
 
+#: Backbones whose shared mode runs without cuDNN on cuda (:func:`varying_shapes`): depthwise
+#: and 1x1 convolutions, for which PyTorch's own kernels matched cuDNN's steady speed
+#: (measured for mobilenet_v2 on an H200; efficientnet_lite0 has the same kinds of layers, not
+#: measured). Nets of dense 3x3 convolutions (vgg16, alexnet, resnet) keep cuDNN, whose
+#: kernels are far faster for those, and pay its kernel choice once per new image size.
+NO_CUDNN_SHARED = frozenset({"mobilenet_v2", "efficientnet_lite0"})
+
+
 @contextlib.contextmanager
-def varying_shapes(device: torch.device) -> Iterator[None]:
-    """Run the enclosed convolutions without cuDNN on cuda (no effect on cpu).
+def varying_shapes(device: torch.device, backbone: str) -> Iterator[None]:
+    """Run the enclosed convolutions of ``backbone`` without cuDNN on cuda when it is one of
+    :data:`NO_CUDNN_SHARED` (no effect otherwise, nor on cpu).
 
     For networks whose input shape changes from call to call: shared mode's trunk sees each
     image at its own size, and its RoI batches have any length. cuDNN chooses kernels per input
@@ -633,7 +642,7 @@ def varying_shapes(device: torch.device) -> Iterator[None]:
     (0.030 s per image in bf16 either way; README, GPU table).
     Backward passes inside the block (fine-tuning) run without cuDNN too.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or backbone not in NO_CUDNN_SHARED:
         yield
         return
     before = torch.backends.cudnn.enabled
@@ -803,15 +812,17 @@ class FeatureExtractor:
                                     torch.from_numpy(boxes).to(self.device))
 
     def _warp_roi_align(self, t: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
-        """Warp mode's tensor path (cuda): crops by ``roi_align``, every batch ``batch_size``
-        long (the last one padded with copies of its last box, dropped after), so the net sees
-        one input shape: cuDNN picks kernels per shape, ~1-2 s for each new one (H200)."""
+        """Warp mode's tensor path (cuda): crops by ``roi_align`` in batches of ``batch_size``,
+        a shorter last batch padded to the next power of two (copies of its last box, dropped
+        after), so the net sees few input shapes: cuDNN picks kernels per shape, ~1-2 s for
+        each new one (H200)."""
         out, bs = [], self.batch_size
         for i in range(0, len(tb), bs):
             b = tb[i:i + bs]
             k = len(b)
-            if k < bs:
-                b = torch.cat([b, b[-1:].expand(bs - k, 4)])
+            n = min(bs, 1 << (k - 1).bit_length())
+            if k < n:
+                b = torch.cat([b, b[-1:].expand(n - k, 4)])
             crops = warp_crops_roi_align(t, b, self.input_size, self.padding)
             out.append(self._forward_net(crops)[:k])
         return torch.cat(out)
@@ -824,13 +835,13 @@ class FeatureExtractor:
         ``grid`` tap (:class:`TwoMapTrunk`). Call under ``torch.inference_mode()``."""
         t, _, factors = shared_input(self.image_tensor(image), np.zeros((0, 4), np.float32),
                                      self.shared_scale)
-        with self._autocast(), varying_shapes(self.device):
+        with self._autocast(), varying_shapes(self.device, self.backbone):
             return self.trunk(t), factors
 
     def _extract_shared(self, image, boxes: NDArray[np.float32]) -> torch.Tensor:
         t, scaled, _ = shared_input(self.image_tensor(image), boxes, self.shared_scale)
         scaled = torch.from_numpy(scaled).to(self.device)
-        with self._autocast(), varying_shapes(self.device):
+        with self._autocast(), varying_shapes(self.device, self.backbone):
             fmap = self.trunk(t)
             out = [self.head(fmap, [scaled[i:i + self.batch_size]]).float()
                    for i in range(0, len(boxes), self.batch_size)]

@@ -790,7 +790,7 @@ class _Trainer:
                        flips: Sequence[bool]) -> torch.Tensor:
         """Logits of the RoIs ``box_list[j]`` of images ``img_list[j]``: one trunk pass per
         image, prepared as shared extraction prepares it (:func:`shared_input`)."""
-        with varying_shapes(self.dev):  # images of every size: no cuDNN
+        with varying_shapes(self.dev, self.plan.s.backbone):  # images of every size
             return self._forward_shared(img_list, box_list, flips)
 
     def _forward_shared(self, img_list: Sequence[int], box_list: Sequence[NDArray[np.float32]],
@@ -916,7 +916,7 @@ class _Trainer:
             rng = np.random.default_rng([s.seed, it])
             with torch.random.fork_rng(devices=cuda_devs):
                 torch.manual_seed(s.seed * 1000003 + it)  # dropout
-                with (varying_shapes(self.dev) if p.mode == "shared"
+                with (varying_shapes(self.dev, s.backbone) if p.mode == "shared"
                       else contextlib.nullcontext()):  # images of every size: no cuDNN
                     loss = _sgd_step(self.train_batch, rng, self.opt, self.dev)
             self.losses.append(loss)

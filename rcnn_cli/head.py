@@ -90,27 +90,35 @@ class Head:
     def out_dim(self) -> int:
         return int(self.fc7_w.shape[0])
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ARRAY_NAMES:  # new weights: the tensors fc7 multiplies with are stale
+            self.__dict__.pop("_folded", None)
+
     @functools.cached_property
     def _folded(self) -> tuple[torch.Tensor, ...]:
-        """fc6 with the input standardisation folded in (W / std, b - (W / std) mean) and fc7,
-        as float32 tensors (the arrays are not changed after construction)."""
-        w6 = self.fc6_w / self.std
-        b6 = self.fc6_b - w6 @ self.mean
+        """fc6 with the division by std folded in (W / std) and fc7, as float32 tensors."""
         return tuple(torch.from_numpy(np.ascontiguousarray(a, np.float32))
-                     for a in (w6.T, b6, self.fc7_w.T, self.fc7_b))
+                     for a in ((self.fc6_w / self.std).T, self.fc6_b, self.fc7_w.T,
+                               self.fc7_b))
 
     def fc7(self, features: ArrayLike) -> NDArray[np.float32]:
-        """fc7 activations (N, H) float32 (after ReLU) of raw features (N, D).
+        """fc7 activations (N, H) float32 (after ReLU) of raw features (N, D) (or (H,) of (D,)).
 
-        ``relu(fc7(relu(fc6((x - mean) / std))))`` with the standardisation folded into fc6
-        and torch's matrix product: 1.4x less CPU time than standardising then multiplying in
-        numpy (2000 x 2816 features, one thread, A/B in one process: 0.094 vs 0.135 s on a
-        loaded machine); outputs agree to 1e-6. The largest part of detect's scoring step."""
+        ``relu(fc7(relu(fc6((x - mean) / std))))`` with the division folded into fc6 (the
+        mean is subtracted first: folding it into the bias too cancels badly in float32 for
+        dimensions of tiny std) and torch's matrix product: 1.4x less CPU time than
+        standardising then multiplying in numpy (2000 x 2816 features, one thread, A/B in one
+        process: 0.094 vs 0.135 s on a loaded machine). The largest part of detect's scoring.
+        """
         w6, b6, w7, b7 = self._folded
-        x = torch.from_numpy(np.ascontiguousarray(features, np.float32))
+        x = np.asarray(features, np.float32)
+        flat = x.ndim == 1
+        x = torch.from_numpy(np.subtract(np.atleast_2d(x), self.mean, dtype=np.float32))
         with torch.inference_mode():
             h = torch.addmm(b6, x, w6).relu_()
-            return torch.addmm(b7, h, w7).relu_().numpy()
+            out = torch.addmm(b7, h, w7).relu_().numpy()
+        return out[0] if flat else out
 
     def logits(self, features: ArrayLike) -> NDArray[np.float32]:
         """Softmax-layer inputs (N, K + 1) of raw features; column 0 is background."""

@@ -465,33 +465,40 @@ def test_fold_batch_norm_keeps_the_outputs_and_removes_the_norms():
     assert isinstance(seq[1], torch.nn.BatchNorm2d)
 
 
-def test_roi_align_warp_pads_every_batch_to_one_shape():
-    """The cuda warp path feeds the net batches of exactly ``batch_size`` crops (cuDNN picks
-    kernels per input shape: ~1-2 s for each new one on an H200), and the padding rows never
-    reach the output: same features as one unpadded pass, row for row."""
+def test_roi_align_warp_pads_batches_to_few_shapes():
+    """The cuda warp path feeds the net batches of ``batch_size`` crops, a shorter last one
+    padded to a power of two (cuDNN picks kernels per input shape: ~1-2 s for each new one on
+    an H200), and the padding rows never reach the output: same features as one unpadded
+    pass, row for row."""
     img = _image(90, 130, seed=7)
     boxes = torch.from_numpy(_random_boxes(11, 90, 130, seed=8))
     fe = F.FeatureExtractor("mobilenet_v2", mode="warp", weights="random", device="cpu",
-                            batch_size=4)
+                            batch_size=8)
     seen = []
     net = fe.net
-    fe.net = lambda x: (seen.append(tuple(x.shape)), net(x))[1]
+    fe.net = lambda x: (seen.append(len(x)), net(x))[1]
     t = fe.image_tensor(img)
     with torch.inference_mode():
         padded = fe._warp_roi_align(t, boxes)
-    assert seen == [(4, 3, 224, 224)] * 3  # 11 boxes: 4 + 4 + 3 padded to 4
-    fe.net, fe.batch_size = net, 11
-    with torch.inference_mode():
+        assert seen == [8, 4]  # 11 boxes: 8 + 3 padded to 4
+        seen.clear()
+        fe._warp_roi_align(t, boxes[:1])
+        fe._warp_roi_align(t, boxes[:5])
+        assert seen == [1, 8]
+        fe.net, fe.batch_size = net, 11
         whole = fe._warp_roi_align(t, boxes)
     assert padded.shape == (11, fe.dim)
     np.testing.assert_allclose(padded.numpy(), whole.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_varying_shapes_turns_cudnn_off_on_cuda_only_and_restores_it():
+def test_varying_shapes_turns_cudnn_off_on_cuda_for_depthwise_nets_and_restores_it():
     before = torch.backends.cudnn.enabled
-    with F.varying_shapes(torch.device("cpu")):
+    with F.varying_shapes(torch.device("cpu"), "mobilenet_v2"):
         assert torch.backends.cudnn.enabled == before
-    with pytest.raises(RuntimeError), F.varying_shapes(torch.device("cuda")):
+    with F.varying_shapes(torch.device("cuda"), "vgg16"):  # dense 3x3 convs keep cuDNN
+        assert torch.backends.cudnn.enabled == before
+    with pytest.raises(RuntimeError), F.varying_shapes(torch.device("cuda"), "mobilenet_v2"):
         assert torch.backends.cudnn.enabled is False
         raise RuntimeError("boom")
     assert torch.backends.cudnn.enabled == before
+    assert F.NO_CUDNN_SHARED <= set(F.BACKBONES)

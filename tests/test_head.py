@@ -168,3 +168,35 @@ def test_train_head_restores_torch_threads_and_drops_out_as_configured():
     c = train_head(lambda: iter(recs), 2, dropout=0.0, input_dropout=0.0, **kw).head
     np.testing.assert_array_equal(a.fc6_w, b.fc6_w)
     assert not np.array_equal(a.fc6_w, c.fc6_w)
+
+
+def test_fc7_is_exact_for_tiny_std_and_follows_new_weights(tmp_path):
+    """fc7 folds 1/std into fc6 but subtracts the mean first (folding the mean into the bias
+    lost 2e-4 in float32 on dimensions at the std floor); a changed array is used at once;
+    1-D rows, float16 and read-only memmaps are accepted without warnings."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    d, hid = 64, 16
+    std = rng.uniform(0.5, 2, d).astype(np.float32)
+    std[::8] = 1e-3  # the std floor of train_head
+    mean = rng.uniform(0, 2, d).astype(np.float32)
+    h = Head(mean, std, rng.standard_normal((hid, d)).astype(np.float32) * 0.01,
+             np.zeros(hid, np.float32), np.eye(hid, dtype=np.float32), np.zeros(hid, np.float32),
+             np.zeros((2, hid), np.float32), np.zeros(2, np.float32))
+    x = (mean + rng.standard_normal((50, d)) * std).astype(np.float32)
+
+    def ref(head, x):
+        z = (x.astype(np.float64) - head.mean) / head.std
+        z = np.maximum(z @ head.fc6_w.T.astype(np.float64) + head.fc6_b, 0)
+        return np.maximum(z @ head.fc7_w.T.astype(np.float64) + head.fc7_b, 0)
+
+    np.testing.assert_allclose(h.fc7(x), ref(h, x), atol=2e-6)
+    h.fc7_w = 2 * h.fc7_w  # after a first fc7 call
+    np.testing.assert_allclose(h.fc7(x), ref(h, x), atol=4e-6)
+    np.testing.assert_allclose(h.fc7(x[3]), h.fc7(x)[3], atol=1e-6)
+    np.save(tmp_path / "x.npy", x.astype(np.float16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ro = h.fc7(np.load(tmp_path / "x.npy", mmap_mode="r"))
+    np.testing.assert_allclose(ro, h.fc7(x.astype(np.float16).astype(np.float32)), atol=1e-6)

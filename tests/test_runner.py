@@ -47,6 +47,32 @@ def test_dead_worker_is_a_failure_not_a_crash():
     assert rep.exit_code == 1
 
 
+def _use(item: ImageItem, prepared=None) -> dict:
+    assert prepared is not None and prepared["rel"] == item.rel
+    if item.rel.startswith("late"):
+        raise ZeroDivisionError("in the model's process")
+    return {"times": {"use": 1.0}}
+
+
+def _prep(item: ImageItem) -> dict:
+    _work(item)
+    return {"rel": item.rel, "times": {"prep": 1.0}}
+
+
+def test_pipeline_reports_each_failure_and_survives_a_dead_worker():
+    """run_stage(prepare=...): ``prepare`` on a pool feeding ``fn`` here (detect on a GPU).
+    A worker killed mid-image breaks the whole pool: the images in flight go to a new pool,
+    only the killer fails, the rest of the batch goes on, in order."""
+    names = ["a.jpg", "bad.jpg", "b.jpg", "die.jpg", "c.jpg", "late.jpg", *[f"{i}.jpg" for i in range(6)]]
+    rep = run_stage(_use, _items(*names), workers=2, prepare=_prep)
+    reasons = dict(rep.failures)
+    assert set(reasons) == {"bad.jpg", "die.jpg", "late.jpg"}, reasons
+    assert "worker process died" in reasons["die.jpg"]
+    assert reasons["bad.jpg"] == "not a decodable image"
+    assert reasons["late.jpg"] == "ZeroDivisionError: in the model's process"
+    assert rep.done == 9 and rep.stage_seconds == {"prep": 9.0, "use": 9.0}
+
+
 def test_shards_partition_the_items():
     items = _items(*[f"{i}.jpg" for i in range(7)])
     parts = [shard_items(items, f"{i}/3") for i in range(3)]
