@@ -55,6 +55,8 @@ OUTPUT_FILES = ("per_image", "vis", "voc", "yolo", "detections.csv", "detections
 FORMAT_FILES = {"csv": ("detections.csv",),
                 "coco": ("detections.json", "images.json", "categories.json"),
                 "voc": ("voc",), "yolo": ("yolo",)}
+
+
 def model_proposals(image: NDArray[np.uint8], proposal_settings: Mapping[str, Any],
                     max_proposals: int | None) -> NDArray[np.float32]:
     """Step 1 of :func:`detect_image`: the proposals a model was trained with (its
