@@ -135,6 +135,9 @@ CV_CONFIGS: dict[str, dict] = {
     "propose800": {"propose": {"max_side": 800, "min_size": 10}},
     "lite0": {"extract": {"backbone": "efficientnet_lite0"}},
     "lite0_pool": {"extract": {"backbone": "efficientnet_lite0", "tap": "pool"}},
+    # the compact training store (`extract --keep train`, the default of `rcnn extract
+    # --annotations`); held-out images are still scored from all their windows
+    "compact": {"extract": {"keep": "train"}},
 }
 
 #: Post-processing variants scored offline on every trained fold model ("default" is the
@@ -228,9 +231,15 @@ def run_cv(data: Path, work: Path, cfg: dict, k: int, configs: list[str], seed: 
     res: dict = {"data": str(data), "k": k, "fold_seed": seed, "variants": list(CV_VARIANTS),
                  "configs": {}}
     ids: list[str] = []
+    full = None  # the first configuration's store: held-out images of a compact one
     for name in configs:
         c = _merge(cfg, CV_CONFIGS[name])
         feats_dir, store = _cv_features(data, work, cfg, name, feats)
+        if "keep" in store.settings:  # a compact store trains; all windows are scored
+            if full is None:
+                raise SystemExit(f"{name}: a compact store needs a full configuration first")
+            store = full
+        full = full or store
         if not ids:
             ids = store.done_rels()
             classes = list(store.settings["classes"])
