@@ -138,6 +138,7 @@ CV_CONFIGS: dict[str, dict] = {
     # the compact training store (`extract --keep train`, the default of `rcnn extract
     # --annotations`); held-out images are still scored from all their windows
     "compact": {"extract": {"keep": "train"}},
+    "compact_near01": {"extract": {"keep": "train", "keep_near_iou": 0.1}},
 }
 
 #: Post-processing variants scored offline on every trained fold model ("default" is the
