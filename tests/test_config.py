@@ -151,3 +151,18 @@ def test_non_utf8_or_binary_config_is_one_config_error(tmp_path):
     d.mkdir()
     with pytest.raises(C.ConfigError, match="dir.toml"):
         C.load(d)
+
+
+def test_every_shipped_config_file_loads():
+    """configs/*.toml are documented starting points: each must pass the same checks as a
+    user's file (unknown keys and bad values are refused)."""
+    from pathlib import Path
+
+    from rcnn_cli import config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert {f.name for f in files} >= {"default.toml", "quality.toml", "gpu.toml"}
+    for f in files:
+        config.load(str(f))
+    assert config.load(str(files[[f.name for f in files].index("quality.toml")]))[
+        "extract"]["keep"] == "all"
