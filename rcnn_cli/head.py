@@ -107,9 +107,9 @@ class Head:
 
         ``relu(fc7(relu(fc6((x - mean) / std))))`` with the division folded into fc6 (the
         mean is subtracted first: folding it into the bias too cancels badly in float32 for
-        dimensions of tiny std) and torch's matrix product: 1.4x less CPU time than
+        dimensions of tiny std) and torch's matrix product: 1.3x less CPU time than
         standardising then multiplying in numpy (2000 x 2816 features, one thread, A/B in one
-        process: 0.094 vs 0.135 s on a loaded machine). The largest part of detect's scoring.
+        process: 0.097 vs 0.127 s on a loaded machine). The largest part of detect's scoring.
         """
         w6, b6, w7, b7 = self._folded
         x = np.asarray(features, np.float32)
