@@ -181,7 +181,7 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
         source, img = prepared["source"], prepared["image"]
     model = _get_model(model_dir)
     ext = get_extractor(extractor_kwargs)
-    t_dec = time.perf_counter() - t0
+    times = {} if prepared is not None else {"decode": time.perf_counter() - t0}
     if dense:
         from rcnn_cli.dense import detect_dense
 
@@ -199,8 +199,7 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
         pic = draw_detections(img, out["boxes"][show], out["labels"][show], out["scores"][show],
                               model.classes)
         save_image(vis_path(vis_dir, item.rel), pic)
-    times = out["times"] if prepared is not None else {"decode": t_dec, **out["times"]}
-    return {"times": times}
+    return {"times": {**times, **out["times"]}}
 
 
 def vis_path(vis_dir: str | Path, rel: str) -> Path:

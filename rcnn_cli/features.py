@@ -839,10 +839,9 @@ class FeatureExtractor:
             return self.trunk(t), factors
 
     def _extract_shared(self, image, boxes: NDArray[np.float32]) -> torch.Tensor:
-        t, scaled, _ = shared_input(self.image_tensor(image), boxes, self.shared_scale)
-        scaled = torch.from_numpy(scaled).to(self.device)
+        fmap, (f_y, f_x) = self.shared_maps(image)
+        scaled = torch.from_numpy(box_ops.scale(boxes, f_y, f_x)).to(self.device)
         with self._autocast(), varying_shapes(self.device, self.backbone):
-            fmap = self.trunk(t)
             out = [self.head(fmap, [scaled[i:i + self.batch_size]]).float()
                    for i in range(0, len(boxes), self.batch_size)]
         return torch.cat(out)

@@ -740,8 +740,7 @@ class _TrainingData:
 
     def count(self, fg: bool) -> int:
         """Foreground (or background) windows of the training images."""
-        return int(sum(((w.labels > 0) if fg else (w.labels == 0)).sum()
-                       for w in (self.windows[i] for i in self.train)))
+        return int(((self.pool_lab > 0) if fg else (self.pool_lab == 0)).sum())
 
 
 class _Trainer:
@@ -790,11 +789,6 @@ class _Trainer:
                        flips: Sequence[bool]) -> torch.Tensor:
         """Logits of the RoIs ``box_list[j]`` of images ``img_list[j]``: one trunk pass per
         image, prepared as shared extraction prepares it (:func:`shared_input`)."""
-        with varying_shapes(self.dev, self.plan.s.backbone):  # images of every size
-            return self._forward_shared(img_list, box_list, flips)
-
-    def _forward_shared(self, img_list: Sequence[int], box_list: Sequence[NDArray[np.float32]],
-                        flips: Sequence[bool]) -> torch.Tensor:
         feats = []
         for i, b, fl in zip(img_list, box_list, flips):
             img = self.data.cache.get(int(i))
@@ -841,8 +835,9 @@ class _Trainer:
                 sl = slice(s, s + bs)
                 logits.append(self.forward_warp(img[sl], bx[sl], np.zeros(len(img[sl]), bool)))
         else:
-            for i, p in d.val:
-                logits.append(self.forward_shared([i], [d.windows[i].boxes[p]], [False]))
+            with varying_shapes(self.dev, self.plan.s.backbone):  # images of every size
+                for i, p in d.val:
+                    logits.append(self.forward_shared([i], [d.windows[i].boxes[p]], [False]))
         labels = torch.from_numpy(np.concatenate([d.windows[i].labels[p] for i, p in d.val]))
         z = torch.cat(logits).cpu()
         net.train()
