@@ -580,12 +580,15 @@ def demo(out, data, no_vis, config_file, common, overwrite):
     """Run the whole chain (propose, extract, train-svm, detect, evaluate) on a small dataset
     built from photos bundled with scikit-image, or on your own VOC folder with --data.
 
-    Prints the mAP and the paths of the pictures it drew.
+    Prints the mAP and the paths of the pictures it drew. Without --workers (or a config
+    file's [common] workers) it uses every CPU, at most 4 processes.
 
     Example: rcnn demo -o runs/demo
     """
-    from rcnn_cli.demo import run_demo
+    from rcnn_cli.demo import demo_workers, run_demo
 
+    if common["workers"] is None and "workers" not in cfgmod.explicit_keys(config_file, "common"):
+        common = dict(common, workers=demo_workers())
     cfg = load_config(config_file, common=common)
     res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis)
     from rcnn_cli.runrecord import resolved_device, stage_settings

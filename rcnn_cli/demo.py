@@ -20,6 +20,24 @@ from rcnn_cli.datasets import find_split_file, load_dataset
 log = logging.getLogger("rcnn_cli.demo")
 
 
+#: `rcnn demo` without --workers uses this many processes at most (each CNN worker holds a
+#: copy of the model, about 0.8 GB).
+DEMO_MAX_WORKERS = 4
+
+
+def demo_workers() -> int:
+    """Processes `rcnn demo` uses when neither --workers nor a config file sets them: the
+    CPUs this process may run on, at most :data:`DEMO_MAX_WORKERS` (a demo should show the
+    chain at the machine's speed; every other command keeps the default of 1)."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, DEMO_MAX_WORKERS))
+
+
 def _split_files(data: Path, out: Path, seed: int) -> tuple[Path, Path]:
     """train/test split files of a VOC folder: its own when present, else a seeded 80/20."""
     tr, te = find_split_file(data, "train"), find_split_file(data, "test")

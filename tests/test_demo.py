@@ -34,3 +34,38 @@ def test_split_files_seeded_when_absent(tmp_path):
     assert len(test) == 2 and len(train) == 8 and not set(train) & set(test)
     _tr2, te2 = _split_files(d, tmp_path / "s2", seed=0)
     assert te2.read_text() == te.read_text()
+
+
+def test_demo_workers_follow_the_cpus(monkeypatch):
+    import os
+
+    from rcnn_cli import demo
+
+    for cpus, want in ((1, 1), (2, 2), (3, 3), (64, demo.DEMO_MAX_WORKERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)),
+                            raising=False)
+        assert demo.demo_workers() == want
+
+
+def test_demo_workers_flag_and_config_win(monkeypatch, tmp_path):
+    """--workers, then a config file's [common] workers, then demo_workers()."""
+    from click.testing import CliRunner
+
+    from rcnn_cli import demo
+    from rcnn_cli.cli import cli
+
+    seen = []
+
+    def fake_run_demo(out, cfg, **kw):
+        seen.append(cfg["common"]["workers"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(demo, "demo_workers", lambda: 3)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[common]\nworkers = 2\n")
+    for args in ([], ["--workers", "1"], ["--config", str(cfg)],
+                 ["--config", str(cfg), "--workers", "4"]):
+        res = CliRunner().invoke(cli, ["demo", "-o", str(tmp_path / "o"), *args])
+        assert res.exit_code == 0, res.output
+    assert seen == [3, 1, 2, 4]

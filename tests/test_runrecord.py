@@ -120,6 +120,7 @@ def test_localize_records(chain, tmp_path):
 
 def test_demo_record(chain, tmp_path):
     from rcnn_cli.datasets import load_dataset, write_voc_xml
+    from rcnn_cli.demo import demo_workers
 
     ds = load_dataset(chain["ann"])
     voc = tmp_path / "voc"
@@ -138,4 +139,6 @@ def test_demo_record(chain, tmp_path):
         "--device", "cpu")
     r = record(tmp_path / "demo", "demo")
     assert r["counts"] == {"test_images": 2} and r["resolved"]["device"] == "cpu"
+    # without --workers the demo uses the machine's CPUs (at most 4)
+    assert r["settings"]["common"]["workers"] == demo_workers()
     assert r["resolved"]["features"]["backbone"] == "resnet18"
