@@ -291,8 +291,8 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), help="Stored precision.")
 @click.option("--keep", type=click.Choice(["all", "train"]),
               help="With --annotations: all proposals, or only what train-svm reads (ground "
-                   "truth, windows near it, a background sample; ~12x smaller, boxes a little "
-                   "looser: use all for a few hundred images).")
+                   "truth, windows near it, a background sample; 4.5x smaller up to 2000 "
+                   "images, 12x above: [extract] keep_near_iou).")
 @common_options
 @cluster_options
 def extract(images, proposals_dir, out, annotations, split, backbone, tap, weights, mode, dtype,

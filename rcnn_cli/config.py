@@ -129,7 +129,7 @@ RULES: dict[str, Rule] = {
     "extract.batch_size": at_least(1),
     "extract.max_proposals": at_least(1),
     "extract.keep": one_of("all", "train"),
-    "extract.keep_near_iou": in_range(0.0, 1.0, lo_open=True),
+    "extract.keep_near_iou": in_range(0.0, 1.0),  # 0 = by the dataset's size
     "extract.keep_background": at_least(0),
     "extract.keep_seed": at_least(0),
     "finetune.iterations": at_least(1),

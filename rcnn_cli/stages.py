@@ -229,7 +229,8 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     if ds is not None:
         gt = ds.by_name()  # ImageItem.rel -> record
         settings.update(classes=ds.classes, annotations=dataset_fingerprint(ds.records))
-    keep = keep_settings(e, annotated=ds is not None)
+    keep = keep_settings(e, annotated=ds is not None,
+                         images=len(ds.records) if ds is not None else 0)
     if keep["keep"] != "all":  # absent for "all": stores made before the option stay valid
         settings["keep"] = keep
     store = StageStore(out, "extract", settings, upstream_key=upstream.key,

@@ -69,7 +69,7 @@ def build_store(full_dir: Path, out: Path, n_images: int, extract: dict) -> dict
         raise SystemExit(f"{full_dir}: no records, or extracted without --annotations")
     if "keep" in full.settings:
         raise SystemExit(f"{full_dir}: a compact store; --full needs `--keep all`")
-    keep = keep_settings(extract, annotated=True)
+    keep = keep_settings(extract, annotated=True, images=n_images)
     store = StageStore.create(out, "extract", {**full.settings, "keep": keep},
                               upstream_key=full.upstream_key, format_version=EXTRACT_FORMAT,
                               overwrite=True)

@@ -204,6 +204,24 @@ def test_extract_keep_choices(chain, tmp_path, keep):
     assert stats["features_keep"]["keep"] == keep
 
 
+def test_extract_keep_near_iou_default_is_resolved_by_dataset_size(chain, tmp_path):
+    """keep_near_iou = 0 (default): a 2-image dataset stores windows at IoU >= 0.1 and says
+    so in the store's settings and the model's training stats."""
+    out = tmp_path / "f"
+    run("extract", chain["img"], "--proposals", chain["props"], "--annotations", chain["ann"],
+        "-o", out, "--backbone", "resnet18", "--weights", "random", "--config", chain["cfg"])
+    keep = json.loads((out / "manifest.json").read_text())["settings"]["keep"]
+    assert keep["keep"] == "train" and keep["near_iou"] == 0.1
+    for name in ("a.png", "b.png"):
+        z = np.load(out / f"{name}.npz")
+        props = np.load(chain["props"] / f"{name}.npz")["boxes"]
+        windows = np.concatenate([z["gt_boxes"], props])  # the full list: ground truth first
+        assert int(z["num_windows"]) == len(windows)
+        near = np.flatnonzero(box_iou(windows, z["gt_boxes"]).max(1) >= 0.1)
+        assert set(near.tolist()) <= set(z["kept_rows"].tolist())
+        assert np.array_equal(z["boxes"], windows[z["kept_rows"]])
+
+
 def test_extract_store_is_recomputed_when_keep_changes(chain, tmp_path):
     common = [chain["img"], "--proposals", chain["props"], "--annotations", chain["ann"],
               "-o", tmp_path / "f", "--backbone", "resnet18", "--weights", "random"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rcnn_cli import compact
+from rcnn_cli import compact, config
 from rcnn_cli.boxes import box_iou
 from rcnn_cli.head import collect_windows
 
@@ -82,6 +82,20 @@ def test_keep_settings():
         "keep": "train", "near_iou": 0.1, "background": 5, "seed": 0}
     with pytest.raises(ValueError, match="extract.keep"):
         compact.keep_settings({**TRAIN, "keep": "some"}, annotated=True)
+
+
+def test_keep_near_iou_zero_follows_the_dataset_size():
+    """keep_near_iou = 0 (the default): 0.1 up to AUTO_MAX_IMAGES annotated images, 0.3
+    above; a set value is used as it is, whatever the size."""
+    auto = {**TRAIN, "keep_near_iou": 0.0}
+    n = compact.AUTO_MAX_IMAGES
+    assert compact.keep_settings(auto, annotated=True, images=1)["near_iou"] == 0.1
+    assert compact.keep_settings(auto, annotated=True, images=n)["near_iou"] == 0.1
+    assert compact.keep_settings(auto, annotated=True, images=n + 1)["near_iou"] == 0.3
+    assert compact.keep_settings(TRAIN, annotated=True, images=n + 1)["near_iou"] == 0.1
+    assert config.default("extract.keep_near_iou") == 0.0
+    assert config.check_value("extract.keep_near_iou", 0.0) is None
+    assert config.check_value("extract.keep_near_iou", -0.1) is not None
 
 
 def _window_records(n_images: int, seed: int = 0):
