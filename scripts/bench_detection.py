@@ -137,8 +137,13 @@ CV_CONFIGS: dict[str, dict] = {
     "lite0_pool": {"extract": {"backbone": "efficientnet_lite0", "tap": "pool"}},
     # the compact training store (`extract --keep train`, the default of `rcnn extract
     # --annotations`); held-out images are still scored from all their windows
-    "compact": {"extract": {"keep": "train"}},
+    "compact": {"extract": {"keep": "train", "keep_near_iou": 0.3}},
     "compact_near01": {"extract": {"keep": "train", "keep_near_iou": 0.1}},
+    # `rcnn extract --annotations` as it is by default (keep_near_iou = 0: by dataset size)
+    "compact_auto": {"extract": {"keep": "train"}},
+    # fewer fc-head SGD iterations (train-svm time; the demo's 60 s)
+    "head_500": {"train_svm": {"head_iterations": 500}},
+    "head_1000": {"train_svm": {"head_iterations": 1000}},
 }
 
 #: Post-processing variants scored offline on every trained fold model ("default" is the

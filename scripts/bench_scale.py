@@ -120,8 +120,10 @@ def main() -> None:
     ap.add_argument("--keep-work", action="store_true", help="do not delete the store")
     ap.add_argument("--reuse", action="store_true",
                     help="train on the store a --keep-work run left in --work")
+    ap.add_argument("--keep-near-iou", type=float, default=None,
+                    help="[extract] keep_near_iou (default: the config's, 0 = by the size)")
     a = ap.parse_args()
-    cfg = config.load()
+    cfg = config.load(overrides={"extract": {"keep_near_iou": a.keep_near_iou}})
     feats, model = a.work / "feats", a.work / "model"
     res = (store_size(feats, a.images) if a.reuse
            else build_store(a.full, feats, a.images, cfg["extract"]))

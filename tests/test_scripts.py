@@ -38,6 +38,7 @@ def test_bench_scale_builds_a_replicated_compact_store(tmp_path):
     out = tmp_path / "copies"
     res = bench.build_store(tmp_path / "full", out, 7, config.load()["extract"])
     assert res["disk_bytes_per_image"] > 0 and res["keep"]["keep"] == "train"
+    assert res["keep"]["near_iou"] == 0.1  # keep_near_iou = 0 resolved for 7 images
     store = open_upstream(out, "extract")
     rels = store.done_rels()
     assert len(rels) == 7 and all(r.startswith("copies/") for r in rels)
