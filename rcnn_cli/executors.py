@@ -64,10 +64,6 @@ MIN_WINDOW = 64
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                "NUMBA_NUM_THREADS")
 
-#: ``module.qualname`` of per-image functions that hold a model even where the caller does not
-#: say so (``holds_model``); the stage drivers say so, so this is empty by default
-MODEL_STAGES: set[str] = set()
-
 Result = tuple[ImageItem, "dict | None", "str | None"]
 #: what a session yields per image: (item, result, reason, worker ``host:pid``, seconds)
 TaskResult = tuple[ImageItem, "dict | None", "str | None", "str | None", float]
@@ -98,13 +94,6 @@ class Session(Protocol):
 
     def close(self) -> None:
         """Release what the session started (pools, clusters, actors)."""
-
-
-def loads_model(fn: Callable) -> bool:
-    """True if ``fn`` (or the function a ``functools.partial`` wraps) is named in
-    :data:`MODEL_STAGES`."""
-    base = fn.func if isinstance(fn, functools.partial) else fn
-    return f"{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', '')}" in MODEL_STAGES
 
 
 def progress(iterable: Iterable, total: int | None, desc: str, quiet: bool = False):
@@ -259,8 +248,7 @@ def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
             (``DASK_SCHEDULER_ADDRESS`` / ``RAY_ADDRESS``), else a local cluster for the run.
         desc: progress bar label.
         holds_model: ``fn`` loads a model into a per-process cache (a CNN stage): on Ray it
-            runs on long-lived actors that keep it (also for functions in
-            :data:`MODEL_STAGES`).
+            runs on long-lived actors that keep it.
 
     Returns:
         An iterator of ``(item, result, error)``: ``result`` is the dict ``fn`` returned plus
@@ -279,7 +267,7 @@ def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
     if not items:
         return iter(())
     session = open_session(executor, workers, address,
-                           holds_model=holds_model or loads_model(fn))
+                           holds_model=holds_model)
     try:
         session.check_paths(_probe_paths(fn, items))
     except BaseException:
@@ -321,9 +309,10 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
 
     Yields ``(item, result, error)`` like :func:`map_images_on`; a result's ``"times"`` holds
     both stages' entries. A failure of either stage is that image's error. A worker that dies
-    (killed, out of memory) breaks the whole pool: a new pool takes over the images in flight,
-    and the image being waited for is tried once more before it is reported as failed (the
-    image that killed the worker may have been another one).
+    (killed, out of memory) breaks the whole pool: a new pool takes over the images that were
+    in flight and runs them one at a time (so the one that kills a worker again breaks the
+    pool alone, not the images beside it); the image being waited for is tried once more
+    before it is reported as failed. Then the pipeline fills up again.
     """
     from collections import deque
 
@@ -337,6 +326,7 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
     renewals = 0
 
     def renew() -> None:
+        """A new pool; the images in flight are resubmitted one at a time (isolated)."""
         nonlocal pool, renewals
         renewals += 1
         if renewals > len(items) + 2:
@@ -344,9 +334,11 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
         pool.close()
         pool = _LocalPoolSession(workers)
         for entry in ahead:
-            entry[1] = pool.pool.submit(task, entry[0])
+            entry[1] = None
 
     def fill() -> None:
+        if any(entry[1] is None for entry in ahead):
+            return  # after a break: the images that were in flight run alone first
         while len(ahead) < 2 * workers:
             nxt = next(todo, None)
             if nxt is None:
@@ -356,12 +348,19 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
             try:
                 entry[1] = pool.pool.submit(task, nxt)
             except BrokenProcessPool:
-                renew()  # submits every entry of ``ahead``, this one too
+                renew()
+                return
 
     bar = progress(None, len(items), desc)
     try:
         fill()
         while ahead:
+            if ahead[0][1] is None:  # isolated: the only image in the pool
+                try:
+                    ahead[0][1] = pool.pool.submit(task, ahead[0][0])
+                except BrokenProcessPool:
+                    renew()
+                    continue
             item, fut = ahead.popleft()
             try:
                 _, prepared, err, _, _ = fut.result()

@@ -267,18 +267,17 @@ def test_ray_tasks_and_actors(images, local_out, tmp_path, monkeypatch):
         assert_same_outputs(local_out, out)
         assert ray.is_initialized()  # not ours to stop
         # a CNN stage (here a stand-in) runs on long-lived actors, with the same retries
-        monkeypatch.setattr(executors, "MODEL_STAGES", {f"{__name__}.flaky"})
         marks = tmp_path / "marks"
         marks.mkdir()
         items = fake_items(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png"])
         fn = functools.partial(flaky, marks=str(marks), fail_times=1)
-        assert executors.loads_model(fn)
         got = {it.rel: (res, err) for it, res, err in
-               executors.map_images_on("ray", fn, items, workers=2)}
+               executors.map_images_on("ray", fn, items, workers=2, holds_model=True)}
         assert all(err is None and res["attempt"] == 1 for res, err in got.values())
         assert len({res["worker"] for res, _ in got.values()}) <= 2  # two actors
         bad = functools.partial(flaky, marks=str(marks), fail_times=99)
-        [(_, res, err)] = executors.map_images_on("ray", bad, items[:1], workers=1)
+        [(_, res, err)] = executors.map_images_on("ray", bad, items[:1], workers=1,
+                                                  holds_model=True)
         assert res is None and err.startswith("ValueError: attempt ") and "\n" not in err
     finally:
         ray.shutdown()

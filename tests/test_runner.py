@@ -1,5 +1,6 @@
 import functools
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ def _work(item: ImageItem) -> dict:
         raise ZeroDivisionError("division by zero")
     if name.startswith("die"):
         os._exit(3)  # a worker killed mid-image (e.g. out of memory)
+    if name.startswith("slow"):
+        time.sleep(1.0)  # still running when another image kills the pool
     return {"times": {"work": 1.0}}
 
 
@@ -71,6 +74,19 @@ def test_pipeline_reports_each_failure_and_survives_a_dead_worker():
     assert reasons["bad.jpg"] == "not a decodable image"
     assert reasons["late.jpg"] == "ZeroDivisionError: in the model's process"
     assert rep.done == 9 and rep.stage_seconds == {"prep": 9.0, "use": 9.0}
+
+
+def test_pipeline_isolates_the_image_that_kills_workers():
+    """Regression (a flaky failure under load): after a pool broke, every image in flight was
+    resubmitted at once, so the killer broke the new pool too and an innocent image in
+    flight beside it was reported as a dead worker. Now the images in flight run one at a
+    time after a break: only the killer fails."""
+    names = ["a.jpg", "slow1.jpg", "die.jpg", "slow2.jpg", "b.jpg", "c.jpg"]
+    rep = run_stage(_use, _items(*names), workers=2, prepare=_prep)
+    reasons = dict(rep.failures)
+    assert set(reasons) == {"die.jpg"}, reasons
+    assert "worker process died" in reasons["die.jpg"]
+    assert rep.done == 5
 
 
 def test_shards_partition_the_items():
