@@ -581,23 +581,27 @@ def demo(out, data, no_vis, config_file, common, overwrite):
     built from photos bundled with scikit-image, or on your own VOC folder with --data.
 
     Prints the mAP and the paths of the pictures it drew. Without --workers (or a config
-    file's [common] workers) it uses every CPU, at most 4 processes.
+    file's [common] workers) selective search runs in one process per CPU (at most 4); the
+    CNN stages stay in this process, whose torch threads use the cores already.
 
     Example: rcnn demo -o runs/demo
     """
     from rcnn_cli.demo import demo_workers, run_demo
 
-    if common["workers"] is None and "workers" not in cfgmod.explicit_keys(config_file, "common"):
-        common = dict(common, workers=demo_workers())
     cfg = load_config(config_file, common=common)
-    res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis)
+    chosen = common["workers"] is not None or "workers" in cfgmod.explicit_keys(config_file,
+                                                                               "common")
+    propose_workers = None if chosen else demo_workers()
+    res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis,
+                   propose_workers=propose_workers)
     from rcnn_cli.runrecord import resolved_device, stage_settings
 
     scored = json.loads(Path(res["metrics"]).read_text()).get("num_images")
     record_run(cfg, list(cfg), inputs=[data], model=Path(out) / "model",
                counts={"test_images": scored},
                resolved={"device": resolved_device(cfg["common"]["device"]),
-                         "features": stage_settings(Path(out) / "features").get("features")})
+                         "features": stage_settings(Path(out) / "features").get("features"),
+                         "propose_workers": propose_workers or cfg["common"]["workers"]})
     click.echo(f"mAP (VOC07 11-point) {res['mAP_voc07']:.3f}  mAP (all-point) "
                f"{res['mAP_voc']:.3f}  COCO AP {res['coco_AP']:.3f}")
     click.echo(f"metrics: {res['metrics']}")

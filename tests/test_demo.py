@@ -48,7 +48,8 @@ def test_demo_workers_follow_the_cpus(monkeypatch):
 
 
 def test_demo_workers_flag_and_config_win(monkeypatch, tmp_path):
-    """--workers, then a config file's [common] workers, then demo_workers()."""
+    """Selective search's processes: --workers, then a config file's [common] workers,
+    then demo_workers()."""
     from click.testing import CliRunner
 
     from rcnn_cli import demo
@@ -57,7 +58,7 @@ def test_demo_workers_flag_and_config_win(monkeypatch, tmp_path):
     seen = []
 
     def fake_run_demo(out, cfg, **kw):
-        seen.append(cfg["common"]["workers"])
+        seen.append(kw["propose_workers"] or cfg["common"]["workers"])
         raise SystemExit(0)
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)

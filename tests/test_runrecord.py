@@ -139,6 +139,12 @@ def test_demo_record(chain, tmp_path):
         "--device", "cpu")
     r = record(tmp_path / "demo", "demo")
     assert r["counts"] == {"test_images": 2} and r["resolved"]["device"] == "cpu"
-    # without --workers the demo uses the machine's CPUs (at most 4)
-    assert r["settings"]["common"]["workers"] == demo_workers()
+    # without --workers the demo's selective search uses the machine's CPUs (at most 4)
+    assert r["resolved"]["propose_workers"] == demo_workers()
+    assert r["settings"]["common"]["workers"] == 1
+    import tomllib
+
+    used = {stage: tomllib.loads((tmp_path / "demo" / stage / "config.toml").read_text())
+            ["common"]["workers"] for stage in ("proposals", "features")}
+    assert used == {"proposals": demo_workers(), "features": 1}
     assert r["resolved"]["features"]["backbone"] == "resnet18"
