@@ -44,8 +44,9 @@ def common_options(f):
     @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
     @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
     @click.option("--workers", type=click.IntRange(min=1), default=None,
-                  help="Processes for the CPU stages (default 1; with a GPU, detect's "
-                  "selective search runs in them, feeding the GPU process).")
+                  help="Processes for the CPU stages (default 1; `rcnn demo`: one per CPU, "
+                  "at most 4, for selective search; with a GPU, detect's selective search "
+                  "runs in them, feeding the GPU process).")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                   help="Where the CNN runs: auto picks cuda when present.")
     @click.option("--overwrite", is_flag=True,
@@ -309,9 +310,11 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
                             split=split, overwrite=overwrite)
     from rcnn_cli.runrecord import resolved_device, stage_settings
 
+    stored = stage_settings(out)
     record_run(cfg, ["common", "extract"], inputs=[*images, proposals_dir, annotations, split],
                report=report, resolved={"device": resolved_device(cfg["common"]["device"]),
-                                        "features": stage_settings(out).get("features")})
+                                        "features": stored.get("features"),
+                                        "keep": stored.get("keep", {"keep": "all"})})
     click.echo(str(Path(out)))
     finish(report)
 
@@ -589,8 +592,8 @@ def demo(out, data, no_vis, config_file, common, overwrite):
     from rcnn_cli.demo import demo_workers, run_demo
 
     cfg = load_config(config_file, common=common)
-    chosen = common["workers"] is not None or "workers" in cfgmod.explicit_keys(config_file,
-                                                                               "common")
+    in_file = cfgmod.explicit_keys(config_file, "common")
+    chosen = common["workers"] is not None or "workers" in in_file
     propose_workers = None if chosen else demo_workers()
     res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis,
                    propose_workers=propose_workers)

@@ -54,17 +54,24 @@ AUTO_MAX_IMAGES = 2000
 BACKGROUND = 64
 
 
-def near_iou(setting: float, images: int) -> float:
+def near_iou(setting: float, images: int | None) -> float:
     """The IoU ``keep_near_iou = setting`` means for a dataset of ``images`` annotated
     images: the setting itself, or for 0 (auto) :data:`NEAR_IOU_SMALL` up to
-    :data:`AUTO_MAX_IMAGES` images and :data:`NEAR_IOU` above."""
+    :data:`AUTO_MAX_IMAGES` images and :data:`NEAR_IOU` above.
+
+    Raises:
+        ValueError: ``setting`` is 0 and ``images`` is None (the size must be known).
+    """
     if setting:
         return float(setting)
+    if images is None:
+        raise ValueError("keep_near_iou = 0 is resolved from the number of annotated images; "
+                         "pass images=")
     return NEAR_IOU_SMALL if images <= AUTO_MAX_IMAGES else NEAR_IOU
 
 
 def keep_settings(extract: Mapping[str, Any], annotated: bool,
-                  images: int = 0) -> dict[str, Any]:
+                  images: int | None = None) -> dict[str, Any]:
     """The settings of the ``[extract]`` section that decide which rows a record keeps
     (part of the extract store's key), with ``keep_near_iou = 0`` (auto) resolved for a
     dataset of ``images`` annotated images (all of them, before any shard is taken).

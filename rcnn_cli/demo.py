@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,19 +21,18 @@ from rcnn_cli.datasets import find_split_file, load_dataset
 log = logging.getLogger("rcnn_cli.demo")
 
 
-#: `rcnn demo` without --workers uses this many processes at most (each CNN worker holds a
-#: copy of the model, about 0.8 GB).
+#: `rcnn demo` without --workers runs selective search in at most this many processes (its
+#: 48 images gain little from more, and each process costs a start-up)
 DEMO_MAX_WORKERS = 4
 
 
 def demo_workers() -> int:
     """Selective-search processes `rcnn demo` uses when neither --workers nor a config file
     sets them: the CPUs this process may run on, at most :data:`DEMO_MAX_WORKERS` (every
-    other command keeps the default of 1). Only proposing: on 32 demo images, starting CNN
-    worker processes (torch import, model load) cost more than they saved (extract 4.4 ->
-    9.3 s, detect 11.2 -> 12.9 s on 2 cores; propose 19.5 -> 9.9 s)."""
-    import os
-
+    other command keeps the default of 1). Only proposing: on the demo's 32 training and 16
+    test images, starting CNN worker processes (torch import, model load) cost more than they
+    saved (extract 4.4 -> 9.3 s, detect 11.2 -> 12.9 s on 2 cores), while selective search
+    on its 48 images went from 19.5 to 9.9-10.7 s."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

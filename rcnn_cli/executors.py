@@ -326,15 +326,18 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
     renewals = 0
 
     def renew() -> None:
-        """A new pool; the images in flight are resubmitted one at a time (isolated)."""
+        """A new pool; the images whose work the break lost are resubmitted one at a time
+        (isolated); finished ones keep their results."""
         nonlocal pool, renewals
         renewals += 1
-        if renewals > len(items) + 2:
+        if renewals > 2 * len(items) + 2:  # each killer costs two breaks
             raise ExecutorError(f"{desc}: worker processes keep dying; stopped")
         pool.close()
         pool = _LocalPoolSession(workers)
         for entry in ahead:
-            entry[1] = None
+            fut = entry[1]
+            if fut is None or not fut.done() or isinstance(fut.exception(), BrokenProcessPool):
+                entry[1] = None
 
     def fill() -> None:
         if any(entry[1] is None for entry in ahead):

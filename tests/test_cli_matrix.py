@@ -205,13 +205,15 @@ def test_extract_keep_choices(chain, tmp_path, keep):
 
 
 def test_extract_keep_near_iou_default_is_resolved_by_dataset_size(chain, tmp_path):
-    """keep_near_iou = 0 (default): a 2-image dataset stores windows at IoU >= 0.1 and says
-    so in the store's settings and the model's training stats."""
+    """keep_near_iou = 0 (default): a 2-image dataset stores every window at IoU >= 0.1 and
+    says so in the store's settings (its key) and in the run record."""
     out = tmp_path / "f"
     run("extract", chain["img"], "--proposals", chain["props"], "--annotations", chain["ann"],
         "-o", out, "--backbone", "resnet18", "--weights", "random", "--config", chain["cfg"])
     keep = json.loads((out / "manifest.json").read_text())["settings"]["keep"]
     assert keep["keep"] == "train" and keep["near_iou"] == 0.1
+    record = json.loads((out / "run.json").read_text())["runs"]["extract"]
+    assert record["resolved"]["keep"] == keep
     for name in ("a.png", "b.png"):
         z = np.load(out / f"{name}.npz")
         props = np.load(chain["props"] / f"{name}.npz")["boxes"]
@@ -220,6 +222,22 @@ def test_extract_keep_near_iou_default_is_resolved_by_dataset_size(chain, tmp_pa
         near = np.flatnonzero(box_iou(windows, z["gt_boxes"]).max(1) >= 0.1)
         assert set(near.tolist()) <= set(z["kept_rows"].tolist())
         assert np.array_equal(z["boxes"], windows[z["kept_rows"]])
+
+
+def test_extract_keep_near_iou_is_resolved_before_the_shards(chain, tmp_path, monkeypatch):
+    """Every shard resolves keep_near_iou = 0 from the whole annotated set, not its slice:
+    with the threshold at 1 image, both 1-image shards of the 2 images store at IoU 0.3."""
+    from rcnn_cli import compact
+
+    monkeypatch.setattr(compact, "AUTO_MAX_IMAGES", 1)
+    out = tmp_path / "f"
+    for shard in ("0/2", "1/2"):
+        run("extract", chain["img"], "--proposals", chain["props"], "--annotations",
+            chain["ann"], "-o", out, "--backbone", "resnet18", "--weights", "random",
+            "--config", chain["cfg"], "--shard", shard)
+        keep = json.loads((out / "manifest.json").read_text())["settings"]["keep"]
+        assert keep["near_iou"] == 0.3, shard
+    assert sorted(p.name for p in out.glob("*.npz")) == ["a.png.npz", "b.png.npz"]
 
 
 def test_extract_store_is_recomputed_when_keep_changes(chain, tmp_path):

@@ -93,6 +93,9 @@ def test_keep_near_iou_zero_follows_the_dataset_size():
     assert compact.keep_settings(auto, annotated=True, images=n)["near_iou"] == 0.1
     assert compact.keep_settings(auto, annotated=True, images=n + 1)["near_iou"] == 0.3
     assert compact.keep_settings(TRAIN, annotated=True, images=n + 1)["near_iou"] == 0.1
+    with pytest.raises(ValueError, match="images="):  # never resolved without the size
+        compact.keep_settings(auto, annotated=True)
+    assert compact.keep_settings(auto, annotated=False) == {"keep": "all"}
     assert config.default("extract.keep_near_iou") == 0.0
     assert config.check_value("extract.keep_near_iou", 0.0) is None
     assert config.check_value("extract.keep_near_iou", -0.1) is not None

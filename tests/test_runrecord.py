@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from datetime import datetime
 
 import numpy as np
@@ -142,8 +143,6 @@ def test_demo_record(chain, tmp_path):
     # without --workers the demo's selective search uses the machine's CPUs (at most 4)
     assert r["resolved"]["propose_workers"] == demo_workers()
     assert r["settings"]["common"]["workers"] == 1
-    import tomllib
-
     used = {stage: tomllib.loads((tmp_path / "demo" / stage / "config.toml").read_text())
             ["common"]["workers"] for stage in ("proposals", "features")}
     assert used == {"proposals": demo_workers(), "features": 1}
