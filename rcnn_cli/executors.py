@@ -335,8 +335,9 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
         pool.close()
         pool = _LocalPoolSession(workers)
         for entry in ahead:
-            fut = entry[1]
-            if fut is None or not fut.done() or isinstance(fut.exception(), BrokenProcessPool):
+            fut = entry[1]  # closing the broken pool failed or cancelled what it lost
+            if (fut is None or not fut.done() or fut.cancelled()
+                    or isinstance(fut.exception(), BrokenProcessPool)):
                 entry[1] = None
 
     def fill() -> None:

@@ -58,6 +58,10 @@ def _use(item: ImageItem, prepared=None) -> dict:
 
 
 def _prep(item: ImageItem) -> dict:
+    if item.path.parent.name == "marks":  # one file per call: how often it was prepared
+        (item.path.parent / f"{item.rel}.{os.getpid()}.{time.monotonic_ns()}").touch()
+    if item.rel.startswith("dielate"):
+        time.sleep(0.3)  # dies after the images before it have finished
     _work(item)
     return {"rel": item.rel, "times": {"prep": 1.0}}
 
@@ -87,6 +91,22 @@ def test_pipeline_isolates_the_image_that_kills_workers():
     assert set(reasons) == {"die.jpg"}, reasons
     assert "worker process died" in reasons["die.jpg"]
     assert rep.done == 5
+
+
+def test_pipeline_keeps_the_work_a_dead_worker_did_not_lose(tmp_path):
+    """Images whose preparation finished before the pool broke are not prepared again; the
+    one being waited for (lost with the pool) is, once."""
+    # (the version before this fix prepared a and b twice: every entry was resubmitted)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    names = ["slow.jpg", "a.jpg", "b.jpg", "dielate.jpg", "c.jpg"]
+    items = [ImageItem(marks / n, n) for n in names]
+    rep = run_stage(_use, items, workers=2, prepare=_prep)
+    assert [Path(p).name for p, _ in rep.failures] == ["dielate.jpg"] and rep.done == 4
+    calls = {n: len(list(marks.glob(f"{n}.*"))) for n in names}
+    assert calls["a.jpg"] == calls["b.jpg"] == calls["c.jpg"] == 1, calls
+    # the killer: in flight at the break, then alone, then its one retry
+    assert calls["slow.jpg"] == 2 and calls["dielate.jpg"] == 3, calls
 
 
 def test_shards_partition_the_items():
