@@ -309,10 +309,11 @@ def map_prepared(prepare: Callable[[ImageItem], dict], fn: Callable[..., dict | 
 
     Yields ``(item, result, error)`` like :func:`map_images_on`; a result's ``"times"`` holds
     both stages' entries. A failure of either stage is that image's error. A worker that dies
-    (killed, out of memory) breaks the whole pool: a new pool takes over the images that were
-    in flight and runs them one at a time (so the one that kills a worker again breaks the
-    pool alone, not the images beside it); the image being waited for is tried once more
-    before it is reported as failed. Then the pipeline fills up again.
+    (killed, out of memory) breaks the whole pool: a new pool takes over the images whose
+    preparation the break lost (finished ones keep their results) and runs them one at a time,
+    so the one that kills a worker again breaks the pool alone, not the images beside it; the
+    image being waited for is tried once more before it is reported as failed. Then the
+    pipeline fills up again.
     """
     from collections import deque
 

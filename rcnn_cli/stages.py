@@ -230,7 +230,7 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
         gt = ds.by_name()  # ImageItem.rel -> record
         settings.update(classes=ds.classes, annotations=dataset_fingerprint(ds.records))
     keep = keep_settings(e, annotated=ds is not None,
-                         images=len(ds.records) if ds is not None else 0)
+                         images=len(ds.records) if ds is not None else None)
     if keep["keep"] != "all":  # absent for "all": stores made before the option stay valid
         settings["keep"] = keep
     store = StageStore(out, "extract", settings, upstream_key=upstream.key,

@@ -145,7 +145,6 @@ CV_CONFIGS: dict[str, dict] = {
     "head_500": {"train_svm": {"head_iterations": 500}},
     "head_1000": {"train_svm": {"head_iterations": 1000}},
     "head_3000": {"train_svm": {"head_iterations": 3000}},
-    "head_4000": {"train_svm": {"head_iterations": 4000}},
     "head_lr002": {"train_svm": {"head_lr": 0.02}},
 }
 
