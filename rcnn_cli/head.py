@@ -293,7 +293,8 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     stats = {"images": n_images, "windows": len(labels), "foreground": len(fg),
              "background": len(bg), "iterations": iterations,
              "first_loss": round(losses[0], 4), "final_loss": round(float(np.mean(tail)), 4),
-             "seconds": round(time.perf_counter() - t0, 1), "device": str(dev)}
+             "seconds": round(time.perf_counter() - t0, 1), "device": str(dev),
+             "threads": torch.get_num_threads() if dev.type == "cpu" else None}
     log.info("head: %d windows (%d fg) from %d images, loss %.3f -> %.3f in %.0f s",
              stats["windows"], stats["foreground"], n_images, stats["first_loss"],
              stats["final_loss"], stats["seconds"])
@@ -311,6 +312,15 @@ def _sgd(net: _Net, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: t
     here with masks from a seeded numpy generator: the same Bernoulli(1 - p) keep masks
     scaled by 1 / (1 - p) as ``nn.Dropout``, but torch's CPU ``bernoulli_`` took a third of
     each iteration (profiled: 13 ms of ~30 for the 128 x 2816 input mask).
+
+    On a CPU the steps use torch's intra-op threads as the process has them (all cores by
+    default; ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` limits them): on two free cores
+    two threads took 17.5 ms per step against 27-29 with one (fc6 and its gradient split well;
+    train-svm on raccoon's 160 images 66.5 -> 54.6 s). The result is deterministic for a
+    given thread count, and the count is in the training statistics. On a machine that other
+    busy processes share, set ``OMP_NUM_THREADS=1``: there each parallel region waits for a
+    descheduled thread (profiled at load 20: 95-110 ms per step with one thread, 550-600
+    with two).
     """
     dev = x.device
     drop_in, drop = net.fc[0].p, net.fc[3].p
@@ -340,28 +350,19 @@ def _sgd(net: _Net, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: t
         from tqdm import tqdm
         it_range = tqdm(it_range, desc="head", unit="it", leave=False, file=sys.stderr,
                         disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    threads = torch.get_num_threads()
-    if dev.type == "cpu":
-        # One thread: a 128-row step is too small to split, and on a busy 2-core machine
-        # each parallel region waits for a descheduled thread (profiled: 95-110 ms/iteration
-        # with 1 thread, 550-600 with 2, at load 20).
-        torch.set_num_threads(1)
-    try:
-        for it in it_range:
-            if it == step:
-                for g in opt.param_groups:
-                    g["lr"] = lr * 0.1
-            idx = np.concatenate([fg[rng.integers(len(fg), size=n_fg)],
-                                  bg[rng.integers(len(bg), size=batch_size - n_fg)]])
-            i = torch.from_numpy(idx).to(dev)
-            h = dropped((x[i].float() - mean) / std, mask((batch_size, x.shape[1]), drop_in))
-            h = dropped(torch.relu(fc6(h)), mask((batch_size, hidden), drop))
-            h = dropped(torch.relu(fc7(h)), mask((batch_size, hidden), drop))
-            loss = nn.functional.cross_entropy(cls(h), y[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    finally:
-        torch.set_num_threads(threads)
+    for it in it_range:
+        if it == step:
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.1
+        idx = np.concatenate([fg[rng.integers(len(fg), size=n_fg)],
+                              bg[rng.integers(len(bg), size=batch_size - n_fg)]])
+        i = torch.from_numpy(idx).to(dev)
+        h = dropped((x[i].float() - mean) / std, mask((batch_size, x.shape[1]), drop_in))
+        h = dropped(torch.relu(fc6(h)), mask((batch_size, hidden), drop))
+        h = dropped(torch.relu(fc7(h)), mask((batch_size, hidden), drop))
+        loss = nn.functional.cross_entropy(cls(h), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
     return losses
