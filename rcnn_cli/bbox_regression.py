@@ -163,9 +163,16 @@ def train_bbox_regressors(records_factory: RecordsFactory, num_classes: int, fea
 
 
 def _cholesky_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve ``a x = b`` for symmetric positive definite ``a`` (float64)."""
-    l_ = np.linalg.cholesky(a)
-    return np.linalg.solve(l_.T, np.linalg.solve(l_, b))
+    """Solve ``a x = b`` for symmetric positive definite ``a`` (float64).
+
+    LAPACK's Cholesky, then two triangular solves (scipy's ``cho_solve``): ``np.linalg.solve``
+    on the triangular factors ran a general LU on each, two (D+1)^3 factorisations more
+    (profiled: 3.6 of train-svm's 6.3 s of regression on the demo's 4 classes, D = 2816).
+    Raises ``numpy.linalg.LinAlgError`` when ``a`` is not positive definite.
+    """
+    from scipy.linalg import cho_factor, cho_solve
+
+    return cho_solve(cho_factor(a, lower=True, check_finite=False), b, check_finite=False)
 
 
 def predict_deltas(features: ArrayLike, regressors: ArrayLike, feat_scale: float,

@@ -128,3 +128,18 @@ def test_buffered_sums_do_not_depend_on_the_flush_size(monkeypatch):
     assert small.num_samples.tolist() == ref.num_samples.tolist() == [0, 12 * 31]
     np.testing.assert_allclose(small.regressors, ref.regressors, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(small.target_std, ref.target_std, rtol=1e-6)
+
+
+def test_cholesky_solve_matches_a_general_solve_and_rejects_indefinite_matrices():
+    """The ridge system's solver (Cholesky + triangular solves) gives the general solution
+    and says when the matrix is not positive definite."""
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((300, 60))
+    a = m.T @ m + 1e-3 * np.eye(60)
+    b = rng.standard_normal((60, 4))
+    before = a.copy()
+    np.testing.assert_allclose(br._cholesky_solve(a, b), np.linalg.solve(a, b), rtol=1e-9,
+                               atol=1e-9)
+    np.testing.assert_array_equal(a, before)  # the caller's matrix is left as it was
+    with pytest.raises(np.linalg.LinAlgError):
+        br._cholesky_solve(-a, b)
