@@ -295,3 +295,91 @@ def test_thread_limit_reaches_libraries_already_loaded():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=env).stdout
     assert out.split() == ["1", "1"]
+
+
+# ------------------------------------------------------------------ the pool's forkserver
+@pytest.mark.skipif(sys.platform == "win32", reason="no forkserver on Windows")
+def test_local_pool_workers_start_with_the_preloaded_modules_and_frozen_gc(tmp_path):
+    # A fresh interpreter (the forkserver is one per process): start it with a preload,
+    # then a pool worker must find the module imported (and numba's code loaded by the
+    # warm-up) before running anything, and the server's objects frozen.
+    code = (
+        "import sys, gc, multiprocessing as mp\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from rcnn_cli import executors\n"
+        "def probe(_):\n"
+        "    import rcnn_cli.proposals._warm as w\n"
+        "    return ('rcnn_cli.proposals._warm' in sys.modules, w.WARM, gc.get_freeze_count() > 0)\n"
+        "if __name__ == '__main__':\n"
+        "    assert 'rcnn_cli.proposals._warm' not in sys.modules\n"
+        "    print(executors.start_local_pool(['rcnn_cli.proposals._warm']))\n"
+        "    with ProcessPoolExecutor(1, mp_context=mp.get_context('forkserver')) as p:\n"
+        "        print(p.submit(probe, 0).result())\n"
+        "    print('rcnn_cli.proposals._warm' in sys.modules)\n")
+    script = tmp_path / "probe.py"  # a file: the workers import its probe from __main__
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split("\n")
+    # the driver never imports the preload itself; the worker has it, warmed, and frozen
+    assert out[:3] == ["True", "(True, True, True)", "False"]
+
+
+def test_selective_search_warm_up_never_raises(monkeypatch):
+    """The forkserver survives a failing warm-up (multiprocessing only forgives an
+    ImportError in a preloaded module): it returns False and the workers compile later."""
+    import rcnn_cli.proposals._warm as w
+
+    ss = importlib.import_module("rcnn_cli.proposals.selective_search")
+
+    assert w.warm() is True
+
+    def boom(*a, **k):
+        raise RuntimeError("no numba today")
+
+    monkeypatch.setattr(ss, "selective_search", boom)
+    assert w.warm() is False
+
+
+def test_cli_starts_the_pool_server_early_with_each_stages_modules(monkeypatch, tmp_path):
+    """propose / extract / detect / demo with more than one local worker start the pool's
+    forkserver before their own imports, preloading what their workers import; one worker
+    or a cluster executor starts none, and sliding windows need no selective search."""
+    from click.testing import CliRunner
+
+    from rcnn_cli import demo, detect, stages
+    from rcnn_cli.cli import POOL_PRELOAD, cli
+
+    calls = []
+    monkeypatch.setattr(executors, "start_local_pool",
+                        lambda preload: calls.append(tuple(preload)) or True)
+
+    def stop(*a, **k):
+        raise SystemExit(0)
+
+    for mod, name in ((stages, "propose_folder"), (stages, "extract_folder"),
+                      (detect, "detect_folder"), (demo, "run_demo")):
+        monkeypatch.setattr(mod, name, stop)
+    monkeypatch.setattr(demo, "demo_workers", lambda: 2)
+    imgs = synthetic_folder(tmp_path / "imgs", n=1)
+    out = str(tmp_path / "o")
+    props = ["propose", str(imgs), "-o", out]
+    ext = ["extract", str(imgs), "--proposals", str(imgs), "-o", out]
+    det = ["detect", str(imgs), "--model", str(imgs), "-o", out]
+    warm = "rcnn_cli.proposals._warm"
+    for args, expect in (
+            ([*props, "--workers", "2"], POOL_PRELOAD["propose"]),
+            ([*props, "--workers", "2", "--method", "sliding"],
+             tuple(m for m in POOL_PRELOAD["propose"] if m != warm)),
+            (props, None),
+            ([*props, "--workers", "2", "--executor", "dask"], None),
+            ([*ext, "--workers", "2"], POOL_PRELOAD["extract"]),
+            ([*det, "--workers", "3"], POOL_PRELOAD["detect"]),
+            (det, None),
+            (["demo", "-o", out], POOL_PRELOAD["propose"]),  # one process per CPU: 2 here
+            (["demo", "-o", out, "--workers", "1"], None)):
+        calls.clear()
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, (args, res.output)
+        assert calls == ([] if expect is None else [expect]), args
+    assert warm in POOL_PRELOAD["propose"] and warm in POOL_PRELOAD["detect"]
+    assert "rcnn_cli.features" in POOL_PRELOAD["detect"]
