@@ -232,28 +232,6 @@ def main():  # console-script entry point
         gc.freeze()
 
 
-#: What a local pool's workers import, by stage: the pool's forkserver imports it once, beside
-#: the driver's own start-up (:func:`rcnn_cli.executors.start_local_pool`).
-POOL_PRELOAD = {
-    "propose": ("rcnn_cli.stages", "rcnn_cli.proposals._warm"),
-    "extract": ("rcnn_cli.stages", "rcnn_cli.features"),
-    "detect": ("rcnn_cli.detect", "rcnn_cli.features", "rcnn_cli.proposals._warm"),
-}
-
-
-def _start_pool(cfg: dict, stage: str, workers: int | None = None) -> None:
-    """Start the local pool's forkserver early when ``stage`` will run in one (more than one
-    worker, local executor): its imports then overlap this process's."""
-    n = cfg["common"]["workers"] if workers is None else workers
-    if cfg["common"]["executor"] == "local" and n > 1:
-        from rcnn_cli.executors import start_local_pool
-
-        preload = POOL_PRELOAD[stage]
-        if stage == "propose" and cfg["propose"]["method"] != "selective_search":
-            preload = tuple(m for m in preload if m != "rcnn_cli.proposals._warm")
-        start_local_pool(preload)
-
-
 # ------------------------------------------------------------------ propose
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
@@ -283,7 +261,6 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
-    _start_pool(cfg, "propose")
     from rcnn_cli.stages import propose_folder, unused_propose_keys
 
     given = [k for k, v in (("strategy", strategy), ("max_side", max_side), ("seed", seed))
@@ -335,7 +312,6 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
     """
     cfg = load_config(config_file, common=common, extract=dict(
         backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype, keep=keep))
-    _start_pool(cfg, "extract")
     from rcnn_cli.stages import extract_folder
 
     report = extract_folder(list(images), proposals_dir, out, cfg, annotations=annotations,
@@ -513,7 +489,6 @@ def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, 
                  max_per_image=max_per_image,
                  bbox_regression=False if no_bbox_regression else None, formats=fmts)
     cfg = load_config(config_file, common=common, detect=flags)
-    _start_pool(cfg, "detect")
     from rcnn_cli.detect import detect_folder
 
     # thresholds stored in the model apply unless the user set them (config file or flag)
@@ -626,9 +601,10 @@ def demo(out, data, no_vis, config_file, common, overwrite):
     in_file = cfgmod.explicit_keys(config_file, "common")
     chosen = common["workers"] is not None or "workers" in in_file
     from rcnn_cli.demo import demo_workers, run_demo
+    from rcnn_cli.stages import start_pool
 
     propose_workers = None if chosen else demo_workers()
-    _start_pool(cfg, "propose", propose_workers)
+    start_pool(cfg, "propose", propose_workers)  # selective search's workers warm meanwhile
     res = run_demo(out, cfg, data=data, overwrite=overwrite, save_vis=not no_vis,
                    propose_workers=propose_workers)
     from rcnn_cli.runrecord import resolved_device, stage_settings

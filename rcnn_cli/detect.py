@@ -34,7 +34,7 @@ from rcnn_cli.postprocess import (  # noqa: F401  (re-exported: detect's post-pr
     soft_nms,
 )
 from rcnn_cli.runner import Report, is_current, run_stage_into
-from rcnn_cli.stages import compute_proposals, execution, get_extractor
+from rcnn_cli.stages import compute_proposals, execution, get_extractor, start_pool
 from rcnn_cli.store import (
     StageStore,
     atomic_write_json,
@@ -281,6 +281,7 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
+    start_pool(cfg, "detect")  # inputs checked; its workers import torch beside this process
     ext = get_extractor(kwargs)  # load once here: fails early on missing weights
     key = {"model": model_key(model_dir), "proposals": model.proposal_settings,
            "features": ext.settings(),

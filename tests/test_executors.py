@@ -340,14 +340,19 @@ def test_selective_search_warm_up_never_raises(monkeypatch):
     assert w.warm() is False
 
 
-def test_cli_starts_the_pool_server_early_with_each_stages_modules(monkeypatch, tmp_path):
+def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(monkeypatch,
+                                                                             tmp_path):
     """propose / extract / detect / demo with more than one local worker start the pool's
-    forkserver before their own imports, preloading what their workers import; one worker
-    or a cluster executor starts none, and sliding windows need no selective search."""
+    forkserver once their inputs are checked and before the backbone (torch) loads,
+    preloading what their workers import; one worker, a cluster executor or a bad input
+    starts none, and sliding windows need no selective search."""
+    from types import SimpleNamespace
+
     from click.testing import CliRunner
 
     from rcnn_cli import demo, detect, stages
-    from rcnn_cli.cli import POOL_PRELOAD, cli
+    from rcnn_cli.cli import cli
+    from rcnn_cli.stages import POOL_PRELOAD
 
     calls = []
     monkeypatch.setattr(executors, "start_local_pool",
@@ -356,15 +361,23 @@ def test_cli_starts_the_pool_server_early_with_each_stages_modules(monkeypatch, 
     def stop(*a, **k):
         raise SystemExit(0)
 
-    for mod, name in ((stages, "propose_folder"), (stages, "extract_folder"),
-                      (detect, "detect_folder"), (demo, "run_demo")):
-        monkeypatch.setattr(mod, name, stop)
+    # each stage stops where its heavy work would begin
+    monkeypatch.setattr(stages, "run_stage_into", stop)
+    monkeypatch.setattr(stages, "open_upstream", lambda *a: None)
+    monkeypatch.setattr(stages, "get_extractor", stop)
+    monkeypatch.setattr(detect, "_get_model", lambda d: SimpleNamespace(classes=["a"]))
+    monkeypatch.setattr(detect, "model_detect_settings", lambda *a: None)
+    monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {})
+    monkeypatch.setattr(detect, "get_extractor", stop)
+    monkeypatch.setattr(demo, "run_demo", stop)
     monkeypatch.setattr(demo, "demo_workers", lambda: 2)
     imgs = synthetic_folder(tmp_path / "imgs", n=1)
     out = str(tmp_path / "o")
     props = ["propose", str(imgs), "-o", out]
-    ext = ["extract", str(imgs), "--proposals", str(imgs), "-o", out]
-    det = ["detect", str(imgs), "--model", str(imgs), "-o", out]
+    for d in ("props", "model"):
+        (tmp_path / d).mkdir()
+    ext = ["extract", str(imgs), "--proposals", str(tmp_path / "props"), "-o", out]
+    det = ["detect", str(imgs), "--model", str(tmp_path / "model"), "-o", out]
     warm = "rcnn_cli.proposals._warm"
     for args, expect in (
             ([*props, "--workers", "2"], POOL_PRELOAD["propose"]),
@@ -381,5 +394,9 @@ def test_cli_starts_the_pool_server_early_with_each_stages_modules(monkeypatch, 
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, (args, res.output)
         assert calls == ([] if expect is None else [expect]), args
+    # an input refused first: no server (the output folder is an input folder here)
+    calls.clear()
+    res = CliRunner().invoke(cli, ["propose", str(imgs), "-o", str(imgs), "--workers", "2"])
+    assert res.exit_code != 0 and calls == []
     assert warm in POOL_PRELOAD["propose"] and warm in POOL_PRELOAD["detect"]
     assert "rcnn_cli.features" in POOL_PRELOAD["detect"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn_cli.head import Head, _Net, collect_windows, train_head
+from rcnn_cli.head import Head, _make_net, collect_windows, train_head
 from rcnn_cli.labels import window_labels
 from rcnn_cli.model import Model, ModelError, load_model, save_model
 
@@ -89,7 +89,7 @@ def test_train_head_learns_separable_windows_deterministically():
 
 def test_head_numpy_forward_matches_torch_module():
     torch.manual_seed(0)
-    net = _Net(8, 16, 2, 0.5, 0.2).eval()
+    net = _make_net(8, 16, 2, 0.5, 0.2).eval()
     mean = np.linspace(-1, 1, 8).astype(np.float32)
     std = np.linspace(0.5, 2, 8).astype(np.float32)
     head = Head(mean, std, *(p.detach().numpy() for p in (net.fc[1].weight, net.fc[1].bias,
