@@ -43,7 +43,7 @@ from torchvision.ops import roi_align
 
 from . import boxes as box_ops
 from .config import ConfigError, default
-from .efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0
+from .efficientnet_lite import LITE_MEAN, LITE_STD, SameConv2d, efficientnet_lite0
 from .weights import OFFLINE_WEIGHTS, require_cached_weights
 
 log = logging.getLogger("rcnn_cli.features")
@@ -194,10 +194,15 @@ def load_backbone(name: str, weights: str | Path | None = None, seed: int = 0) -
     return model.eval()
 
 
+#: Convolutions whose batch norm folds into their weights: their forward is a plain conv
+#: (SameConv2d only pads first); another subclass may change the weights it multiplies with.
+FOLDABLE_CONVS = (nn.Conv2d, SameConv2d)
+
+
 def fold_batch_norm(module: nn.Module) -> nn.Module:
-    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` inside an
-    ``nn.Sequential`` into that convolution's weights and bias (the norm becomes
-    ``nn.Identity``), in place; returns ``module``.
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a convolution of
+    :data:`FOLDABLE_CONVS` inside an ``nn.Sequential`` into that convolution's weights and
+    bias (the norm becomes ``nn.Identity``), in place; returns ``module``.
 
     For inference only: the outputs are those of the unfolded network up to float rounding
     (~1e-6 relative), and one pass over each feature map is saved (on a CPU, mobilenet_v2's
@@ -210,7 +215,7 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.Sequential):
         for i in range(len(module) - 1):
             conv, bn = module[i], module[i + 1]
-            if (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
+            if (type(conv) in FOLDABLE_CONVS and type(bn) is nn.BatchNorm2d
                     and not conv.training and not bn.training and bn.track_running_stats):
                 module[i] = fuse_conv_bn_eval(conv, bn)
                 module[i + 1] = nn.Identity()
