@@ -471,11 +471,14 @@ def _record_training(cfg, features_dir, model) -> None:
 @click.option("--dense", is_flag=True,
               help="OverFeat-style: score sliding windows at every position in one conv pass "
                    "instead of proposals (mobilenet_v2 shared 'grid' models).")
+@click.option("--proposals", "proposals_dir", type=click.Path(exists=True, file_okay=False),
+              help="Output folder of `rcnn propose` for these images: use its boxes instead of "
+                   "computing them (made with the model's proposal settings; others warn).")
 @common_options
 @cluster_options
 def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, nms, box_vote_iou,
-           score_thresh, max_per_image, no_bbox_regression, dense, config_file, common,
-           overwrite):
+           score_thresh, max_per_image, no_bbox_regression, dense, proposals_dir, config_file,
+           common, overwrite):
     """Detect objects in every image of IMAGES (folders, files or list files) with a model.
 
     Writes OUT/detections.csv (image,class,score,x1,y1,x2,y2 in original pixels),
@@ -497,11 +500,12 @@ def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, 
     overrides = {k: cfg["detect"][k] for k in explicit}
     report = detect_folder(list(images), model_dir, out, cfg, split=split, save_vis=save_vis,
                            overwrite=overwrite, overrides=overrides, coco_ids=coco_ids,
-                           dense=dense)
+                           dense=dense, proposals=proposals_dir)
     from rcnn_cli.runrecord import resolved_device, stage_settings
 
     used = stage_settings(Path(out) / "per_image")
-    record_run(cfg, ["common", "detect"], inputs=[*images, split, coco_ids], model=model_dir,
+    record_run(cfg, ["common", "detect"], inputs=[*images, split, coco_ids, proposals_dir],
+               model=model_dir,
                report=report, resolved={"device": resolved_device(cfg["common"]["device"]),
                                         "features": used.get("features"),
                                         "post": used.get("post"), "dense": dense})

@@ -109,8 +109,10 @@ def run_demo(out: str | Path, cfg: Mapping[str, Any], data: str | Path | None = 
         if not is_trained(out / "features", out / "model", cfg):  # a rerun resumes
             train_model(out / "features", out / "model", cfg, overwrite=True)
     with timed("detect"):
+        # the test images' proposals were made with the training ones: not computed twice
         check(detect_folder(images, out / "model", out / "detections", cfg, split=test_split,
-                            save_vis=save_vis, overwrite=True), "detect")
+                            save_vis=save_vis, overwrite=True, proposals=out / "proposals"),
+              "detect")
     with timed("evaluate"):
         metrics, mpath = evaluate_folder(data, out / "detections", None, test_split,
                                          out / "detections", cfg)

@@ -34,13 +34,20 @@ from rcnn_cli.postprocess import (  # noqa: F401  (re-exported: detect's post-pr
     soft_nms,
 )
 from rcnn_cli.runner import Report, is_current, run_stage_into
-from rcnn_cli.stages import compute_proposals, execution, get_extractor, start_pool
+from rcnn_cli.stages import (
+    compute_proposals,
+    execution,
+    get_extractor,
+    start_pool,
+    upstream_id,
+)
 from rcnn_cli.store import (
     StageStore,
     atomic_write_json,
     check_output_folder,
     claim_folder,
     file_identity,
+    open_upstream,
     read_manifest,
 )
 
@@ -168,11 +175,13 @@ def prepare_detect(item: ImageItem, proposal_settings: Mapping[str, Any],
 def detect_one(item: ImageItem, store: StageStore, model_dir: str,
                extractor_kwargs: Mapping[str, Any], settings: DetectSettings,
                vis_dir: str | None, dense: bool = False,
-               prepared: Mapping[str, Any] | None = None) -> dict:
+               prepared: Mapping[str, Any] | None = None,
+               upstream: StageStore | None = None) -> dict:
     """Per-image work of `rcnn detect` (one process loads model and backbone once);
     ``dense``: score dense sliding windows (:func:`rcnn_cli.dense.detect_dense`) instead of
     the model's proposals; ``prepared``: :func:`prepare_detect`'s result for this image
-    (made by another process), else this call decodes and proposes itself."""
+    (made by another process), else this call decodes and proposes itself; ``upstream``: an
+    `rcnn propose` folder whose boxes for this image are used instead (``--proposals``)."""
     t0 = time.perf_counter()
     if prepared is None:
         source = file_identity(item.path)
@@ -182,16 +191,27 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
     model = _get_model(model_dir)
     ext = get_extractor(extractor_kwargs)
     times = {} if prepared is not None else {"decode": time.perf_counter() - t0}
+    props, up_id = None if prepared is None else prepared["proposals"], None
+    if upstream is not None:
+        t1 = time.perf_counter()
+        up_id = upstream.record_id(item.rel, source=source)
+        if up_id is None:  # changed after detect_folder paired them
+            raise ValueError(f"no up-to-date proposals in {upstream.root} (image changed or "
+                             "not proposed: rerun `rcnn propose`)")
+        props = upstream.load(item.rel)["boxes"]
+        cap = model.extract_settings.get("max_proposals")
+        props = props if cap is None else props[:cap]
+        times["proposals"] = time.perf_counter() - t1
     if dense:
         from rcnn_cli.dense import detect_dense
 
         out = detect_dense(img, model, ext, settings)
     else:
-        out = detect_image(img, model, ext, settings,
-                           None if prepared is None else prepared["proposals"])
+        out = detect_image(img, model, ext, settings, props)
     store.save(item.rel, {"boxes": out["boxes"], "scores": out["scores"],
                           "labels": out["labels"],
-                          "image_size": np.array(img.shape[:2], np.int64)}, source=source)
+                          "image_size": np.array(img.shape[:2], np.int64)}, source=source,
+               upstream=up_id)
     if vis_dir is not None:
         from rcnn_cli.visualize import draw_detections, save_image
 
@@ -211,8 +231,9 @@ def vis_path(vis_dir: str | Path, rel: str) -> Path:
 
 
 def check_detect_folder(out: str | Path, inputs: list[str | Path], model_dir: str | Path,
-                        overwrite: bool) -> None:
-    """Refuse an output folder that is (inside) an input folder or the model bundle, or that
+                        overwrite: bool, proposals: str | Path | None = None) -> None:
+    """Refuse an output folder that is (inside) an input folder, the model bundle or the
+    ``proposals`` folder, or that
     holds files rcnn did not write (no ``per_image/manifest.json`` of a detect run) unless
     ``overwrite``; even then none of :data:`OUTPUT_FILES` may exist there.
 
@@ -220,6 +241,8 @@ def check_detect_folder(out: str | Path, inputs: list[str | Path], model_dir: st
         ForeignFolderError: naming the folder.
     """
     check_output_folder(out, [model_dir], overwrite=False, what="-o, --model")
+    if proposals is not None:
+        check_output_folder(out, [proposals], overwrite=False, what="-o, --proposals")
     check_output_folder(out, inputs, overwrite)
     m = read_manifest(Path(out) / "per_image")
     claim_folder(out, m is not None and m.get("stage") == "detect", OUTPUT_FILES, overwrite)
@@ -263,7 +286,8 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                   save_vis: bool = False, formats: list[str] | None = None,
                   overwrite: bool = False,
                   overrides: Mapping[str, Any] | None = None,
-                  coco_ids: str | Path | None = None, dense: bool = False) -> Report:
+                  coco_ids: str | Path | None = None, dense: bool = False,
+                  proposals: str | Path | None = None) -> Report:
     """Detect objects in folders of images with a model bundle; write all outputs to ``out``.
 
     Thresholds come from the model bundle unless ``overrides`` (the user's explicit
@@ -273,17 +297,33 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     ``category_id`` values ``detections.json`` uses (:func:`coco_ids_for`). ``dense``:
     score dense sliding windows instead of proposals (:mod:`rcnn_cli.dense`; the model must
     have shared-mode ``grid`` features, else :class:`ConfigError` before any work).
+    ``proposals``: an `rcnn propose` folder for these images, whose boxes are used instead of
+    computing them (precomputed proposals, as Fast R-CNN evaluates); an image it has no
+    up-to-date boxes for fails, the rest are detected. Boxes made with other settings than
+    the model's are used with a warning (the results are keyed by the folder's settings).
     """
-    check_detect_folder(out, inputs, model_dir, overwrite)
+    if dense and proposals is not None:
+        raise cfgmod.ConfigError("--proposals: dense windows replace the proposals; give "
+                                 "--dense or --proposals, not both")
+    check_detect_folder(out, inputs, model_dir, overwrite, proposals)
     model = _get_model(str(model_dir))
     items = list_images(inputs, split=split, exclude=[out])
+    upstream = up_ids = None
+    if proposals is not None:
+        upstream = open_upstream(proposals, "propose")
+        if dict(upstream.settings) != dict(model.proposal_settings):
+            log.warning("--proposals %s: made with %s, the model was trained on %s; "
+                        "detections may be worse", proposals, dict(upstream.settings),
+                        dict(model.proposal_settings))
+        up_ids = {it.rel: upstream_id(upstream, it) for it in items}
     ids = None if coco_ids is None else coco_ids_for(items, coco_ids, model.classes)
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
     start_pool(cfg, "detect")  # inputs checked; its workers import torch beside this process
     ext = get_extractor(kwargs)  # load once here: fails early on missing weights
-    key = {"model": model_key(model_dir), "proposals": model.proposal_settings,
+    key = {"model": model_key(model_dir),
+           "proposals": model.proposal_settings if upstream is None else dict(upstream.settings),
            "features": ext.settings(),
            "post": {k: v for k, v in settings.__dict__.items() if k != "vis_thresh"}}
     if dense:  # dense windows replace the proposals: their results never mix
@@ -291,27 +331,36 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
 
         check_dense(ext)
         key["dense"] = dense_settings()
-    store = StageStore(Path(out) / "per_image", "detect", key, format_version=DETECT_FORMAT)
+    store = StageStore(Path(out) / "per_image", "detect", key, format_version=DETECT_FORMAT,
+                       upstream_key=None if upstream is None else upstream.key)
     vis_dir = str(Path(out) / "vis") if save_vis else None
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
                            extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir,
-                           dense=dense)
+                           dense=dense, upstream=upstream)
     run = execution(cfg, ext.device.type)
     prepare = None
-    if _feeds_gpu(ext.device.type, cfg, dense):  # CPU processes feed this GPU process
+    if upstream is None and _feeds_gpu(ext.device.type, cfg, dense):  # CPU processes feed
+        # this GPU process (with --proposals there is no selective search to hand them)
         prepare = functools.partial(prepare_detect, proposal_settings=model.proposal_settings,
                                     max_proposals=model.extract_settings.get("max_proposals"))
         run["workers"] = cfg["common"]["workers"]
         log.info("detect: %d processes make proposals for the %s process",
                  run["workers"], ext.device.type)
+    todo = items if up_ids is None else [it for it in items if up_ids[it.rel] is not None]
     # an image is done when its result is current (and its picture exists, with --save-vis)
-    report = run_stage_into(store, fn, items, overwrite=overwrite, desc="detect", holds_model=True,
+    report = run_stage_into(store, fn, todo, overwrite=overwrite, desc="detect", holds_model=True,
+                            upstream=up_ids,
                             write_settings=functools.partial(cfgmod.write_resolved, out, cfg,
                                                              ["common", "detect"]),
                             also_done=None if vis_dir is None else
                             lambda it: vis_path(vis_dir, it.rel).is_file(),
                             prepare=prepare, **run)
-    write_outputs(out, store, items, model.classes, formats or d["formats"], coco_ids=ids)
+    for it in items if up_ids is not None else ():
+        if up_ids[it.rel] is None:
+            reason = ("proposals made from an older version of this image"
+                      if upstream.record_id(it.rel) is not None else "no proposals")
+            report.fail(str(it.path), f"{reason} in {proposals} (run `rcnn propose` on it)")
+    write_outputs(out, store, todo, model.classes, formats or d["formats"], coco_ids=ids)
     return report
 
 

@@ -375,6 +375,29 @@ def test_detect_flags(chain, tmp_path, flags):
         assert rows == ref
 
 
+def test_detect_proposals_flag_reads_the_propose_folder(chain, tmp_path):
+    """--proposals: the chain's own propose folder (the model's settings) gives the chain's
+    detections; a folder whose boxes were changed gives detections from those boxes."""
+    run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "a",
+        "--config", chain["cfg"], "--proposals", chain["props"])
+    assert (tmp_path / "a" / "detections.csv").read_text() == \
+        (chain["det"] / "detections.csv").read_text()
+    # the same folder with only each image's first 3 boxes (rewritten by `rcnn propose`
+    # at top_k 3): every detection now comes from one of those 3 windows
+    fewer = tmp_path / "fewer.toml"
+    fewer.write_text(chain["cfg"].read_text().replace("top_k = 12", "top_k = 3"))
+    run("propose", chain["img"], "-o", tmp_path / "p3", "--config", fewer)
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "b",
+            "--config", chain["cfg"], "--proposals", tmp_path / "p3", "--no-bbox-regression",
+            "--box-vote-iou", "0")
+    assert "may be worse" in r.output
+    for row in _csv_rows(tmp_path / "b" / "detections.csv"):
+        p3 = np.load(tmp_path / "p3" / (row[0] + ".npz"))["boxes"]
+        assert len(p3) == 3
+        box = np.array([float(v) for v in row[3:7]], np.float32)
+        assert float(np.abs(p3 - box).max(1).min()) < 0.01
+
+
 def test_detect_nms_iou_without_hard_nms_is_warned(chain, tmp_path):
     """--nms-iou is the IoU of greedy NMS: with soft-NMS (the default) it does nothing, and
     one line says so (issue 15); with --nms hard no such line."""

@@ -333,3 +333,45 @@ def test_gpu_pipeline_gives_the_same_detections(chain, tmp_path, monkeypatch):
     assert "2 processes make proposals" in res.output
     one = (tmp_path / "one" / "detections.csv").read_text()
     assert one.count("\n") > 4 and (tmp_path / "pipe" / "detections.csv").read_text() == one
+
+
+def test_detect_with_precomputed_proposals(chain, tmp_path, caplog):
+    """`rcnn detect --proposals P`: the boxes of an `rcnn propose` folder (made with the
+    model's settings) give the same detections as computing them; an image the folder has
+    no boxes for fails alone; other settings warn; --dense excludes it."""
+    root, data = chain
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for stem in (data / "test.txt").read_text().split():
+        shutil.copy(data / "images" / f"{stem}.jpg", imgs / f"{stem}.jpg")
+    r = CliRunner()
+    base = ["detect", str(imgs), "--model", str(root / "model")]
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "own")])
+    assert res.exit_code == 0, res.output
+    props = tmp_path / "props"
+    res = r.invoke(cli, ["propose", str(imgs), "-o", str(props), "--top-k", "300"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre"), "--proposals", str(props), "-v"])
+    assert res.exit_code == 0, res.output
+    assert "may be worse" not in res.output
+    own = (tmp_path / "own" / "detections.csv").read_text()
+    assert own.count("\n") > 4 and (tmp_path / "pre" / "detections.csv").read_text() == own
+    record = json.loads((tmp_path / "pre" / "run.json").read_text())["runs"]["detect"]
+    assert any(str(props) in str(i) for i in record["inputs"])
+    # an image added after `rcnn propose`: it alone fails, named, with the reason
+    shutil.copy(imgs / f"{(data / 'test.txt').read_text().split()[0]}.jpg", imgs / "new.jpg")
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre2"), "--proposals", str(props)])
+    assert res.exit_code == 1 and "new.jpg" in res.output and "no proposals" in res.output
+    assert "4 done" in res.output
+    (imgs / "new.jpg").unlink()
+    # boxes made with other settings: used, with a warning naming both
+    other = tmp_path / "props_other"
+    res = r.invoke(cli, ["propose", str(imgs), "-o", str(other), "--top-k", "100"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre3"), "--proposals", str(other)])
+    assert res.exit_code == 0 and "may be worse" in res.output, res.output
+    assert (tmp_path / "pre3" / "detections.csv").read_text() != own  # its boxes were used
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre4"), "--proposals", str(props),
+                         "--dense"])
+    assert res.exit_code == 2 and "--dense or --proposals" in res.output
+    assert not (tmp_path / "pre4").exists()
