@@ -169,17 +169,26 @@ class Detector:
         """Where the CNN runs (``"auto"`` resolved), e.g. ``"cpu"``."""
         return str(self.extractor.device)
 
-    def __call__(self, image: ImageLike) -> DetectionResult:
-        """Detections of one image: a path, a PIL image or a uint8 (H, W, 3) RGB array."""
+    def __call__(self, image: ImageLike, proposals: Any = None) -> DetectionResult:
+        """Detections of one image: a path, a PIL image or a uint8 (H, W, 3) RGB array.
+
+        ``proposals``: (N, 4) boxes x1, y1, x2, y2 in the image's pixels to score instead of
+        computing the model's (e.g. :func:`propose`'s, or precomputed ones: ``rcnn detect
+        --proposals``), all of them; not with ``dense``.
+        """
+        from rcnn_cli.boxes import as_boxes
         from rcnn_cli.detect import detect_image
 
+        if proposals is not None and self.dense:
+            raise ValueError("proposals: dense windows replace the proposals")
+        props = None if proposals is None else as_boxes(proposals)
         img = as_rgb_array(image)
         if self.dense:
             from rcnn_cli.dense import detect_dense
 
             out = detect_dense(img, self.model, self.extractor, self.settings)
         else:
-            out = detect_image(img, self.model, self.extractor, self.settings)
+            out = detect_image(img, self.model, self.extractor, self.settings, props)
         return DetectionResult(out["boxes"], out["scores"], out["labels"], self.classes,
                                (int(img.shape[0]), int(img.shape[1])), dict(out.get("times", {})))
 

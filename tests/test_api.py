@@ -82,6 +82,24 @@ def test_detector_gives_what_rcnn_detect_writes(chain):
         assert r.class_names == [det.classes[i] for i in r.labels]
 
 
+def test_detector_scores_given_proposals(chain):
+    """det(image, proposals=...) scores those boxes (rcnn detect --proposals): the propose
+    folder's boxes give rcnn detect's result; three boxes give detections from them only."""
+    from rcnn_cli import Detector, propose
+
+    det = Detector(chain["model"], device="cpu", box_vote_iou=0, bbox_regression=False)
+    a = chain["img"] / "a.png"
+    boxes, _ = propose(a, top_k=12, max_side=160)
+    full = Detector(chain["model"], device="cpu")(a, proposals=boxes)
+    want = np.load(chain["det"] / "per_image" / "a.png.npz")
+    np.testing.assert_array_equal(full.boxes, want["boxes"])
+    np.testing.assert_array_equal(full.scores, want["scores"])
+    r = det(a, proposals=boxes[:3].tolist())
+    assert len(r) and all(np.abs(boxes[:3] - b).max(1).min() < 1e-4 for b in r.boxes)
+    with pytest.raises(ValueError, match="must have shape"):
+        det(a, proposals=np.zeros((2, 3), np.float32))
+
+
 def test_detector_overrides_match_the_cli_flags(chain, tmp_path):
     from rcnn_cli import Detector
 
