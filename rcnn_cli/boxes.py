@@ -45,14 +45,26 @@ def area(boxes: ArrayLike) -> NDArray[np.float32]:
 
 
 def box_iou(a: ArrayLike, b: ArrayLike) -> NDArray[np.float32]:
-    """IoU matrix (N, M) between boxes a (N, 4) and b (M, 4), both x1y1x2y2 (torchvision.ops)."""
-    import torch  # imported here: proposal workers need no torch for anything else
-    from torchvision.ops import box_iou as tv_box_iou
+    """IoU matrix (N, M) between boxes a (N, 4) and b (M, 4), both x1y1x2y2.
 
+    torchvision.ops.box_iou's formula in numpy, operation for operation, so the float32 values
+    are the same bit for bit (tested; degenerate pairs give nan as there). Hand-written
+    because importing torchvision pulls in torch._dynamo (2.5-3 s of start-up) for commands
+    that use no other torchvision op (evaluate, train-svm), and because one call was faster
+    here anyway: 0.44 vs 1.1 ms for 2000 x 5, 74 vs 222 ms for 2000 x 2000.
+    """
     a, b = as_boxes(a), as_boxes(b)
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), np.float32)
-    return tv_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    w = np.minimum(a[:, None, 2], b[:, 2]) - np.maximum(a[:, None, 0], b[:, 0])
+    h = np.minimum(a[:, None, 3], b[:, 3]) - np.maximum(a[:, None, 1], b[:, 1])
+    np.maximum(w, 0, out=w)
+    np.maximum(h, 0, out=h)
+    inter = w * h
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inter / (area_a[:, None] + area_b - inter)
 
 
 def clip(boxes: ArrayLike, size: tuple[int, int]) -> NDArray[np.float32]:

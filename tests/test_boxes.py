@@ -75,3 +75,23 @@ def test_decode_clamps_huge_deltas():
     p = np.array([[0, 0, 10, 10]], np.float32)
     out = bx.decode(p, [[0, 0, 100, 100]])
     assert np.all(np.isfinite(out))
+
+
+def test_box_iou_is_torchvisions_bit_for_bit():
+    """The numpy IoU gives torchvision.ops.box_iou's float32 values exactly, degenerate and
+    touching boxes included (nan where the union is 0, as there)."""
+    import torch
+    from torchvision.ops import box_iou as tv_box_iou
+
+    rng = np.random.default_rng(0)
+    xy = rng.random((300, 2)) * 400
+    a = np.concatenate([xy, xy + rng.random((300, 2)) * 200], 1).astype(np.float32)
+    a[:10, 2:] = a[:10, :2]  # zero-area boxes
+    a[10:20] = a[20:30]  # duplicates
+    a[30:40, 0] = a[40:50, 2]  # touching edges
+    b = a[::3].copy()
+    want = tv_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    got = bx.box_iou(a, b)
+    assert got.dtype == np.float32 and got.shape == (300, 100)
+    np.testing.assert_array_equal(got, want)  # nan == nan here
+    assert np.isnan(got).any() and (got[np.isfinite(got)] >= 0).all()

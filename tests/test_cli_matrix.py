@@ -447,6 +447,25 @@ def test_evaluate_detections_and_proposals(chain, tmp_path):
     assert json.dumps(m).count("recall") and "summary" in m
 
 
+def test_evaluate_imports_no_torch(chain, tmp_path):
+    """evaluate's IoU is numpy (boxes.box_iou): the command starts without torch or
+    torchvision (their import was 4-5 s of its start-up), diagnosis and proposals included."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom rcnn_cli.cli import cli\n"
+            f"a = CliRunner().invoke(cli, ['evaluate', '--annotations', {str(chain['ann'])!r}, "
+            f"'--detections', {str(chain['det'])!r}, '-o', {str(tmp_path / 'd')!r}, "
+            "'--diagnose'])\n"
+            f"b = CliRunner().invoke(cli, ['evaluate', '--annotations', {str(chain['ann'])!r}, "
+            f"'--proposals', {str(chain['props'])!r}, '-o', {str(tmp_path / 'p')!r}])\n"
+            "print(a.exit_code, b.exit_code, sorted({'torch', 'torchvision'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    assert out == ["0", "0", "[]"]
+    assert all((tmp_path / d / "metrics.json").is_file() for d in "dp")
+
+
 def test_evaluate_never_replaces_a_metrics_file_in_a_given_folder(chain, tmp_path):
     """regression: `evaluate -o DIR` replaced DIR/metrics.json (maybe the user's) silently."""
     out = tmp_path / "mine"
