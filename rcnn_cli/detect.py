@@ -233,9 +233,9 @@ def vis_path(vis_dir: str | Path, rel: str) -> Path:
 def check_detect_folder(out: str | Path, inputs: list[str | Path], model_dir: str | Path,
                         overwrite: bool, proposals: str | Path | None = None) -> None:
     """Refuse an output folder that is (inside) an input folder, the model bundle or the
-    ``proposals`` folder, or that
-    holds files rcnn did not write (no ``per_image/manifest.json`` of a detect run) unless
-    ``overwrite``; even then none of :data:`OUTPUT_FILES` may exist there.
+    ``proposals`` folder, or that holds files rcnn did not write (no
+    ``per_image/manifest.json`` of a detect run) unless ``overwrite``; even then none of
+    :data:`OUTPUT_FILES` may exist there.
 
     Raises:
         ForeignFolderError: naming the folder.

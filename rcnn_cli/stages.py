@@ -120,6 +120,8 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None) -
     n = cfg["common"]["workers"] if workers is None else workers
     if cfg["common"]["executor"] != "local" or n <= 1:
         return
+    if stage == "extract" and cfg["common"]["device"].startswith("cuda"):
+        return  # one process drives the GPU (:func:`execution`): there is no pool
     from rcnn_cli.executors import start_local_pool
 
     preload = POOL_PRELOAD[stage]

@@ -400,3 +400,9 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     assert res.exit_code != 0 and calls == []
     assert warm in POOL_PRELOAD["propose"] and warm in POOL_PRELOAD["detect"]
     assert "rcnn_cli.features" in POOL_PRELOAD["detect"]
+    # extract on a GPU runs in one process (stages.execution): no server to start
+    calls.clear()
+    cuda = config.load(overrides={"common": {"workers": 4, "device": "cuda"}})
+    stages.start_pool(cuda, "extract")
+    stages.start_pool(cuda, "detect")  # detect's CPU processes feed the GPU one
+    assert calls == [POOL_PRELOAD["detect"]]
