@@ -40,6 +40,8 @@ from rcnn_cli.stages import (
     get_extractor,
     start_pool,
     upstream_id,
+    upstream_missing_reason,
+    with_upstream,
 )
 from rcnn_cli.store import (
     StageStore,
@@ -346,7 +348,7 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
         run["workers"] = cfg["common"]["workers"]
         log.info("detect: %d processes make proposals for the %s process",
                  run["workers"], ext.device.type)
-    todo = items if up_ids is None else [it for it in items if up_ids[it.rel] is not None]
+    todo, missing = (items, []) if up_ids is None else with_upstream(items, up_ids, run)
     # an image is done when its result is current (and its picture exists, with --save-vis)
     report = run_stage_into(store, fn, todo, overwrite=overwrite, desc="detect", holds_model=True,
                             upstream=up_ids,
@@ -355,12 +357,12 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                             also_done=None if vis_dir is None else
                             lambda it: vis_path(vis_dir, it.rel).is_file(),
                             prepare=prepare, **run)
-    for it in items if up_ids is not None else ():
-        if up_ids[it.rel] is None:
-            reason = ("proposals made from an older version of this image"
-                      if upstream.record_id(it.rel) is not None else "no proposals")
-            report.fail(str(it.path), f"{reason} in {proposals} (run `rcnn propose` on it)")
-    write_outputs(out, store, todo, model.classes, formats or d["formats"], coco_ids=ids)
+    for it in missing:
+        report.fail(str(it.path), f"{upstream_missing_reason(upstream, it)} (run `rcnn "
+                    "propose` on it)")
+    # every shard's current results, but none whose proposals are gone or changed
+    write_outputs(out, store, [it for it in items if up_ids is None or up_ids[it.rel]],
+                  model.classes, formats or d["formats"], coco_ids=ids)
     return report
 
 

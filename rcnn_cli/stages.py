@@ -149,6 +149,33 @@ def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, 
                           **execution(cfg))
 
 
+def with_upstream(items: list[ImageItem], up_ids: Mapping[str, str | None],
+                  run: dict[str, Any]) -> tuple[list[ImageItem], list[ImageItem]]:
+    """This shard's images that have an up-to-date upstream record, and those that have
+    none; ``run`` (:func:`execution`'s dict) has its shard taken out, as it is applied here.
+
+    The shard is cut from all the images first, so a shard holds the same images whatever the
+    upstream folder holds, and each shard reports only its own missing images.
+    """
+    from rcnn_cli.runner import shard_items
+
+    mine = shard_items(items, run.pop("shard", None))
+    run["shard"] = None
+    return ([it for it in mine if up_ids[it.rel] is not None],
+            [it for it in mine if up_ids[it.rel] is None])
+
+
+def upstream_missing_reason(upstream: StageStore, item: ImageItem) -> str:
+    """Why ``item`` has no up-to-date record in ``upstream`` (for the failure line)."""
+    try:
+        file_identity(item.path)
+    except OSError as e:
+        return f"cannot read the image ({e.strerror or e})"
+    if upstream.record_id(item.rel) is not None:
+        return f"proposals made from an older version of this image in {upstream.root}"
+    return f"no proposals in {upstream.root}"
+
+
 def upstream_id(upstream: StageStore, item: ImageItem) -> str | None:
     """Id of the upstream record of ``item`` if it was made from the image as it is now."""
     try:
@@ -266,16 +293,16 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
     store = StageStore(out, "extract", settings, upstream_key=upstream.key,
                        format_version=EXTRACT_FORMAT)
     up_ids = {it.rel: upstream_id(upstream, it) for it in items}
-    missing = [it for it in items if up_ids[it.rel] is None]
+    run = execution(cfg, ext.device.type)
+    todo, missing = with_upstream(items, up_ids, run)
     fn = functools.partial(extract_one, store=store, upstream=upstream, kwargs=kwargs, gt=gt,
                            max_proposals=e["max_proposals"], dtype=e["dtype"], keep=keep)
-    report = run_stage_into(store, fn, [it for it in items if up_ids[it.rel] is not None],
+    report = run_stage_into(store, fn, todo,
                             overwrite=overwrite, upstream=up_ids, desc="extract", holds_model=True,
                             write_settings=functools.partial(cfgmod.write_resolved, out, cfg,
                                                              ["common", "extract"]),
-                            **execution(cfg, ext.device.type))
+                            **run)
     for it in missing:
-        reason = ("proposals made from an older version of this image"
-                  if upstream.record_id(it.rel) is not None else "no proposals")
-        report.fail(str(it.path), f"{reason} in {proposals_dir} (run `rcnn propose` first)")
+        report.fail(str(it.path), f"{upstream_missing_reason(upstream, it)} (run `rcnn "
+                    "propose` first)")
     return report

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -363,6 +364,15 @@ def test_detect_with_precomputed_proposals(chain, tmp_path, caplog):
     res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre2"), "--proposals", str(props)])
     assert res.exit_code == 1 and "new.jpg" in res.output and "no proposals" in res.output
     assert "4 done" in res.output
+    # shards are cut from all the images, then filtered: they split the 5 images whatever the
+    # proposals folder holds, and only new.jpg's shard reports it
+    reported, done = [], 0
+    for i in range(2):
+        res = r.invoke(cli, [*base, "-o", str(tmp_path / "sh"), "--proposals", str(props),
+                             "--shard", f"{i}/2"])
+        reported.append("new.jpg" in res.output)
+        done += int(re.search(r"(\d+) done", res.output).group(1))
+    assert sorted(reported) == [False, True] and done == 4
     (imgs / "new.jpg").unlink()
     # boxes made with other settings: used, with a warning naming both
     other = tmp_path / "props_other"
