@@ -174,7 +174,8 @@ class Detector:
 
         ``proposals``: (N, 4) boxes x1, y1, x2, y2 in the image's pixels to score instead of
         computing the model's (e.g. :func:`propose`'s, or precomputed ones: ``rcnn detect
-        --proposals``), all of them; not with ``dense``.
+        --proposals``), all of them (``rcnn detect --proposals`` keeps a propose folder's
+        first ``max_proposals``, the model's ``[extract]`` setting); not with ``dense``.
         """
         from rcnn_cli.boxes import as_boxes
         from rcnn_cli.detect import detect_image

@@ -322,7 +322,9 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
-    start_pool(cfg, "detect")  # inputs checked; its workers import torch beside this process
+    # inputs checked: the workers import torch beside this process
+    start_pool(cfg, "detect", selective_search=not dense and upstream is None
+               and model.proposal_settings.get("method") == "selective_search")
     ext = get_extractor(kwargs)  # load once here: fails early on missing weights
     key = {"model": model_key(model_dir),
            "proposals": model.proposal_settings if upstream is None else dict(upstream.settings),

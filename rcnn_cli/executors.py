@@ -213,15 +213,16 @@ def start_local_pool(preload: Sequence[str]) -> bool:
     machine code for selective search: :mod:`rcnn_cli.proposals._warm`). Called before the
     driver's own imports, the server's imports run beside them on another core instead of
     after them in every worker. A server already running keeps its modules (multiprocessing
-    starts one per process); ``__main__`` stays preloaded, as multiprocessing's default, and
-    :mod:`rcnn_cli._forkserver_freeze` comes last.
+    starts one per process); ``__main__`` stays preloaded, as multiprocessing's default;
+    :mod:`rcnn_cli._forkserver_limit` comes first (one thread per library, so the server
+    forks with no thread pool running) and :mod:`rcnn_cli._forkserver_freeze` last.
     """
     if sys.platform == "win32":
         return False
     from multiprocessing import forkserver
 
     mp.get_context("forkserver").set_forkserver_preload(
-        ["__main__", *preload, "rcnn_cli._forkserver_freeze"])
+        ["rcnn_cli._forkserver_limit", "__main__", *preload, "rcnn_cli._forkserver_freeze"])
     forkserver.ensure_running()
     return True
 

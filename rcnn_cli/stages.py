@@ -111,12 +111,14 @@ POOL_PRELOAD = {
 }
 
 
-def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None) -> None:
+def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
+               selective_search: bool = True) -> None:
     """Start the local pool's forkserver now when ``stage`` will run in one (local executor,
     more than ``1`` of ``workers``, default ``cfg``'s). Called once the inputs are checked
     and before this process imports torch, so that the server's imports overlap its own
     (``rcnn detect --workers 2`` on 40 images: 31.9 -> 24.4 s, with the warm-up and freeze
-    of :func:`~rcnn_cli.executors.start_local_pool`)."""
+    of :func:`~rcnn_cli.executors.start_local_pool`). ``selective_search=False``: the workers
+    run none (sliding windows, precomputed or dense boxes), so it is not warmed."""
     n = cfg["common"]["workers"] if workers is None else workers
     if cfg["common"]["executor"] != "local" or n <= 1:
         return
@@ -125,7 +127,8 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None) -
     from rcnn_cli.executors import start_local_pool
 
     preload = POOL_PRELOAD[stage]
-    if stage == "propose" and cfg["propose"]["method"] != "selective_search":
+    if not selective_search or (stage == "propose"
+                                and cfg["propose"]["method"] != "selective_search"):
         preload = tuple(m for m in preload if m != "rcnn_cli.proposals._warm")
     start_local_pool(preload)
 

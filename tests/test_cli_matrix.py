@@ -391,7 +391,9 @@ def test_detect_proposals_flag_reads_the_propose_folder(chain, tmp_path):
             "--config", chain["cfg"], "--proposals", tmp_path / "p3", "--no-bbox-regression",
             "--box-vote-iou", "0")
     assert "may be worse" in r.output
-    for row in _csv_rows(tmp_path / "b" / "detections.csv"):
+    rows = _csv_rows(tmp_path / "b" / "detections.csv")
+    assert rows
+    for row in rows:
         p3 = np.load(tmp_path / "p3" / (row[0] + ".npz"))["boxes"]
         assert len(p3) == 3
         box = np.array([float(v) for v in row[3:7]], np.float32)

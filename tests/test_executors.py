@@ -301,15 +301,19 @@ def test_thread_limit_reaches_libraries_already_loaded():
 @pytest.mark.skipif(sys.platform == "win32", reason="no forkserver on Windows")
 def test_local_pool_workers_start_with_the_preloaded_modules_and_frozen_gc(tmp_path):
     # A fresh interpreter (the forkserver is one per process): start it with a preload,
-    # then a pool worker must find the module imported (and numba's code loaded by the
-    # warm-up) before running anything, and the server's objects frozen.
+    # then a pool worker (no initializer here) must find the module imported (and numba's
+    # code loaded by the warm-up) before running anything, the server's objects frozen and
+    # its libraries on one thread.
     code = (
         "import sys, gc, multiprocessing as mp\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
         "from rcnn_cli import executors\n"
         "def probe(_):\n"
-        "    import rcnn_cli.proposals._warm as w\n"
-        "    return ('rcnn_cli.proposals._warm' in sys.modules, w.WARM, gc.get_freeze_count() > 0)\n"
+        "    import cv2, rcnn_cli.proposals._warm as w\n"
+        "    from threadpoolctl import threadpool_info\n"
+        "    one = max(p['num_threads'] for p in threadpool_info()) == 1 == cv2.getNumThreads()\n"
+        "    return ('rcnn_cli.proposals._warm' in sys.modules, w.WARM,\n"
+        "            gc.get_freeze_count() > 0, one)\n"
         "if __name__ == '__main__':\n"
         "    assert 'rcnn_cli.proposals._warm' not in sys.modules\n"
         "    print(executors.start_local_pool(['rcnn_cli.proposals._warm']))\n"
@@ -318,10 +322,12 @@ def test_local_pool_workers_start_with_the_preloaded_modules_and_frozen_gc(tmp_p
         "    print('rcnn_cli.proposals._warm' in sys.modules)\n")
     script = tmp_path / "probe.py"  # a file: the workers import its probe from __main__
     script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         check=True, timeout=300).stdout.split("\n")
-    # the driver never imports the preload itself; the worker has it, warmed, and frozen
-    assert out[:3] == ["True", "(True, True, True)", "False"]
+                         check=True, timeout=300, env=env).stdout.split("\n")
+    # the driver never imports the preload itself; the worker has it, warmed, frozen, and
+    # one-thread libraries from the server (which forked with no thread pool running)
+    assert out[:3] == ["True", "(True, True, True, True)", "False"]
 
 
 def test_selective_search_warm_up_never_raises(monkeypatch):
@@ -365,7 +371,8 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     monkeypatch.setattr(stages, "run_stage_into", stop)
     monkeypatch.setattr(stages, "open_upstream", lambda *a: None)
     monkeypatch.setattr(stages, "get_extractor", stop)
-    monkeypatch.setattr(detect, "_get_model", lambda d: SimpleNamespace(classes=["a"]))
+    model = SimpleNamespace(classes=["a"], proposal_settings={"method": "selective_search"})
+    monkeypatch.setattr(detect, "_get_model", lambda d: model)
     monkeypatch.setattr(detect, "model_detect_settings", lambda *a: None)
     monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {})
     monkeypatch.setattr(detect, "get_extractor", stop)
@@ -394,6 +401,11 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, (args, res.output)
         assert calls == ([] if expect is None else [expect]), args
+    # a model on sliding windows: its detect workers run no selective search to warm
+    model.proposal_settings = {"method": "sliding"}
+    calls.clear()
+    assert CliRunner().invoke(cli, [*det, "--workers", "2"]).exit_code == 0
+    assert calls == [tuple(m for m in POOL_PRELOAD["detect"] if m != warm)]
     # an input refused first: no server (the output folder is an input folder here)
     calls.clear()
     res = CliRunner().invoke(cli, ["propose", str(imgs), "-o", str(imgs), "--workers", "2"])

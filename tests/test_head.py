@@ -156,7 +156,7 @@ def test_bundle_with_broken_head_is_refused(tmp_path):
         save_model(tmp_path, m)
 
 
-def test_train_head_uses_the_process_threads_and_drops_out_as_configured():
+def test_train_head_uses_the_process_threads_and_drops_out_as_configured(monkeypatch):
     """The SGD loop runs on the process's torch threads (a 2-thread step is ~1.6x faster on
     two free cores), records the count, and leaves it as it was; dropout (own seeded masks)
     changes the result, and a repeat with the same seed and thread count does not."""
@@ -165,9 +165,16 @@ def test_train_head_uses_the_process_threads_and_drops_out_as_configured():
     kw = {"hidden": 16, "iterations": 40, "batch_size": 32, "fg_per_batch": 8, "seed": 3}
     try:
         torch.set_num_threads(2)
+        set_threads = torch.set_num_threads
+
+        def refuse(n):  # the old loop switched to 1 thread and back
+            raise AssertionError(f"train_head changed the thread count to {n}")
+
+        monkeypatch.setattr(torch, "set_num_threads", refuse)
         two = train_head(lambda: iter(recs), 2, dropout=0.5, input_dropout=0.2, **kw)
         assert torch.get_num_threads() == 2 and two.stats["threads"] == 2
         two_again = train_head(lambda: iter(recs), 2, dropout=0.5, input_dropout=0.2, **kw)
+        monkeypatch.setattr(torch, "set_num_threads", set_threads)
         torch.set_num_threads(1)
         a = train_head(lambda: iter(recs), 2, dropout=0.5, input_dropout=0.2, **kw)
         assert torch.get_num_threads() == 1 and a.stats["threads"] == 1
