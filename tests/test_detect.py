@@ -359,6 +359,21 @@ def test_detect_with_precomputed_proposals(chain, tmp_path, caplog):
     assert own.count("\n") > 4 and (tmp_path / "pre" / "detections.csv").read_text() == own
     record = json.loads((tmp_path / "pre" / "run.json").read_text())["runs"]["detect"]
     assert any(str(props) in str(i) for i in record["inputs"])
+    # resumed: nothing redone; two processes: the same detections
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre"), "--proposals", str(props)])
+    assert res.exit_code == 0 and "4 already done" in res.output, res.output
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre_w2"), "--proposals", str(props),
+                         "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "pre_w2" / "detections.csv").read_text() == own
+    # an image changed after `rcnn propose`: its boxes are stale, it alone fails
+    first = imgs / f"{(data / 'test.txt').read_text().split()[0]}.jpg"
+    st = os.stat(first)
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre_old"), "--proposals", str(props)])
+    assert res.exit_code == 1 and first.name in res.output and "older version" in res.output
+    assert "3 done" in res.output
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns))
     # an image added after `rcnn propose`: it alone fails, named, with the reason
     shutil.copy(imgs / f"{(data / 'test.txt').read_text().split()[0]}.jpg", imgs / "new.jpg")
     res = r.invoke(cli, [*base, "-o", str(tmp_path / "pre2"), "--proposals", str(props)])
