@@ -258,11 +258,11 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
 
     Example: rcnn propose data/images -o runs/props --strategy fast --workers 2
     """
+    from rcnn_cli.stages import propose_folder, unused_propose_keys
+
     cfg = load_config(config_file, common=common, propose=dict(
         method=method, strategy=strategy, max_side=max_side, min_size=min_size,
         top_k=top_k, seed=seed))
-    from rcnn_cli.stages import propose_folder, unused_propose_keys
-
     given = [k for k, v in (("strategy", strategy), ("max_side", max_side), ("seed", seed))
              if v is not None]
     unused = unused_propose_keys(cfg["propose"]["method"], given)  # flags that do nothing
@@ -310,10 +310,10 @@ def extract(images, proposals_dir, out, annotations, split, backbone, tap, weigh
 
     Example: rcnn extract data/images --proposals runs/props --annotations data -o runs/feats
     """
-    cfg = load_config(config_file, common=common, extract=dict(
-        backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype, keep=keep))
     from rcnn_cli.stages import extract_folder
 
+    cfg = load_config(config_file, common=common, extract=dict(
+        backbone=backbone, tap=tap, weights=weights, mode=mode, dtype=dtype, keep=keep))
     report = extract_folder(list(images), proposals_dir, out, cfg, annotations=annotations,
                             split=split, overwrite=overwrite)
     from rcnn_cli.runrecord import resolved_device, stage_settings
@@ -487,13 +487,13 @@ def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, 
 
     Example: rcnn detect data/images --split data/test.txt --model runs/model -o runs/det --save-vis
     """
+    from rcnn_cli.detect import detect_folder
+
     fmts = [f.strip() for f in formats.split(",")] if formats else None
     flags = dict(nms_iou=nms_iou, nms=nms, box_vote_iou=box_vote_iou, score_thresh=score_thresh,
                  max_per_image=max_per_image,
                  bbox_regression=False if no_bbox_regression else None, formats=fmts)
     cfg = load_config(config_file, common=common, detect=flags)
-    from rcnn_cli.detect import detect_folder
-
     # thresholds stored in the model apply unless the user set them (config file or flag)
     explicit = cfgmod.explicit_keys(config_file, "detect")
     explicit.update({k: v for k, v in flags.items() if v is not None})

@@ -350,7 +350,8 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
         run["workers"] = cfg["common"]["workers"]
         log.info("detect: %d processes make proposals for the %s process",
                  run["workers"], ext.device.type)
-    todo, missing = (items, []) if up_ids is None else with_upstream(items, up_ids, run)
+    todo, missing = (items, []) if up_ids is None else with_upstream(items, up_ids,
+                                                                      run.pop("shard"))
     # an image is done when its result is current (and its picture exists, with --save-vis)
     report = run_stage_into(store, fn, todo, overwrite=overwrite, desc="detect", holds_model=True,
                             upstream=up_ids,

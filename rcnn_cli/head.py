@@ -272,7 +272,8 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     """Train fc6/fc7 + a (K + 1)-way softmax layer on cached features (module docstring).
 
     Deterministic for a given seed, device and CPU thread count (its own generators; the
-    global RNG is not touched). Returns the head and training statistics (window counts, losses, seconds).
+    global RNG is not touched). Returns the head and training statistics (window counts,
+    losses, seconds).
     """
     import torch
 

@@ -153,17 +153,16 @@ def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, 
 
 
 def with_upstream(items: list[ImageItem], up_ids: Mapping[str, str | None],
-                  run: dict[str, Any]) -> tuple[list[ImageItem], list[ImageItem]]:
-    """This shard's images that have an up-to-date upstream record, and those that have
-    none; ``run`` (:func:`execution`'s dict) has its shard taken out, as it is applied here.
+                  shard: str | None) -> tuple[list[ImageItem], list[ImageItem]]:
+    """``shard``'s images that have an up-to-date upstream record, and those that have none
+    (the caller runs the first list without a shard: it is cut here).
 
     The shard is cut from all the images first, so a shard holds the same images whatever the
     upstream folder holds, and each shard reports only its own missing images.
     """
     from rcnn_cli.runner import shard_items
 
-    mine = shard_items(items, run.pop("shard", None))
-    run["shard"] = None
+    mine = shard_items(items, shard)
     return ([it for it in mine if up_ids[it.rel] is not None],
             [it for it in mine if up_ids[it.rel] is None])
 
@@ -297,7 +296,7 @@ def extract_folder(inputs: list[str | Path], proposals_dir: str | Path, out: str
                        format_version=EXTRACT_FORMAT)
     up_ids = {it.rel: upstream_id(upstream, it) for it in items}
     run = execution(cfg, ext.device.type)
-    todo, missing = with_upstream(items, up_ids, run)
+    todo, missing = with_upstream(items, up_ids, run.pop("shard"))
     fn = functools.partial(extract_one, store=store, upstream=upstream, kwargs=kwargs, gt=gt,
                            max_proposals=e["max_proposals"], dtype=e["dtype"], keep=keep)
     report = run_stage_into(store, fn, todo,

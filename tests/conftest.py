@@ -1,7 +1,10 @@
 """Shared fixtures: tiny synthetic images and the optional real raccoon data."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,28 @@ def raccoon_dir() -> Path | None:
         if p and Path(p, "annotations").is_dir():
             return Path(p)
     return None
+
+
+HEAVY_MODULES = ("torch", "torchvision", "numba")
+
+
+def cli_in_fresh_python(*argvs: list, preimport: tuple[str, ...] = (), timeout: int = 300
+                        ) -> tuple[list[str], list[tuple[int, str]], list[str]]:
+    """Run each ``rcnn`` command line (a list of arguments) through click's CliRunner in one
+    fresh interpreter (start-up tests: what a command imports). Returns the
+    :data:`HEAVY_MODULES` imported once ``preimport`` is, each command's (exit code,
+    output), and the heavy modules imported at the end."""
+    argvs = [[str(a) for a in argv] for argv in argvs]
+    code = ("import json, sys\nfrom click.testing import CliRunner\nfrom rcnn_cli.cli import cli\n"
+            f"for m in {list(preimport)!r}: __import__(m)\n"
+            f"heavy = lambda: sorted(set({list(HEAVY_MODULES)!r}) & set(sys.modules))\n"
+            "before = heavy()\n"
+            f"runs = [CliRunner().invoke(cli, argv) for argv in {argvs!r}]\n"
+            "print(json.dumps([before, [[r.exit_code, r.output] for r in runs], heavy()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=timeout).stdout
+    before, runs, after = json.loads(out.splitlines()[-1])
+    return before, [tuple(r) for r in runs], after
 
 
 @pytest.fixture

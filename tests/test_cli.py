@@ -7,6 +7,7 @@ from PIL import Image
 
 from rcnn_cli import __version__
 from rcnn_cli.cli import cli
+from tests.conftest import cli_in_fresh_python
 
 SUBCOMMANDS = ["propose", "extract", "finetune", "train-svm", "detect", "evaluate", "demo",
                "info"]
@@ -300,21 +301,14 @@ def test_detect_reports_a_bad_model_before_importing_torch(tmp_path, rect_image)
     """Start-up (issue 16): `rcnn detect` checks its inputs and the model bundle with numpy
     alone, so a wrong --model fails in well under a second instead of after torch's import
     (4-5 s here, 9 s under load); the model and detect modules import no torch or numba."""
-    import subprocess
-
     img = tmp_path / "imgs" / "a.png"
     img.parent.mkdir()
     Image.fromarray(rect_image[0]).save(img)
     (tmp_path / "model").mkdir()
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom rcnn_cli.cli import cli\n"
-            "import rcnn_cli.detect, rcnn_cli.model\n"
-            "print(sorted({'torch', 'torchvision', 'numba'} & set(sys.modules)))\n"
-            f"r = CliRunner().invoke(cli, ['detect', {str(img.parent)!r}, '--model', "
-            f"{str(tmp_path / 'model')!r}, '-o', {str(tmp_path / 'out')!r}, '--workers', '2'])\n"
-            "print(r.exit_code, 'torch' in sys.modules)\nprint(r.output)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120).stdout.splitlines()
-    assert out[0] == "[]"
-    assert out[1] == "1 False"
-    assert "model.json: missing file (not a model bundle)" in out[2]
+    before, [(code, output)], after = cli_in_fresh_python(
+        ["detect", img.parent, "--model", tmp_path / "model", "-o", tmp_path / "out",
+         "--workers", "2"], preimport=("rcnn_cli.detect", "rcnn_cli.model"), timeout=120)
+    assert before == []
+    assert code == 1 and "torch" not in after
+    assert "model.json: missing file (not a model bundle)" in output
     assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ from PIL import Image
 
 from rcnn_cli.boxes import box_iou
 from rcnn_cli.cli import cli
-from tests.conftest import rectangles_image
+from tests.conftest import cli_in_fresh_python, rectangles_image
 
 CLASSES = ["red", "blue", "yellow"]
 FAST = """
@@ -452,19 +452,12 @@ def test_evaluate_detections_and_proposals(chain, tmp_path):
 def test_evaluate_imports_no_torch(chain, tmp_path):
     """evaluate's IoU is numpy (boxes.box_iou): the command starts without torch or
     torchvision (their import was 4-5 s of its start-up), diagnosis and proposals included."""
-    import subprocess
-    import sys
-
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom rcnn_cli.cli import cli\n"
-            f"a = CliRunner().invoke(cli, ['evaluate', '--annotations', {str(chain['ann'])!r}, "
-            f"'--detections', {str(chain['det'])!r}, '-o', {str(tmp_path / 'd')!r}, "
-            "'--diagnose'])\n"
-            f"b = CliRunner().invoke(cli, ['evaluate', '--annotations', {str(chain['ann'])!r}, "
-            f"'--proposals', {str(chain['props'])!r}, '-o', {str(tmp_path / 'p')!r}])\n"
-            "print(a.exit_code, b.exit_code, sorted({'torch', 'torchvision'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=300).stdout.split()
-    assert out == ["0", "0", "[]"]
+    _, runs, after = cli_in_fresh_python(
+        ["evaluate", "--annotations", chain["ann"], "--detections", chain["det"],
+         "-o", tmp_path / "d", "--diagnose"],
+        ["evaluate", "--annotations", chain["ann"], "--proposals", chain["props"],
+         "-o", tmp_path / "p"])
+    assert [c for c, _ in runs] == [0, 0] and not {"torch", "torchvision"} & set(after)
     assert all((tmp_path / d / "metrics.json").is_file() for d in "dp")
 
 
