@@ -400,6 +400,28 @@ def test_detect_proposals_flag_reads_the_propose_folder(chain, tmp_path):
         assert float(np.abs(p3 - box).max(1).min()) < 0.01
 
 
+def test_missing_upstream_reasons_name_the_cause(chain, tmp_path):
+    """The failure line of an image without up-to-date proposals says why: unreadable, not
+    proposed, or proposed from an older version of it."""
+    import os
+
+    from rcnn_cli.images import ImageItem
+    from rcnn_cli.stages import upstream_missing_reason
+    from rcnn_cli.store import open_upstream
+
+    up = open_upstream(chain["props"], "propose")
+    gone = ImageItem(tmp_path / "gone.png", "gone.png")
+    assert upstream_missing_reason(up, gone).startswith("cannot read the image")
+    new = tmp_path / "new.png"
+    shutil.copy(chain["img"] / "a.png", new)
+    assert upstream_missing_reason(up, ImageItem(new, "new.png")) == f"no proposals in {up.root}"
+    old = tmp_path / "a.png"
+    shutil.copy(chain["img"] / "a.png", old)
+    os.utime(old, ns=(0, 10**9))
+    assert upstream_missing_reason(up, ImageItem(old, "a.png")).startswith(
+        "proposals made from an older version of this image")
+
+
 def test_detect_nms_iou_without_hard_nms_is_warned(chain, tmp_path):
     """--nms-iou is the IoU of greedy NMS: with soft-NMS (the default) it does nothing, and
     one line says so (issue 15); with --nms hard no such line."""
