@@ -115,8 +115,11 @@ def test_texture_bins_of_a_vertical_step_edge():
 
     img = np.zeros((20, 20, 1), np.uint8)
     img[:, 10:] = 200  # dark -> bright from left to right: d/dx > 0, d/dy = 0
-    tb = _texture(img)
-    assert tb.shape == (20, 20, 1, 8) and tb.dtype == np.uint8
+    cols = _texture(img)  # histogram columns (ch * 8 + o) * 10 + bin, planar
+    assert cols.shape == (8, 400) and cols.dtype == np.uint8
+    offset = (np.arange(8) * 10)[:, None]
+    assert ((cols >= offset) & (cols < offset + 10)).all()
+    tb = (cols - offset).T.reshape(20, 20, 1, 8)  # bin per pixel, channel, orientation
     assert tb[:, :, 0, 0].max() == 9 and (tb[:, 8:12, 0, 0] > 0).all()  # 0 degrees fires
     assert (tb[:, :6, 0, 0] == 0).all() and (tb[:, 14:, 0, 0] == 0).all()  # flat: nothing
     for o in (2, 4, 6):  # 90, 180, 270 degrees: no response
@@ -132,12 +135,15 @@ def test_grouping_merges_most_similar_pair_first():
     img[:, :10] = (200, 10, 10)
     img[:, 10:20] = (205, 10, 10)
     img[:, 20:] = (10, 10, 200)
-    tb = np.zeros((10, 30, 3, 8), np.uint8)
+    tb = np.repeat(np.arange(24, dtype=np.uint8)[:, None] * 10, 300, 1)  # every bin 0
     sizes, rboxes, colour, texture = region_features(labels, 3, img, tb, True, True)
     assert sizes.tolist() == [100, 100, 100]
     assert rboxes.tolist() == [[0, 0, 9, 9], [10, 0, 19, 9], [20, 0, 29, 9]]
     np.testing.assert_allclose(colour.sum(1), 1, rtol=1e-6)
     np.testing.assert_allclose(texture.sum(1), 1, rtol=1e-6)
+    # every pixel lands in bin 0 of each of the 24 channel-orientation blocks
+    np.testing.assert_allclose(texture[:, ::10], 1 / 24, rtol=1e-6)
+    assert (np.delete(texture, np.s_[::10], axis=1) == 0).all()
     pairs = adjacency(labels, 3)
     assert pairs.tolist() == [[0, 1], [1, 2]]
     out = hierarchical_grouping(sizes, rboxes, colour, texture, pairs, True, False, False, False)
@@ -152,7 +158,7 @@ def test_grouping_size_similarity_prefers_small_regions():
     labels[:, 4] = 1
     labels[:, 5] = 2
     img = np.zeros((10, 6, 3), np.uint8)
-    tb = np.zeros((10, 6, 3, 8), np.uint8)
+    tb = np.zeros((24, 60), np.uint8)  # unused: no texture similarity
     sizes, rboxes, colour, texture = region_features(labels, 3, img, tb, False, False)
     pairs = adjacency(labels, 3)
     out = hierarchical_grouping(sizes, rboxes, colour, texture, pairs, False, False, True, False)

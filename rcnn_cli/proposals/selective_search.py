@@ -92,7 +92,7 @@ def selective_search(image: NDArray[np.uint8], strategy: str = DEFAULT_STRATEGY,
         cimg = convert_colour(small, space)
         graph = _fh_graph(_smooth(cimg, FH_SIGMA))  # sorted edges, shared by every k
         need_t = any("T" in s for s in sims)
-        tbins = _texture(cimg) if need_t else np.zeros((1, 1, 1, 1), np.uint8)
+        tbins = _texture(cimg) if need_t else np.zeros((1, 1), np.uint8)
         need_c = any("C" in s for s in sims)
         for k in scales:
             # per scale: FH segments (min size k), region features, adjacency
@@ -186,7 +186,8 @@ def convert_colour(rgb: NDArray[np.uint8], space: str) -> NDArray[np.uint8]:
 
 
 def _texture(cimg: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Texture bins uint8 (H, W, C, 8) from Gaussian derivatives (sigma 1) of each channel.
+    """Texture histogram columns uint8 (C * 8, H * W) from Gaussian derivatives (sigma 1)
+    of each channel: row ``ch * 8 + o`` holds ``(ch * 8 + o) * 10 + bin`` per pixel.
 
     The derivatives are cv2 separable filters; binning (8 orientations, 10 bins, scaled by
     a high quantile of each orientation image) is :func:`._grouping.texture_bins`.
@@ -197,14 +198,13 @@ def _texture(cimg: NDArray[np.uint8]) -> NDArray[np.uint8]:
     g /= g.sum()
     # cv2 filters correlate (no kernel flip): this kernel gives +d/dx of the smoothed image
     dg = x / TEXTURE_SIGMA**2 * g
-    f = cimg.astype(np.float32)
-    c = f.shape[2]
-    gx = np.empty_like(f)
-    gy = np.empty_like(f)
+    h, w, c = cimg.shape
+    gx = np.empty((c, h, w), np.float32)  # planar: texture_bins' loops vectorise
+    gy = np.empty((c, h, w), np.float32)
     for i in range(c):
-        ch = np.ascontiguousarray(f[:, :, i])
-        gx[:, :, i] = cv2.sepFilter2D(ch, cv2.CV_32F, dg, g, borderType=cv2.BORDER_REPLICATE)
-        gy[:, :, i] = cv2.sepFilter2D(ch, cv2.CV_32F, g, dg, borderType=cv2.BORDER_REPLICATE)
+        ch = cimg[:, :, i].astype(np.float32)
+        gx[i] = cv2.sepFilter2D(ch, cv2.CV_32F, dg, g, borderType=cv2.BORDER_REPLICATE)
+        gy[i] = cv2.sepFilter2D(ch, cv2.CV_32F, g, dg, borderType=cv2.BORDER_REPLICATE)
     # |cos gx + sin gy| <= sqrt(2) * 255 * sum|dg| for uint8 input
     bound = float(np.sqrt(2) * 255 * np.abs(dg).sum()) * 1.001
     return texture_bins(gx, gy, bound)
