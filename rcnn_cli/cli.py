@@ -25,10 +25,20 @@ log = logging.getLogger("rcnn_cli")
 
 # ------------------------------------------------------------------ shared options
 def _setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO - 10 * verbose + 10 * quiet
-    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+    """``-v`` shows our debug lines; other libraries' (PIL's chunks, matplotlib's font
+    search, numba's compiler: thousands of lines) only from ``-vv``."""
+    level = max(logging.INFO - 10 * verbose + 10 * quiet, logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    if verbose == 1:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_ours_or_info)
     warnings.showwarning = _warning_to_log
+
+
+def _ours_or_info(record: logging.LogRecord) -> bool:
+    """Keep our records and other libraries' from INFO up."""
+    return record.levelno >= logging.INFO or record.name.partition(".")[0] == "rcnn_cli"
 
 
 def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:
@@ -41,7 +51,9 @@ def common_options(f):
     """--config, -v/-q, --workers, --device, --overwrite: defined once, used by every command."""
     @click.option("--config", "config_file", type=click.Path(dir_okay=False),
                   help="TOML file of settings (overrides the defaults; flags override it).")
-    @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+    @click.option("-v", "--verbose", count=True,
+                  help="More log output (repeatable: -v our debug lines, -vv other "
+                       "libraries' too).")
     @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
     @click.option("--workers", type=click.IntRange(min=1), default=None,
                   help="Processes for the CPU stages (default 1; `rcnn demo`: one per CPU, "

@@ -1,3 +1,4 @@
+import logging
 import sys
 
 import numpy as np
@@ -312,3 +313,26 @@ def test_detect_reports_a_bad_model_before_importing_torch(tmp_path, rect_image)
     assert code == 1 and "torch" not in after
     assert "model.json: missing file (not a model bundle)" in output
     assert not (tmp_path / "out").exists()
+
+
+def test_v_shows_our_debug_lines_and_vv_other_libraries_too(tmp_path, props):
+    # regression: -v printed thousands of PIL / matplotlib / numba DEBUG lines
+    from rcnn_cli.cli import _setup_logging
+
+    img, _ = props
+    for flag, filtered in (("-v", True), ("-vv", False)):
+        r = CliRunner().invoke(cli, ["propose", str(img), "-o", str(tmp_path / flag), flag])
+        assert r.exit_code == 0, r.output
+        handler = logging.getLogger().handlers[0]  # as the command left it
+        pil = logging.LogRecord("PIL.Png", logging.DEBUG, "", 0, "m", (), None)
+        assert bool(handler.filter(pil)) is not filtered, flag
+    for verbose, shown in ((0, set()), (1, {"rcnn_cli.x"}), (2, {"rcnn_cli.x", "PIL.Png"})):
+        _setup_logging(verbose, 0)
+        handler = logging.getLogger().handlers[0]
+        kept = {name for name in ("rcnn_cli.x", "PIL.Png")
+                if logging.getLogger(name).isEnabledFor(logging.DEBUG)
+                and bool(handler.filter(logging.LogRecord(name, logging.DEBUG, "", 0, "m", (), None)))}
+        assert kept == shown, verbose
+        info = logging.LogRecord("PIL.Png", logging.INFO, "", 0, "m", (), None)
+        assert handler.filter(info)  # other libraries' INFO lines stay
+    _setup_logging(0, 0)
