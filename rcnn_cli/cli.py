@@ -233,6 +233,9 @@ def cli():
 
 
 def main():  # console-script entry point
+    from rcnn_cli.cpus import limit_threads_to_quota
+
+    limit_threads_to_quota()  # before numpy or torch start their thread pools
     try:
         cli(prog_name="rcnn")
     finally:

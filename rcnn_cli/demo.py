@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rcnn_cli.cpus import available_cpus
 from rcnn_cli.datasets import find_split_file, load_dataset
 
 log = logging.getLogger("rcnn_cli.demo")
@@ -28,16 +28,12 @@ DEMO_MAX_WORKERS = 4
 
 def demo_workers() -> int:
     """Selective-search processes `rcnn demo` uses when neither --workers nor a config file
-    sets them: the CPUs this process may run on, at most :data:`DEMO_MAX_WORKERS` (every
+    sets them: the CPUs this process may use (affinity and CPU quota), at most :data:`DEMO_MAX_WORKERS` (every
     other command keeps the default of 1). Only proposing: on the demo's 32 training and 16
     test images, starting CNN worker processes (torch import, model load) cost more than they
     saved (extract 4.4 -> 9.3 s, detect 11.2 -> 12.9 s on 2 cores), while selective search
     on its 48 images went from 19.5 to 9.9-10.7 s."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, DEMO_MAX_WORKERS))
+    return max(1, min(available_cpus(), DEMO_MAX_WORKERS))
 
 
 def _split_files(data: Path, out: Path, seed: int) -> tuple[Path, Path]:

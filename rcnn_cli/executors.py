@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from rcnn_cli.cpus import THREAD_VARS
 from rcnn_cli.images import ImageError, ImageItem
 
 log = logging.getLogger("rcnn_cli.executors")
@@ -61,8 +62,6 @@ RETRIES = 2  # attempts after the first, for a failure other than an undecodable
 WINDOW_PER_WORKER = 8  # images in flight per worker slot (and at least MIN_WINDOW)
 MIN_WINDOW = 64
 #: environment variables that size the thread pools of the numeric libraries at their load
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-               "NUMBA_NUM_THREADS")
 
 Result = tuple[ImageItem, "dict | None", "str | None"]
 #: what a session yields per image: (item, result, reason, worker ``host:pid``, seconds)

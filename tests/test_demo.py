@@ -39,12 +39,16 @@ def test_split_files_seeded_when_absent(tmp_path):
 
 
 def test_demo_workers_follow_the_cpus(monkeypatch):
+    from rcnn_cli import cpus as cpumod
     from rcnn_cli import demo
 
+    monkeypatch.setattr(cpumod, "cpu_quota", lambda _root=None: None)
     for cpus, want in ((1, 1), (2, 2), (3, 3), (64, demo.DEMO_MAX_WORKERS)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)),
                             raising=False)
         assert demo.demo_workers() == want
+    monkeypatch.setattr(cpumod, "cpu_quota", lambda _root=None: 2.0)  # docker --cpus 2
+    assert demo.demo_workers() == 2
 
 
 def test_demo_workers_flag_and_config_win(monkeypatch, tmp_path):
