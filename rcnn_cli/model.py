@@ -301,17 +301,17 @@ _DETECTION_KEYS = {"nms_iou": "detect.nms_iou", "score_threshold": "detect.score
 
 def _validate_extractor(kw: Any, fail) -> None:
     """``extract_settings.extractor``: the FeatureExtractor arguments detect rebuilds."""
-    from rcnn_cli.features import BACKBONES, SHARED_ONLY_TAPS
+    from rcnn_cli.backbones import SHARED_ONLY_TAPS, TAPS  # no torch: info, early checks
 
     if not isinstance(kw, dict):
         fail(f"extract_settings.extractor must be an object, got {type(kw).__name__}")
     backbone, tap, mode = kw.get("backbone"), kw.get("tap"), kw.get("mode")
-    if backbone not in BACKBONES:
+    if backbone not in TAPS:
         fail(f"extract_settings.extractor.backbone {backbone!r} is not one of "
-             f"{', '.join(sorted(BACKBONES))}")
-    if tap is not None and tap not in BACKBONES[backbone].taps:
+             f"{', '.join(sorted(TAPS))}")
+    if tap is not None and tap not in TAPS[backbone]:
         fail(f"extract_settings.extractor.tap {tap!r} is not a tap of {backbone} "
-             f"({', '.join(sorted(BACKBONES[backbone].taps))})")
+             f"({', '.join(sorted(TAPS[backbone]))})")
     if mode not in ("warp", "shared") or (mode == "warp" and (backbone, tap) in SHARED_ONLY_TAPS):
         fail(f"extract_settings.extractor.mode {mode!r} must be warp or shared"
              + (f" (tap {tap!r} needs shared)" if mode == "warp" else ""))

@@ -505,3 +505,16 @@ def test_varying_shapes_turns_cudnn_off_on_cuda_for_depthwise_nets_and_restores_
         raise RuntimeError("boom")
     assert torch.backends.cudnn.enabled == before
     assert F.NO_CUDNN_SHARED <= set(F.BACKBONES)
+
+
+def test_the_torch_free_backbone_table_matches_the_extractors():
+    """rcnn_cli.backbones (model validation, info) and features.BACKBONES name the same
+    backbones, taps and dimensions; the grid tap's dimension is its cells' channels."""
+    from rcnn_cli import backbones
+
+    assert backbones.TAPS == {name: spec.taps for name, spec in F.BACKBONES.items()}
+    assert all(spec.default_tap in spec.taps for spec in F.BACKBONES.values())
+    for name, cut in backbones.GRID_CUTS.items():
+        trunk = F.load_backbone(name, "random").features[:cut]
+        channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
+        assert backbones.TAPS[name]["grid"] == 1280 + channels * backbones.GRID_CELLS ** 2
