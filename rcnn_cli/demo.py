@@ -28,8 +28,9 @@ DEMO_MAX_WORKERS = 4
 
 def demo_workers() -> int:
     """Selective-search processes `rcnn demo` uses when neither --workers nor a config file
-    sets them: the CPUs this process may use (affinity and CPU quota), at most :data:`DEMO_MAX_WORKERS` (every
-    other command keeps the default of 1). Only proposing: on the demo's 32 training and 16
+    sets them: the CPUs this process may use (affinity and CPU quota:
+    :func:`rcnn_cli.cpus.available_cpus`), at most :data:`DEMO_MAX_WORKERS` (every other
+    command keeps the default of 1). Only proposing: on the demo's 32 training and 16
     test images, starting CNN worker processes (torch import, model load) cost more than they
     saved (extract 4.4 -> 9.3 s, detect 11.2 -> 12.9 s on 2 cores), while selective search
     on its 48 images went from 19.5 to 9.9-10.7 s."""

@@ -61,7 +61,6 @@ EXECUTORS = ("local", "dask", "ray")
 RETRIES = 2  # attempts after the first, for a failure other than an undecodable image
 WINDOW_PER_WORKER = 8  # images in flight per worker slot (and at least MIN_WINDOW)
 MIN_WINDOW = 64
-#: environment variables that size the thread pools of the numeric libraries at their load
 
 Result = tuple[ImageItem, "dict | None", "str | None"]
 #: what a session yields per image: (item, result, reason, worker ``host:pid``, seconds)
