@@ -36,14 +36,15 @@ def cpu_quota(root: Path | None = None, proc_cgroup: Path = Path("/proc/self/cgr
     its own cgroup namespace sees).
     """
     root = CGROUP_ROOT if root is None else root
-    own_v2, own_v1 = "", ""
+    own_v2, own_v1 = "", []
     try:
         for line in proc_cgroup.read_text().splitlines():
             _, controllers, path = line.split(":", 2)
             if controllers == "":
                 own_v2 = path.lstrip("/")
-            elif "cpu" in controllers.split(","):
-                own_v1 = controllers + "/" + path.lstrip("/")
+            elif "cpu" in controllers.split(","):  # mounted as "cpu,cpuacct", "cpu", ...
+                own_v1 = [root / name / path.lstrip("/")
+                          for name in (controllers, "cpu", "cpu,cpuacct")]
     except (OSError, ValueError):
         pass
     for folder in dict.fromkeys([root / own_v2, root]):  # v2, own cgroup first
@@ -55,8 +56,7 @@ def cpu_quota(root: Path | None = None, proc_cgroup: Path = Path("/proc/self/cgr
             return None if fields[0] == "max" else _ratio(int(fields[0]), int(fields[1]))
         except (ValueError, IndexError):
             return None
-    v1 = [root / own_v1] if own_v1 else []
-    for folder in dict.fromkeys([*v1, root / "cpu", root / "cpu,cpuacct"]):
+    for folder in dict.fromkeys([*own_v1, root / "cpu", root / "cpu,cpuacct"]):
         try:
             quota = int((folder / "cpu.cfs_quota_us").read_text())
             period = int((folder / "cpu.cfs_period_us").read_text())

@@ -28,6 +28,9 @@ def _cgroup(tmp_path, files, own="0::/\n"):
     ({"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "50000\n",
       "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n"}, "3:cpu,cpuacct:/docker/x\n", 0.5),
     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "4:cpu:/\n", None),
+    ({"cpu/job/cpu.cfs_quota_us": "400000\n", "cpu/job/cpu.cfs_period_us": "100000\n",
+      "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+     "5:cpuacct,cpu:/job\n", 4.0),  # listed as cpuacct,cpu, mounted (linked) as cpu
     ({}, "0::/\n", None),  # nothing mounted
     ({"cpu.max": "garbage\n"}, "0::/\n", None),
 ])
