@@ -8,9 +8,11 @@ the preload without this, 1 with it).
 """
 import os
 
+from rcnn_cli.cpus import THREAD_VARS  # imports no numeric library
+
 # Before numpy loads (importing the executors module loads it): OpenBLAS starts its threads
-# at load time. limit_threads then sets every variable it knows and limits what is loaded.
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+# at load time. limit_threads then limits the libraries that are loaded.
+for _var in THREAD_VARS:
     os.environ[_var] = "1"
 
 from rcnn_cli.executors import limit_threads

@@ -71,6 +71,13 @@ def model_proposals(image: NDArray[np.uint8], proposal_settings: Mapping[str, An
     """Step 1 of :func:`detect_image`: the proposals a model was trained with (its
     ``proposal_settings``), the first ``max_proposals`` of them."""
     props, _ = compute_proposals(image, proposal_settings)
+    return first_proposals(props, max_proposals)
+
+
+def first_proposals(props: NDArray[np.float32], max_proposals: int | None
+                    ) -> NDArray[np.float32]:
+    """The first ``max_proposals`` of ranked boxes (all of them for None): what a model
+    scores per image, its ``[extract] max_proposals``."""
     return props if max_proposals is None else props[:max_proposals]
 
 
@@ -200,9 +207,8 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
         if up_id is None:  # changed after detect_folder paired them
             raise ValueError(f"no up-to-date proposals in {upstream.root} (image changed or "
                              "not proposed: rerun `rcnn propose`)")
-        props = upstream.load(item.rel)["boxes"]
-        cap = model.extract_settings.get("max_proposals")
-        props = props if cap is None else props[:cap]
+        props = first_proposals(upstream.load(item.rel)["boxes"],
+                                model.extract_settings.get("max_proposals"))
         times["proposals"] = time.perf_counter() - t1
     if dense:
         from rcnn_cli.dense import detect_dense

@@ -119,11 +119,11 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
     (``rcnn detect --workers 2`` on 40 images: 31.9 -> 24.4 s, with the warm-up and freeze
     of :func:`~rcnn_cli.executors.start_local_pool`). ``selective_search=False``: the workers
     run none (sliding windows, precomputed or dense boxes), so it is not warmed."""
-    n = cfg["common"]["workers"] if workers is None else workers
+    # extract on a GPU runs in one process (:func:`execution`); detect's pool feeds the GPU
+    device = "cuda" if stage == "extract" and cfg["common"]["device"].startswith("cuda") else "cpu"
+    n = execution(cfg, device)["workers"] if workers is None else workers
     if cfg["common"]["executor"] != "local" or n <= 1:
         return
-    if stage == "extract" and cfg["common"]["device"].startswith("cuda"):
-        return  # one process drives the GPU (:func:`execution`): there is no pool
     from rcnn_cli.executors import start_local_pool
 
     preload = POOL_PRELOAD[stage]

@@ -400,6 +400,19 @@ def test_detect_proposals_flag_reads_the_propose_folder(chain, tmp_path):
         assert float(np.abs(p3 - box).max(1).min()) < 0.01
 
 
+def test_detect_proposals_flag_refuses_a_wrong_folder(chain, tmp_path):
+    """--proposals naming a folder that is not `rcnn propose` output, or an -o inside it:
+    one line naming the folder, before any work, and nothing written there."""
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", tmp_path / "a",
+            "--config", chain["cfg"], "--proposals", chain["feats"], code=1)
+    assert str(chain["feats"]) in r.output and "expected propose" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "a" / "per_image").exists()
+    inside = chain["props"] / "det"
+    r = run("detect", chain["img"], "--model", chain["model"], "-o", inside,
+            "--config", chain["cfg"], "--proposals", chain["props"], code=2)
+    assert "--proposals" in r.output and not inside.exists()
+
+
 def test_missing_upstream_reasons_name_the_cause(chain, tmp_path):
     """The failure line of an image without up-to-date proposals says why: unreadable, not
     proposed, or proposed from an older version of it."""
