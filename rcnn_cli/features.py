@@ -457,11 +457,16 @@ class SharedHead(nn.Module):
         return self.head(self.pooler(fmap, boxes))
 
 
+def _part_edges(lo: torch.Tensor, hi: torch.Tensor, cells: int) -> torch.Tensor:
+    """(N, cells + 1) edges of ``cells`` equal parts of each [lo, hi)."""
+    t = torch.arange(cells + 1, device=lo.device, dtype=lo.dtype) / cells
+    return lo[:, None] + (hi - lo)[:, None] * t
+
+
 def _cell_weights(lo: torch.Tensor, hi: torch.Tensor, cells: int, n: int) -> torch.Tensor:
     """(N, cells, n) weights: fraction of each of ``cells`` equal parts of [lo, hi) that map
     cell k = [k, k + 1) covers, divided by the part's length (outside the map counts as 0)."""
-    t = torch.arange(cells + 1, device=lo.device, dtype=lo.dtype) / cells
-    edges = lo[:, None] + (hi - lo)[:, None] * t
+    edges = _part_edges(lo, hi, cells)
     a, b = edges[:, :-1, None], edges[:, 1:, None]
     k = torch.arange(n, device=lo.device, dtype=lo.dtype)
     overlap = (torch.minimum(b, k + 1) - torch.maximum(a, k)).clamp_min(0)
@@ -527,18 +532,49 @@ class GridHead(nn.Module):
         self.grid, self.context = grid, context
         self.mid_stride, self.top_stride = mid_stride, top_stride
 
+    def _padded(self, b: torch.Tensor) -> torch.Tensor:
+        c, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2 * self.context
+        return torch.cat([c - half, c + half], 1)
+
     def forward(self, fmaps: tuple[torch.Tensor, torch.Tensor],
                 boxes: list[torch.Tensor]) -> torch.Tensor:
         mid, top = fmaps
+        if _summed_area_applies(mid, top):
+            parts = [self._summed_area(mid[i], top[i], b.to(torch.float32))
+                     for i, b in enumerate(boxes)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         out = []
         for i, b in enumerate(boxes):
             b = b.to(torch.float32)
-            c, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2 * self.context
-            padded = torch.cat([c - half, c + half], 1)
+            padded = self._padded(b)
             what = roi_area_pool(top[i], b, 1, 1.0 / self.top_stride).flatten(1)
             where = roi_area_pool(mid[i], padded, self.grid, 1.0 / self.mid_stride).flatten(1)
             out.append(torch.cat([what, where], 1))
         return torch.cat(out)
+
+    def _summed_area(self, mid: torch.Tensor, top: torch.Tensor, b: torch.Tensor
+                     ) -> torch.Tensor:
+        """:meth:`forward` for one image on CPU without autograd: the same features from
+        summed-area tables (:mod:`rcnn_cli._gridpool`; ~10x faster for 2000 boxes)."""
+        from . import _gridpool
+
+        out = np.empty((len(b), top.shape[0] + mid.shape[0] * self.grid ** 2), np.float32)
+        for fmap, bx, cells, stride, col in ((top, b, 1, self.top_stride, 0),
+                                             (mid, self._padded(b), self.grid, self.mid_stride,
+                                              top.shape[0])):
+            m = bx * (1.0 / stride)  # map units, as roi_area_pool computes them
+            xs = _part_edges(m[:, 0], m[:, 2], cells).contiguous().numpy()
+            ys = _part_edges(m[:, 1], m[:, 3], cells).contiguous().numpy()
+            table = _gridpool.summed_area_table(fmap.permute(1, 2, 0).numpy())
+            _gridpool.pool_parts(table, xs, ys, out, col)
+        return torch.from_numpy(out)
+
+
+def _summed_area_applies(*maps: torch.Tensor) -> bool:
+    """Whether :class:`GridHead` may use its summed-area kernel: float32 CPU maps that no
+    gradient flows through (inference; fine-tuning keeps the differentiable products)."""
+    return all(m.device.type == "cpu" and m.dtype == torch.float32
+               and not (torch.is_grad_enabled() and m.requires_grad) for m in maps)
 
 
 def shared_parts(name: str, model: nn.Module, tap: str | None = None,
@@ -840,7 +876,10 @@ class FeatureExtractor:
     def _extract_shared(self, image, boxes: NDArray[np.float32]) -> torch.Tensor:
         fmap, (f_y, f_x) = self.shared_maps(image)
         scaled = torch.from_numpy(box_ops.scale(boxes, f_y, f_x)).to(self.device)
+        # the grid head's CPU kernel needs no batches (its memory is the output's)
+        bs = (len(boxes) or 1) if (isinstance(self.head, GridHead)
+                                   and _summed_area_applies(*fmap)) else self.batch_size
         with self._autocast(), varying_shapes(self.device, self.backbone):
-            out = [self.head(fmap, [scaled[i:i + self.batch_size]]).float()
-                   for i in range(0, len(boxes), self.batch_size)]
-        return torch.cat(out)
+            out = [self.head(fmap, [scaled[i:i + bs]]).float()
+                   for i in range(0, len(boxes), bs)]
+        return out[0] if len(out) == 1 else torch.cat(out)

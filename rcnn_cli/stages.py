@@ -106,8 +106,9 @@ def propose_one(item: ImageItem, store: StageStore) -> dict:
 #: this process's own start-up (:func:`rcnn_cli.executors.start_local_pool`).
 POOL_PRELOAD = {
     "propose": ("rcnn_cli.stages", "rcnn_cli.proposals._warm"),
-    "extract": ("rcnn_cli.stages", "rcnn_cli.features"),
-    "detect": ("rcnn_cli.detect", "rcnn_cli.features", "rcnn_cli.proposals._warm"),
+    "extract": ("rcnn_cli.stages", "rcnn_cli.features", "rcnn_cli._gridpool"),
+    "detect": ("rcnn_cli.detect", "rcnn_cli.features", "rcnn_cli._gridpool",
+               "rcnn_cli.proposals._warm"),
 }
 
 

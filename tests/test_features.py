@@ -397,6 +397,76 @@ def test_roi_area_pool_matches_brute_force():
                                        atol=1e-5)
 
 
+def _grid_case(seed: int = 0):
+    """Two maps as the grid tap's trunk gives them (channels-last) and boxes of every kind:
+    inside, the whole image, partly and wholly outside, thin, sub-cell, zero-width, inverted,
+    and many random ones."""
+    rng = np.random.default_rng(seed)
+    mid = torch.from_numpy(rng.normal(size=(1, 6, 9, 11)).astype(np.float32))
+    top = torch.from_numpy(rng.uniform(0, 6, size=(1, 7, 5, 6)).astype(np.float32))
+    mid, top = (m.contiguous(memory_format=torch.channels_last) for m in (mid, top))
+    special = [[16, 16, 64, 48], [0, 0, 176, 144], [-32, -32, 32, 32], [8, 8, 40, 72],
+               [20, 20, 28, 28], [30, 10, 30, 90], [60, 50, 40, 20], [300, 300, 340, 350],
+               [-50, 5, -10, 60], [175.9, 143.9, 176, 144]]
+    xy = rng.uniform(-40, 200, size=(200, 2, 2))
+    rand = np.concatenate([xy.min(1), xy.max(1)], 1)
+    boxes = torch.from_numpy(np.concatenate([special, rand]).astype(np.float32))
+    return mid, top, boxes
+
+
+def test_grid_head_summed_area_kernel_matches_matrix_products():
+    """The CPU inference kernel (summed-area tables, rcnn_cli._gridpool) computes what the
+    differentiable products of roi_area_pool compute, box by box, to float32 rounding; with a
+    gradient to carry, the head uses the products (fine-tuning backpropagates through it)."""
+    mid, top, boxes = _grid_case()
+    head = F.GridHead(4, 16, 32, context=1.3)
+    with torch.inference_mode():
+        fast = head((mid, top), [boxes])
+    assert F._summed_area_applies(mid, top)
+    padded = head._padded(boxes)
+    ref = torch.cat([F.roi_area_pool(top, boxes, 1, 1 / 32).flatten(1),
+                     F.roi_area_pool(mid, padded, 4, 1 / 16).flatten(1)], 1)
+    assert fast.shape == ref.shape == (len(boxes), 7 + 6 * 16) and fast.dtype == torch.float32
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.all(fast.numpy()[6] == 0) and np.all(fast.numpy()[7] == 0)  # inverted; outside
+    for k in (0, 2, 3, 4):  # and the brute-force reference of roi_area_pool's test
+        np.testing.assert_allclose(fast.numpy()[k, :7],
+                                   _area_pool_brute(top[0].numpy(), boxes[k].numpy(), 1,
+                                                    1 / 32).ravel(), atol=1e-5)
+    # a map that needs a gradient takes the products: same values, and a gradient flows
+    top_g = top.clone().requires_grad_(True)
+    assert not F._summed_area_applies(mid, top_g)
+    slow = head((mid, top_g), [boxes])
+    slow.sum().backward()
+    assert top_g.grad is not None and float(top_g.grad.abs().sum()) > 0
+    np.testing.assert_allclose(slow.detach().numpy(), fast.numpy(), rtol=1e-5, atol=1e-5)
+    # several images in one call: one block of rows per image, in order
+    with torch.inference_mode():
+        two = head((torch.cat([mid, mid.flip(-1)]), torch.cat([top, top.flip(-1)])),
+                   [boxes[:5], boxes[5:9]])
+        one = head((mid.flip(-1), top.flip(-1)), [boxes[5:9]])
+    np.testing.assert_array_equal(two[:5].numpy(), fast[:5].numpy())
+    np.testing.assert_array_equal(two[5:].numpy(), one.numpy())
+
+
+def test_shared_extraction_matches_the_differentiable_head():
+    """extract() on CPU (summed-area kernel, all boxes in one call) gives the features of the
+    batched differentiable head that fine-tuning trains through."""
+    img, boxes = rectangles_image()
+    boxes = np.concatenate([boxes, _random_boxes(700, *img.shape[:2], seed=5)])
+    fe = F.FeatureExtractor("mobilenet_v2", mode="shared", weights="random", device="cpu",
+                            batch_size=256)
+    got = fe.extract(img, boxes)
+    with torch.inference_mode():
+        (mid, top), (f_y, f_x) = fe.shared_maps(img)
+    scaled = torch.from_numpy(F.box_ops.scale(boxes, f_y, f_x))
+    mid, top = mid.clone().requires_grad_(True), top.clone().requires_grad_(True)
+    ref = torch.cat([fe.head((mid, top), [scaled[i:i + 256]])
+                     for i in range(0, len(boxes), 256)]).detach().numpy()
+    assert got.shape == ref.shape == (len(boxes), fe.dim)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_grid_tap_is_shared_only_and_default_on_shared():
     img, boxes = rectangles_image()
     fe = F.FeatureExtractor("mobilenet_v2", mode="shared", weights="random", device="cpu")
