@@ -49,9 +49,9 @@ def box_iou(a: ArrayLike, b: ArrayLike) -> NDArray[np.float32]:
 
     torchvision.ops.box_iou's formula in numpy, operation for operation, so the float32 values
     are the same bit for bit (tested; degenerate pairs give nan as there). Hand-written
-    because importing torchvision pulls in torch._dynamo (2.5-3 s of start-up) for commands
-    that use no other torchvision op (evaluate, train-svm), and because one call was faster
-    here anyway: 0.44 vs 1.1 ms for 2000 x 5, 74 vs 222 ms for 2000 x 2000.
+    so that commands that use no other torch op (evaluate) start without importing torch
+    (~3 s), and because one call was faster here anyway: 0.44 vs 1.1 ms for 2000 x 5, 74 vs
+    222 ms for 2000 x 2000.
     """
     a, b = as_boxes(a), as_boxes(b)
     if len(a) == 0 or len(b) == 0:

@@ -206,9 +206,10 @@ def start_local_pool(preload: Sequence[str]) -> bool:
     goes on with its own start-up; False where there is no forkserver (Windows).
 
     Every worker of a local pool is forked from that server, so it starts with the modules
-    already imported (torch and torchvision: ~4.5 s per process here, of which ~2.7 s is
-    torch._dynamo, which torchvision.ops imports) and with what their import did (numba's
-    machine code for selective search: :mod:`rcnn_cli.proposals._warm`). Called before the
+    already imported (torch and torchvision: ~3 s per process here, without torch._dynamo:
+    :mod:`rcnn_cli._torchvision`) and with what their import did (numba's machine code for
+    selective search and the grid head: :mod:`rcnn_cli.proposals._warm`,
+    :mod:`rcnn_cli._gridpool`). Called before the
     driver's own imports, the server's imports run beside them on another core instead of
     after them in every worker. A server already running keeps its modules (multiprocessing
     starts one per process); ``__main__`` stays preloaded, as multiprocessing's default;

@@ -36,12 +36,12 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torchvision.models as tvm
 from numpy.typing import NDArray
 from torch import nn
-from torchvision.ops import roi_align
 
 from . import boxes as box_ops
+from ._torchvision import models as tvm
+from ._torchvision import roi_align
 from .backbones import GRID_CELLS, GRID_CUTS, SHARED_ONLY_TAPS, TAPS
 from .config import ConfigError, default
 from .efficientnet_lite import LITE_MEAN, LITE_STD, SameConv2d, efficientnet_lite0

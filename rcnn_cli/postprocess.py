@@ -59,7 +59,8 @@ def postprocess(boxes: NDArray[np.float32], scores: NDArray[np.float32],
         idx, s_out = soft_nms(b, s, lab, settings.score_thresh, limit=settings.max_per_image)
     else:
         import torch  # here: `rcnn detect` checks its inputs before torch's import
-        from torchvision.ops import batched_nms
+
+        from ._torchvision import batched_nms
 
         idx = batched_nms(torch.from_numpy(b), torch.from_numpy(s),
                           torch.from_numpy(lab.astype(np.int64)), settings.nms_iou).numpy()

@@ -588,3 +588,39 @@ def test_the_torch_free_backbone_table_matches_the_extractors():
         trunk = F.load_backbone(name, "random").features[:cut]
         channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
         assert backbones.TAPS[name]["grid"] == 1280 + channels * backbones.GRID_CELLS ** 2
+
+
+def test_torchvision_is_imported_without_dynamo():
+    """rcnn_cli imports torchvision without torch._dynamo (2.8 s of every CNN process's
+    start-up, for a function roi_align calls only in its compiled fallback); afterwards the
+    ops work, the stand-in is gone, and the real dynamo still loads (optimizer steps import
+    it) with roi_align's hook delegating to it."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys, torch
+        import rcnn_cli.features
+        assert 'torchvision.ops.roi_align' in sys.modules
+        assert 'torch._dynamo' not in sys.modules and 'torch._dynamo.utils' not in sys.modules
+        from rcnn_cli._torchvision import batched_nms, models, roi_align
+        x = torch.arange(2 * 8 * 8, dtype=torch.float32).view(1, 2, 8, 8)
+        out = roi_align(x, [torch.tensor([[0., 0., 4., 4.]])], (2, 2), 1.0, 2, True)
+        assert out.shape == (1, 2, 2, 2) and float(out[0, 0, 0, 0]) == float(x[0, 0, :2, :2].mean())
+        keep = batched_nms(torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10]]),
+                           torch.tensor([0.9, 0.8]), torch.tensor([0, 0]), 0.5)
+        assert keep.tolist() == [0]
+        net = models.mobilenet_v2(num_classes=3)
+        assert 'torch._dynamo' not in sys.modules
+        hook = sys.modules['torchvision.ops.roi_align'].is_compile_supported
+        assert hook('cpu') in (True, False)
+        import torch._dynamo
+        assert hasattr(torch._dynamo, 'optimize') and hasattr(torch._dynamo.utils, 'counters')
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        net(torch.rand(2, 3, 32, 32)).sum().backward()
+        opt.step()
+        print('ok')
+    """
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
