@@ -47,6 +47,7 @@ from rcnn_cli.store import (
     StageStore,
     atomic_write_json,
     check_output_folder,
+    check_settings_parts,
     claim_folder,
     file_identity,
     open_upstream,
@@ -328,14 +329,19 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
+    # the parts of the store key known without loading the backbone: a folder of another
+    # model or other settings is refused now, not after torch and the backbone load
+    key = {"model": model_key(model_dir),
+           "proposals": model.proposal_settings if upstream is None else dict(upstream.settings),
+           "post": {k: v for k, v in settings.__dict__.items() if k != "vis_thresh"}}
+    check_settings_parts(Path(out) / "per_image", "detect",
+                         {**key, **({} if dense else {"dense": None})},
+                         None if upstream is None else upstream.key, DETECT_FORMAT, overwrite)
     # inputs checked: the workers import torch beside this process
     start_pool(cfg, "detect", selective_search=not dense and upstream is None
                and model.proposal_settings.get("method") == "selective_search")
     ext = get_extractor(kwargs)  # load once here: fails early on missing weights
-    key = {"model": model_key(model_dir),
-           "proposals": model.proposal_settings if upstream is None else dict(upstream.settings),
-           "features": ext.settings(),
-           "post": {k: v for k, v in settings.__dict__.items() if k != "vis_thresh"}}
+    key["features"] = ext.settings()
     if dense:  # dense windows replace the proposals: their results never mix
         from rcnn_cli.dense import check_dense, dense_settings
 

@@ -36,6 +36,7 @@ Layout: ``OUT/manifest.json``, ``OUT/config.toml`` (resolved settings) and
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -374,6 +375,36 @@ def claim_folder(folder: str | Path, ours: bool, names: tuple[str, ...], overwri
         raise ForeignFolderError(
             f"{folder}/{clash[0]}: exists and was not written by rcnn; it is never replaced, "
             f"even with --overwrite (move it, or choose another output folder)")
+
+
+def check_settings_parts(root: str | Path, stage: str, parts: Mapping[str, Any],
+                         upstream_key: str | None = None, format_version: int = 1,
+                         overwrite: bool = False) -> None:
+    """Before heavy work, the refusal :meth:`StageStore.claim` would make later: a folder
+    whose manifest is another stage's, or records other values for any of ``parts`` (some of
+    the settings; the rest may need a loaded model to compute), its upstream or its format.
+    ``overwrite``: nothing is refused here.
+
+    Raises:
+        StaleStoreError: naming the folder and the settings that differ.
+    """
+    m = None if overwrite else read_manifest(root)
+    if m is None:
+        return
+    if m.get("stage") != stage:
+        raise StaleStoreError(f"{root}: holds {m.get('stage')} outputs, not {stage}; choose "
+                              "another output folder or pass --overwrite to recompute")
+    old = m.get("settings") or {}
+    canon = functools.partial(json.dumps, sort_keys=True, default=str)
+    differ = [k for k, v in parts.items() if canon(old.get(k)) != canon(v)]
+    if m.get("upstream_key") != upstream_key:
+        differ.append("upstream")
+    if m.get("format_version", 1) != format_version:
+        differ.append("format")
+    if differ:
+        raise StaleStoreError(f"{root}: holds {stage} outputs made with other settings "
+                              f"({', '.join(differ)}); choose another output folder or pass "
+                              "--overwrite to recompute")
 
 
 def check_stage_folder(root: str | Path, overwrite: bool = False) -> None:

@@ -496,6 +496,22 @@ def test_evaluate_imports_no_torch(chain, tmp_path):
     assert all((tmp_path / d / "metrics.json").is_file() for d in "dp")
 
 
+def test_detect_refuses_a_stale_output_folder_before_importing_torch(chain, tmp_path):
+    """regression: `detect -o` of an earlier run with other post-processing settings was
+    refused only once torch and the backbone had loaded (~4-7 s); now before either, and
+    the folder is left as it was."""
+    out = tmp_path / "det"
+    shutil.copytree(chain["det"], out)
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    _, runs, after = cli_in_fresh_python(
+        ["detect", chain["img"], "--model", chain["model"], "-o", out, "--config", chain["cfg"],
+         "--nms", "hard", "--nms-iou", "0.5"])
+    (code, output), = runs
+    assert code == 2 and "other settings (post)" in output and "--overwrite" in output
+    assert "Traceback" not in output and not {"torch", "torchvision"} & set(after)
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
 def test_evaluate_never_replaces_a_metrics_file_in_a_given_folder(chain, tmp_path):
     """regression: `evaluate -o DIR` replaced DIR/metrics.json (maybe the user's) silently."""
     out = tmp_path / "mine"

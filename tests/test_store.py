@@ -52,6 +52,28 @@ def test_store_resume_and_stale(tmp_path):
         st.open_upstream(tmp_path / "out", "extract")
 
 
+def test_settings_parts_are_checked_before_the_rest_of_the_key(tmp_path):
+    """check_settings_parts refuses, before heavy work, what claim() would refuse once the
+    whole key is known: another stage, other values of the parts given, another upstream or
+    format; the parts compare as JSON (tuples read back as lists)."""
+    root = tmp_path / "out"
+    st.check_settings_parts(root, "detect", {"model": "m1"})  # no folder: nothing to refuse
+    st.StageStore.create(root, "detect", {"model": "m1", "post": {"iou": (0.3, 1)},
+                                          "features": {"dim": 8}}, upstream_key="u1",
+                         format_version=2)
+    ok = {"model": "m1", "post": {"iou": [0.3, 1]}, "dense": None}
+    st.check_settings_parts(root, "detect", ok, "u1", 2)
+    for parts, up, fmt, what in (({**ok, "model": "m2"}, "u1", 2, r"\(model\)"),
+                                 ({**ok, "post": {"iou": [0.5, 1]}}, "u1", 2, r"\(post\)"),
+                                 ({**ok, "dense": {"stride": 8}}, "u1", 2, r"\(dense\)"),
+                                 (ok, None, 2, r"\(upstream\)"), (ok, "u1", 1, r"\(format\)")):
+        with pytest.raises(st.StaleStoreError, match="other settings " + what):
+            st.check_settings_parts(root, "detect", parts, up, fmt)
+        st.check_settings_parts(root, "detect", parts, up, fmt, overwrite=True)
+    with pytest.raises(st.StaleStoreError, match="holds detect outputs, not propose"):
+        st.check_settings_parts(root, "propose", {})
+
+
 def test_half_written_file_is_not_trusted(tmp_path):
     s = st.StageStore.create(tmp_path, "propose", {})
     s.save("a.jpg", {"x": np.arange(1000)})
