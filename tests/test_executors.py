@@ -373,7 +373,7 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     monkeypatch.setattr(stages, "get_extractor", stop)
     model = SimpleNamespace(classes=["a"], proposal_settings={"method": "selective_search"})
     monkeypatch.setattr(detect, "_get_model", lambda d: model)
-    monkeypatch.setattr(detect, "model_detect_settings", lambda *a: None)
+    monkeypatch.setattr(detect, "model_detect_settings", lambda *a: detect.DetectSettings())
     monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {})
     monkeypatch.setattr(detect, "get_extractor", stop)
     monkeypatch.setattr(demo, "run_demo", stop)
