@@ -54,7 +54,8 @@ def pool_parts(table, xs, ys, out, col0):
 
     As in :func:`rcnn_cli.features.roi_area_pool`: the map outside [0, W] x [0, H] counts as
     zero, a part's mean divides its integral by its extent in each axis clamped to >= 1e-3,
-    and a box whose edges decrease (hi < lo) has zero parts.
+    a box whose edges decrease (hi < lo) has zero parts, and a box with a NaN edge has NaN
+    parts.
     """
     h, w, c = table.shape[0] - 1, table.shape[1] - 1, table.shape[2]
     rows = table.reshape((h + 1) * (w + 1), c)
@@ -66,6 +67,15 @@ def pool_parts(table, xs, ys, out, col0):
     iy = np.empty(g + 1, np.int64)
     fy = np.empty(g + 1, np.float64)
     for n in range(xs.shape[0]):
+        o = out[n]
+        bad = False
+        for p in range(g + 1):
+            bad |= np.isnan(xs[n, p]) or np.isnan(ys[n, p])
+        if bad:  # a NaN edge (a NaN or overflowing box): NaN features, as the products give
+            for p in range(g * g):
+                for k in range(c):
+                    o[col0 + p + k * g * g] = np.nan
+            continue
         for axis in range(2):  # lattice cell and fraction of each (clamped, monotone) edge
             e, size = (xs, w) if axis == 0 else (ys, h)
             idx, frac = (ix, fx) if axis == 0 else (iy, fy)
@@ -75,7 +85,7 @@ def pool_parts(table, xs, ys, out, col0):
                 if p > 0 and v < prev:  # decreasing edges: zero-width parts
                     v = prev
                 prev = v
-                i = min(int(np.floor(v)), size - 1)
+                i = max(min(int(np.floor(v)), size - 1), 0)  # in the table, whatever v is
                 idx[p] = i
                 frac[p] = v - i
         for p in range(g + 1):  # the integral at each lattice point of the box's parts
@@ -89,7 +99,6 @@ def pool_parts(table, xs, ys, out, col0):
                 cp = corner[p * (g + 1) + q]
                 for k in range(c):
                     cp[k] = w00 * r00[k] + w01 * r01[k] + w10 * r10[k] + w11 * r11[k]
-        o = out[n]
         for p in range(g):  # each part: four lattice integrals, over its extent
             ly = max(np.float64(ys[n, p + 1] - ys[n, p]), np.float64(np.float32(1e-3)))
             for q in range(g):

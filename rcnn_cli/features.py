@@ -540,7 +540,8 @@ class GridHead(nn.Module):
     def forward(self, fmaps: tuple[torch.Tensor, torch.Tensor],
                 boxes: list[torch.Tensor]) -> torch.Tensor:
         mid, top = fmaps
-        if _summed_area_applies(mid, top):
+        if _summed_area_applies(mid, top) and not (
+                torch.is_grad_enabled() and any(b.requires_grad for b in boxes)):
             parts = [self._summed_area(mid[i], top[i], b.to(torch.float32))
                      for i, b in enumerate(boxes)]
             return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -414,15 +414,20 @@ def _grid_case(seed: int = 0):
     return mid, top, boxes
 
 
-def test_grid_head_summed_area_kernel_matches_matrix_products():
+def test_grid_head_summed_area_kernel_matches_matrix_products(monkeypatch):
     """The CPU inference kernel (summed-area tables, rcnn_cli._gridpool) computes what the
     differentiable products of roi_area_pool compute, box by box, to float32 rounding; with a
     gradient to carry, the head uses the products (fine-tuning backpropagates through it)."""
+    from rcnn_cli import _gridpool
+
     mid, top, boxes = _grid_case()
     head = F.GridHead(4, 16, 32, context=1.3)
+    calls = []
+    kernel = _gridpool.pool_parts
+    monkeypatch.setattr(_gridpool, "pool_parts", lambda *a: calls.append(a[4]) or kernel(*a))
     with torch.inference_mode():
         fast = head((mid, top), [boxes])
-    assert F._summed_area_applies(mid, top)
+    assert calls == [0, 7]  # the kernel ran: top map, then the mid map's parts
     padded = head._padded(boxes)
     ref = torch.cat([F.roi_area_pool(top, boxes, 1, 1 / 32).flatten(1),
                      F.roi_area_pool(mid, padded, 4, 1 / 16).flatten(1)], 1)
@@ -433,13 +438,16 @@ def test_grid_head_summed_area_kernel_matches_matrix_products():
         np.testing.assert_allclose(fast.numpy()[k, :7],
                                    _area_pool_brute(top[0].numpy(), boxes[k].numpy(), 1,
                                                     1 / 32).ravel(), atol=1e-5)
-    # a map that needs a gradient takes the products: same values, and a gradient flows
+    # a map or boxes that need a gradient take the products: same values, a gradient flows
+    calls.clear()
     top_g = top.clone().requires_grad_(True)
-    assert not F._summed_area_applies(mid, top_g)
     slow = head((mid, top_g), [boxes])
     slow.sum().backward()
     assert top_g.grad is not None and float(top_g.grad.abs().sum()) > 0
     np.testing.assert_allclose(slow.detach().numpy(), fast.numpy(), rtol=1e-5, atol=1e-5)
+    boxes_g = boxes.clone().requires_grad_(True)
+    head((mid, top), [boxes_g])[:5].sum().backward()
+    assert boxes_g.grad is not None and calls == []
     # several images in one call: one block of rows per image, in order
     with torch.inference_mode():
         two = head((torch.cat([mid, mid.flip(-1)]), torch.cat([top, top.flip(-1)])),
@@ -447,6 +455,31 @@ def test_grid_head_summed_area_kernel_matches_matrix_products():
         one = head((mid.flip(-1), top.flip(-1)), [boxes[5:9]])
     np.testing.assert_array_equal(two[:5].numpy(), fast[:5].numpy())
     np.testing.assert_array_equal(two[5:].numpy(), one.numpy())
+
+
+def test_grid_head_kernel_gives_nan_for_non_finite_boxes():
+    """regression (review): a NaN edge (a NaN or infinite coordinate, or a box whose width
+    overflows float32) made the kernel index outside its table (a segfault on large maps);
+    now such a box gets NaN features, as the matrix products give, and the others are
+    unaffected."""
+    rng = np.random.default_rng(1)
+    mid = torch.from_numpy(rng.normal(size=(1, 8, 120, 160)).astype(np.float32))
+    top = torch.from_numpy(rng.uniform(0, 6, size=(1, 16, 60, 80)).astype(np.float32))
+    boxes = torch.tensor([[10, 10, 300, 200], [np.nan, 10, 50, 60], [10, 10, np.inf, 50],
+                          [-3e38, 5, 3e38, 20], [200, 100, 900, 700]], dtype=torch.float32)
+    head = F.GridHead(4, 16, 32, context=1.3)
+    with torch.inference_mode():
+        fast = head((mid, top), [boxes]).numpy()
+    with torch.enable_grad():
+        ref = head((mid, top.clone().requires_grad_(True)), [boxes]).detach().numpy()
+    assert np.isnan(fast[1:3]).all() and np.isnan(fast[3, 16:]).all()  # 16: the mid parts
+    assert np.isfinite(fast[[0, 4]]).all()
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)  # NaN where the products' are
+    # the review's case through extract() (it crashed the process)
+    fe = F.FeatureExtractor("mobilenet_v2", mode="shared", weights="random", device="cpu")
+    img = (np.random.default_rng(0).random((600, 800, 3)) * 255).astype(np.uint8)
+    f = fe.extract(img, np.array([[0, 0, 100, 100], [np.inf, 300, 50, 310]], np.float32))
+    assert np.isfinite(f[0]).all() and np.isnan(f[1]).all()
 
 
 def test_shared_extraction_matches_the_differentiable_head():
