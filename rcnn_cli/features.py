@@ -540,8 +540,7 @@ class GridHead(nn.Module):
     def forward(self, fmaps: tuple[torch.Tensor, torch.Tensor],
                 boxes: list[torch.Tensor]) -> torch.Tensor:
         mid, top = fmaps
-        if _summed_area_applies(mid, top) and not (
-                torch.is_grad_enabled() and any(b.requires_grad for b in boxes)):
+        if _summed_area_applies(mid, top, *boxes):
             parts = [self._summed_area(mid[i], top[i], b.to(torch.float32))
                      for i, b in enumerate(boxes)]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -572,11 +571,13 @@ class GridHead(nn.Module):
         return torch.from_numpy(out)
 
 
-def _summed_area_applies(*maps: torch.Tensor) -> bool:
-    """Whether :class:`GridHead` may use its summed-area kernel: float32 CPU maps that no
-    gradient flows through (inference; fine-tuning keeps the differentiable products)."""
-    return all(m.device.type == "cpu" and m.dtype == torch.float32
-               and not (torch.is_grad_enabled() and m.requires_grad) for m in maps)
+def _summed_area_applies(mid: torch.Tensor, top: torch.Tensor, *boxes: torch.Tensor) -> bool:
+    """Whether :class:`GridHead` may use its summed-area kernel: float32 CPU maps, and no
+    gradient to carry through maps or boxes (inference; fine-tuning keeps the
+    differentiable products)."""
+    grad = torch.is_grad_enabled()
+    return (all(m.device.type == "cpu" and m.dtype == torch.float32 for m in (mid, top))
+            and not (grad and any(t.requires_grad for t in (mid, top, *boxes))))
 
 
 def shared_parts(name: str, model: nn.Module, tap: str | None = None,
