@@ -14,11 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,dask,ray]'
 	@touch $(STAMP)
 
-# numba's machine code for selective search and the grid head: compiled into its on-disk
+# numba's machine code for selective search, the grid head and the fc head's batches: compiled into its on-disk
 # cache once (~25 s on a fresh install; 1-2 s to check when cached), not in a first command
 setup: $(STAMP)
 	@$(PY) -m rcnn_cli.weights
-	@$(PY) -c "import rcnn_cli.proposals._warm, rcnn_cli._gridpool"
+	@$(PY) -c "import rcnn_cli.proposals._warm, rcnn_cli._gridpool, rcnn_cli._headbatch"
 
 demo: setup
 	$(VENV)/bin/rcnn demo -o $(DEMO_OUT)

@@ -288,14 +288,13 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
         raise ValueError(f"head training needs foreground and background windows, got "
                          f"{len(fg)} and {len(bg)}")
     dev = torch.device(device)
-    x = torch.from_numpy(x16).to(dev)
     y = torch.from_numpy(labels).to(dev)
-    mean, std = _mean_std(x)
+    mean, std = _mean_std(torch.from_numpy(x16))
     std = std + STD_FLOOR
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = _make_net(x.shape[1], hidden, num_classes, dropout, input_dropout).to(dev)
-    losses = _sgd(net, x, y, mean, std, fg, bg, iterations=iterations, batch_size=batch_size,
+        net = _make_net(x16.shape[1], hidden, num_classes, dropout, input_dropout).to(dev)
+    losses = _sgd(net, x16, y, mean, std, fg, bg, iterations=iterations, batch_size=batch_size,
                   fg_per_batch=fg_per_batch, lr=lr, momentum=momentum,
                   weight_decay=weight_decay, seed=seed, progress=progress)
     net.eval()
@@ -318,17 +317,20 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     return HeadResult(head, stats)
 
 
-def _sgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
+def _sgd(net: torch.nn.Module, x16: NDArray[np.float16], y: torch.Tensor, mean: torch.Tensor,
          std: torch.Tensor, fg: np.ndarray, bg: np.ndarray, *, iterations: int, batch_size: int,
          fg_per_batch: int, lr: float, momentum: float, weight_decay: float, seed: int,
          progress: bool) -> list[float]:
-    """R-CNN's SGD on windows ``x`` (M, D) float16 with labels ``y``; returns the losses.
+    """R-CNN's SGD on windows ``x16`` (M, D) float16 (host memory) with labels ``y``; returns
+    the losses.
 
     Each mini-batch draws ``fg_per_batch`` foreground rows (indices ``fg``) and the rest
-    background (``bg``), with replacement; lr x 0.1 at 2/3 of the run. Dropout is applied
-    here with masks from a seeded numpy generator: the same Bernoulli(1 - p) keep masks
-    scaled by 1 / (1 - p) as ``nn.Dropout``, but torch's CPU ``bernoulli_`` took a third of
-    each iteration (profiled: 13 ms of ~30 for the 128 x 2816 input mask).
+    background (``bg``), with replacement; lr x 0.1 at 2/3 of the run. Dropout uses the same
+    Bernoulli(1 - p) keep masks scaled by 1 / (1 - p) as ``nn.Dropout``, drawn by the kernels
+    of :mod:`rcnn_cli._headbatch`, which also gather, convert and standardise the batch on
+    the host in the same pass (one kernel call per layer and step). Profiled per step: torch's
+    CPU ``bernoulli_`` took 13 ms of ~30 for the 128 x 2816 input mask; numpy masks and
+    torch's element-wise passes then 3-4.5 ms of 15-18; the kernels ~1 ms.
 
     On a CPU the steps use torch's intra-op threads as the process has them (all cores by
     default; ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` limits them): on two free cores
@@ -342,26 +344,29 @@ def _sgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean: torch.Ten
     import torch
     from torch import nn
 
-    dev = x.device
-    drop_in, drop = net.fc[0].p, net.fc[3].p
+    from rcnn_cli import _headbatch as hb
+
+    dev = y.device
+    (in_thresh, in_scale), (thresh, scale) = hb.threshold(net.fc[0].p), hb.threshold(net.fc[3].p)
     fc6, fc7, cls = net.fc[1], net.fc[4], net.cls
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay, fused=True)  # one kernel: 2.5 ms/step, not 6
     step = max(1, (2 * iterations) // 3)
     rng = np.random.default_rng(seed + 1)
-    mask_rng = np.random.default_rng(seed + 2)
     n_fg = min(fg_per_batch, len(fg))
     hidden = fc6.out_features
+    if x16.dtype != np.float16:
+        raise TypeError(f"windows must be float16, got {x16.dtype}")
+    bits = np.ascontiguousarray(x16).view(np.uint16)
+    mean_, inv_std = (np.ascontiguousarray(t.float().cpu().numpy()) for t in (mean, 1 / std))
+    batch = np.empty((batch_size, x16.shape[1]), np.float32)  # host buffers, reused
+    masks = np.empty((2, batch_size, hidden), np.float32)
 
-    def mask(shape: tuple[int, int], p: float) -> torch.Tensor | None:
-        if p <= 0:
-            return None
-        m = (mask_rng.random(shape, dtype=np.float32) >= p).astype(np.float32)
-        m *= np.float32(1 / (1 - p))
-        return torch.from_numpy(m).to(dev)
-
-    def dropped(h: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-        return h if m is None else h * m
+    def dropped(h: torch.Tensor, it: int, layer: int) -> torch.Tensor:
+        if thresh <= 0:
+            return h
+        hb.dropout_mask(thresh, scale, seed, it, layer, masks[layer - 1])
+        return h * torch.from_numpy(masks[layer - 1]).to(dev)
 
     losses: list[float] = []
     net.train()
@@ -376,11 +381,12 @@ def _sgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean: torch.Ten
                 g["lr"] = lr * 0.1
         idx = np.concatenate([fg[rng.integers(len(fg), size=n_fg)],
                               bg[rng.integers(len(bg), size=batch_size - n_fg)]])
-        i = torch.from_numpy(idx).to(dev)
-        h = dropped((x[i].float() - mean) / std, mask((batch_size, x.shape[1]), drop_in))
-        h = dropped(torch.relu(fc6(h)), mask((batch_size, hidden), drop))
-        h = dropped(torch.relu(fc7(h)), mask((batch_size, hidden), drop))
-        loss = nn.functional.cross_entropy(cls(h), y[i])
+        hb.gather_standardised(bits, hb.F16_TO_F32, idx, mean_, inv_std, in_thresh, in_scale,
+                               seed, it, 0, batch)
+        h = torch.from_numpy(batch).to(dev)
+        h = dropped(torch.relu(fc6(h)), it, 1)
+        h = dropped(torch.relu(fc7(h)), it, 2)
+        loss = nn.functional.cross_entropy(cls(h), y[torch.from_numpy(idx).to(dev)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,100 @@
+"""Mini-batches of the fc head's SGD (:func:`rcnn_cli.head._sgd`): gather, standardise, drop out.
+
+Each step of the head's SGD (2000 steps, the bulk of ``rcnn train-svm`` and of the demo)
+gathers 128 float16 windows, converts them to float32, standardises them per dimension and
+applies input dropout, then applies dropout after fc6 and fc7. Done with numpy masks and torch
+element-wise passes this took ~3-4.5 ms of a 15-18 ms step on two cores: five passes over the
+batch and 0.49 M numpy uniforms, where the rest of the step is fc6's matrix products (FLOP
+bound). Here one kernel pass reads each row once and writes the standardised, masked float32
+row, and the masks come from a counter-based hash instead of a sequential generator: element
+``e`` of layer ``layer`` at step ``step`` keeps its value when 16 bits of splitmix64's finaliser
+(Steele, Lea and Flood 2014) at ``key(seed, step, layer) + e // 4`` are at least
+``round(p * 65536)``. A mask thus depends on its coordinates only (not on the order or the
+thread drawing it), and is the same Bernoulli(1 - p) keep mask scaled by 1 / (1 - p) as
+``nn.Dropout`` draws, up to p's rounding to 1/65536.
+
+Neither numpy nor torch has a fused gather + standardise + Bernoulli mask on CPU, hence the
+numba kernels (compiled once, cached on disk: ``make setup`` compiles them).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import float32, int64, njit, uint16, uint64, void
+
+#: float32 value of every float16 bit pattern (numba has no CPU float16): exact conversion
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+_M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+@njit(uint64(uint64), cache=True, nogil=True)
+def _mix(z):
+    """splitmix64's output for state ``z``: its step (+ golden gamma), then its finaliser
+    (a bijection of 64-bit words with full avalanche)."""
+    z = z + _M1
+    z = (z ^ (z >> np.uint64(30))) * _M2
+    z = (z ^ (z >> np.uint64(27))) * _M3
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(uint64(int64, int64, int64), cache=True, nogil=True)
+def stream_key(seed, step, layer):
+    """First counter of the draws of (``seed``, ``step``, ``layer``): 64 random bits, so two
+    streams' counters (a few hundred thousand each) overlap with negligible probability."""
+    return _mix(_mix(_mix(np.uint64(seed)) ^ np.uint64(step)) ^ np.uint64(layer))
+
+
+@njit(void(uint16[:, ::1], float32[::1], int64[::1], float32[::1], float32[::1], int64,
+           float32, int64, int64, int64, float32[:, ::1]), cache=True, nogil=True)
+def gather_standardised(x_bits, to_f32, rows, mean, inv_std, thresh, scale, seed, step, layer,
+                        out):
+    """``out[r] = (x[rows[r]] - mean) * inv_std``, dropped out: each element kept (times
+    ``scale``) when its 16-bit draw is >= ``thresh`` (0: no dropout), else 0.
+
+    ``x_bits`` is the float16 matrix viewed as uint16 and ``to_f32`` :data:`F16_TO_F32`.
+    Row ``r``'s draws start at counter ``r * ceil(D / 4)``.
+    """
+    n, d = out.shape
+    blocks = (d + 3) // 4
+    key = stream_key(seed, step, layer)
+    for r in range(n):
+        src = x_bits[rows[r]]
+        dst = out[r]
+        if thresh <= 0:
+            for j in range(d):
+                dst[j] = (to_f32[src[j]] - mean[j]) * inv_std[j]
+            continue
+        base = key + np.uint64(r * blocks)
+        for b in range(blocks):
+            z = _mix(base + np.uint64(b))
+            for k in range(4):
+                j = 4 * b + k
+                if j < d:
+                    u = np.int64((z >> np.uint64(16 * k)) & np.uint64(0xFFFF))
+                    v = (to_f32[src[j]] - mean[j]) * inv_std[j]
+                    dst[j] = v * scale if u >= thresh else np.float32(0.0)
+
+
+@njit(void(int64, float32, int64, int64, int64, float32[:, ::1]), cache=True, nogil=True)
+def dropout_mask(thresh, scale, seed, step, layer, out):
+    """Fill ``out`` (N, D) with a keep mask: ``scale`` where the element's 16-bit draw is >=
+    ``thresh``, else 0 (row ``r``'s draws start at counter ``r * ceil(D / 4)``)."""
+    n, d = out.shape
+    blocks = (d + 3) // 4
+    key = stream_key(seed, step, layer)
+    for r in range(n):
+        base = key + np.uint64(r * blocks)
+        dst = out[r]
+        for b in range(blocks):
+            z = _mix(base + np.uint64(b))
+            for k in range(4):
+                j = 4 * b + k
+                if j < d:
+                    u = np.int64((z >> np.uint64(16 * k)) & np.uint64(0xFFFF))
+                    dst[j] = scale if u >= thresh else np.float32(0.0)
+
+
+def threshold(p: float) -> tuple[int, np.float32]:
+    """(16-bit threshold, keep scale) of dropout probability ``p`` in [0, 1)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return round(float(p) * 65536), np.float32(1 / (1 - p))
