@@ -339,7 +339,8 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                          None if upstream is None else upstream.key, DETECT_FORMAT, overwrite)
     # inputs checked: the workers import torch beside this process
     start_pool(cfg, "detect", selective_search=not dense and upstream is None
-               and model.proposal_settings.get("method") == "selective_search")
+               and model.proposal_settings.get("method") == "selective_search",
+               grid_kernel=not dense and kwargs.get("tap") == "grid")
     ext = get_extractor(kwargs)  # load once here: fails early on missing weights
     key["features"] = ext.settings()
     if dense:  # dense windows replace the proposals: their results never mix

@@ -374,7 +374,7 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     model = SimpleNamespace(classes=["a"], proposal_settings={"method": "selective_search"})
     monkeypatch.setattr(detect, "_get_model", lambda d: model)
     monkeypatch.setattr(detect, "model_detect_settings", lambda *a: detect.DetectSettings())
-    monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {})
+    monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {"tap": "grid"})
     monkeypatch.setattr(detect, "get_extractor", stop)
     monkeypatch.setattr(demo, "run_demo", stop)
     monkeypatch.setattr(demo, "demo_workers", lambda: 2)
@@ -406,6 +406,19 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     calls.clear()
     assert CliRunner().invoke(cli, [*det, "--workers", "2"]).exit_code == 0
     assert calls == [tuple(m for m in POOL_PRELOAD["detect"] if m != warm)]
+    # another tap, or dense windows: the grid head's summed-area kernel is not loaded
+    grid = "rcnn_cli._gridpool"
+    assert grid in POOL_PRELOAD["detect"] and grid in POOL_PRELOAD["extract"]
+    monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {"tap": "pool"})
+    calls.clear()
+    assert CliRunner().invoke(cli, [*det, "--workers", "2"]).exit_code == 0
+    assert calls == [tuple(m for m in POOL_PRELOAD["detect"] if m not in (warm, grid))]
+    monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {"tap": "grid"})
+    monkeypatch.setattr("rcnn_cli.dense.check_dense", stop, raising=False)
+    calls.clear()
+    res = CliRunner().invoke(cli, [*det, "--workers", "2", "--dense"])
+    assert res.exit_code == 0, res.output
+    assert calls == [tuple(m for m in POOL_PRELOAD["detect"] if m not in (warm, grid))]
     # an input refused first: no server (the output folder is an input folder here)
     calls.clear()
     res = CliRunner().invoke(cli, ["propose", str(imgs), "-o", str(imgs), "--workers", "2"])
