@@ -277,9 +277,12 @@ def train_head(records_factory: RecordsFactory, num_classes: int, *, hidden: int
     """
     import torch
 
+    from rcnn_cli._headbatch import threshold
+
     if iterations < 1 or hidden < 1 or not 0 < fg_per_batch <= batch_size:
         raise ValueError(f"need iterations >= 1, hidden >= 1 and 0 < fg_per_batch <= "
                          f"batch_size, got {iterations}, {hidden}, {fg_per_batch}, {batch_size}")
+    threshold(dropout), threshold(input_dropout)  # ValueError before any work
     t0 = time.perf_counter()
     x16, labels, n_images = collect_windows(records_factory, num_classes, fg_iou,
                                             bg_per_image, seed)
@@ -347,7 +350,7 @@ def _sgd(net: torch.nn.Module, x16: NDArray[np.float16], y: torch.Tensor, mean: 
     from rcnn_cli import _headbatch as hb
 
     dev = y.device
-    (in_thresh, in_scale), (thresh, scale) = hb.threshold(net.fc[0].p), hb.threshold(net.fc[3].p)
+    drop_in, drop = net.fc[0].p, net.fc[3].p
     fc6, fc7, cls = net.fc[1], net.fc[4], net.cls
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay, fused=True)  # one kernel: 2.5 ms/step, not 6
@@ -363,10 +366,9 @@ def _sgd(net: torch.nn.Module, x16: NDArray[np.float16], y: torch.Tensor, mean: 
     masks = np.empty((2, batch_size, hidden), np.float32)
 
     def dropped(h: torch.Tensor, it: int, layer: int) -> torch.Tensor:
-        if thresh <= 0:
+        if hb.threshold(drop)[0] == 0:
             return h
-        hb.dropout_mask(thresh, scale, seed, it, layer, masks[layer - 1])
-        return h * torch.from_numpy(masks[layer - 1]).to(dev)
+        return h * torch.from_numpy(hb.mask(drop, seed, it, layer, masks[layer - 1])).to(dev)
 
     losses: list[float] = []
     net.train()
@@ -381,9 +383,8 @@ def _sgd(net: torch.nn.Module, x16: NDArray[np.float16], y: torch.Tensor, mean: 
                 g["lr"] = lr * 0.1
         idx = np.concatenate([fg[rng.integers(len(fg), size=n_fg)],
                               bg[rng.integers(len(bg), size=batch_size - n_fg)]])
-        hb.gather_standardised(bits, hb.F16_TO_F32, idx, mean_, inv_std, in_thresh, in_scale,
-                               seed, it, 0, batch)
-        h = torch.from_numpy(batch).to(dev)
+        h = torch.from_numpy(hb.gather_batch(bits, idx, mean_, inv_std, drop_in, seed, it,
+                                             batch)).to(dev)
         h = dropped(torch.relu(fc6(h)), it, 1)
         h = dropped(torch.relu(fc7(h)), it, 2)
         loss = nn.functional.cross_entropy(cls(h), y[torch.from_numpy(idx).to(dev)])
