@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from rcnn_cli import boxes as bx
 from rcnn_cli import config as cfgmod
+from rcnn_cli.backbones import GRID_CUTS
 from rcnn_cli.images import ImageItem, list_images, read_image
 from rcnn_cli.postprocess import (  # noqa: F401  (re-exported: detect's post-processing)
     MIN_BOX_SIDE,
@@ -155,6 +156,14 @@ def model_extractor_kwargs(model, model_dir: str | Path, device: str) -> dict[st
     if w and w != "random" and not Path(w).is_absolute():
         kw["weights"] = str(Path(model_dir) / w)
     return kw
+
+
+def _grid_tap(kwargs: Mapping[str, Any]) -> bool:
+    """Whether extractor ``kwargs`` may use the ``grid`` tap, without torch: named, or a
+    default tap that :func:`rcnn_cli.features.default_tap` may resolve to it (older bundles)."""
+    tap = kwargs.get("tap")
+    return tap == "grid" or (not tap and kwargs.get("backbone") in GRID_CUTS
+                             and kwargs.get("mode") != "warp")
 
 
 def model_key(model_dir: str | Path) -> str:
@@ -340,7 +349,7 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     # inputs checked: the workers import torch beside this process
     start_pool(cfg, "detect", selective_search=not dense and upstream is None
                and model.proposal_settings.get("method") == "selective_search",
-               grid_kernel=not dense and kwargs.get("tap") == "grid")
+               grid_kernel=not dense and _grid_tap(kwargs))
     ext = get_extractor(kwargs)  # load once here: fails early on missing weights
     key["features"] = ext.settings()
     if dense:  # dense windows replace the proposals: their results never mix

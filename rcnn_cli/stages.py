@@ -121,7 +121,8 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
     of :func:`~rcnn_cli.executors.start_local_pool`). ``selective_search=False``: the workers
     run none (sliding windows, precomputed or dense boxes), so it is not warmed;
     ``grid_kernel=False``: their features need no summed-area kernel (another tap, dense
-    windows), so :mod:`rcnn_cli._gridpool` is not loaded (~0.5 s of the server's start-up)."""
+    windows), so :mod:`rcnn_cli._gridpool` is not loaded (0.9-1.3 s of numba's machinery
+    where selective search is not warmed, 0.02 s where it is)."""
     # extract on a GPU runs in one process (:func:`execution`); detect's pool feeds the GPU
     device = "cuda" if stage == "extract" and cfg["common"]["device"].startswith("cuda") else "cpu"
     n = execution(cfg, device)["workers"] if workers is None else workers

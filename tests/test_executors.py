@@ -413,8 +413,15 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     calls.clear()
     assert CliRunner().invoke(cli, [*det, "--workers", "2"]).exit_code == 0
     assert calls == [tuple(m for m in POOL_PRELOAD["detect"] if m not in (warm, grid))]
+    # a bundle without the resolved tap: preloaded where the default tap may be grid
+    for kw, loaded in (({"tap": None, "backbone": "mobilenet_v2", "mode": "shared"}, True),
+                       ({"tap": None, "backbone": "mobilenet_v2", "mode": "warp"}, False),
+                       ({"tap": None, "backbone": "resnet18", "mode": "shared"}, False)):
+        monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a, kw=kw: kw)
+        calls.clear()
+        assert CliRunner().invoke(cli, [*det, "--workers", "2"]).exit_code == 0
+        assert (grid in calls[0]) == loaded, kw
     monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {"tap": "grid"})
-    monkeypatch.setattr("rcnn_cli.dense.check_dense", stop, raising=False)
     calls.clear()
     res = CliRunner().invoke(cli, [*det, "--workers", "2", "--dense"])
     assert res.exit_code == 0, res.output
