@@ -9,10 +9,10 @@ bound). Here one kernel pass reads each row once and writes the standardised, ma
 row, and the masks come from a counter-based hash instead of a sequential generator: element
 ``(r, j)`` of layer ``layer``'s (N, D) mask at step ``step`` keeps its value when bits
 ``16 * (j % 4)`` to ``16 * (j % 4) + 15`` of splitmix64's output (Steele, Lea and Flood 2014)
-for ``key(seed, step, layer) + r * ceil(D / 4) + j // 4`` are at least ``round(p * 65536)``. A mask thus depends on its coordinates only (not on the order or the
-thread drawing it), and is the same Bernoulli(1 - p) keep mask scaled by 1 / (1 - p) as
-``nn.Dropout`` draws (up to p's rounding to 1/65536; the scale matches the rounded p, so
-the expected value is exact).
+for ``key(seed, step, layer) + r * ceil(D / 4) + j // 4`` are at least ``round(p * 65536)``.
+A mask thus depends on its coordinates only (not on the order or the thread drawing it), and
+is the same Bernoulli(1 - p) keep mask scaled by 1 / (1 - p) as ``nn.Dropout`` draws (up to
+p's rounding to 1/65536; the scale matches the rounded p, so the expected value is exact).
 
 Neither numpy nor torch has a fused gather + standardise + Bernoulli mask on CPU, hence the
 numba kernels (compiled once, cached on disk: ``make setup`` compiles them).
@@ -24,7 +24,8 @@ from numba import float32, int64, njit, uint16, uint64, void
 
 #: float32 value of every float16 bit pattern (numba has no CPU float16): exact conversion
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-_M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_M1 = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's gamma and its finaliser's multipliers
+_M2, _M3 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 @njit(uint64(uint64), cache=True, nogil=True)

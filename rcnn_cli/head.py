@@ -329,7 +329,8 @@ def _sgd(net: torch.nn.Module, x16: NDArray[np.float16], y: torch.Tensor, mean: 
 
     Each mini-batch draws ``fg_per_batch`` foreground rows (indices ``fg``) and the rest
     background (``bg``), with replacement; lr x 0.1 at 2/3 of the run. Dropout uses the same
-    Bernoulli(1 - p) keep masks scaled by 1 / (1 - p) as ``nn.Dropout``, drawn by the kernels
+    Bernoulli(1 - p) keep masks scaled by 1 / (1 - p) as ``nn.Dropout`` (p rounded to
+    1/65536), drawn by the kernels
     of :mod:`rcnn_cli._headbatch`, which also gather, convert and standardise the batch on
     the host in the same pass (one kernel call per layer and step). Profiled per step: torch's
     CPU ``bernoulli_`` took 13 ms of ~30 for the 128 x 2816 input mask; numpy masks and
