@@ -56,9 +56,10 @@ def common_options(f):
                        "libraries' too).")
     @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
     @click.option("--workers", type=click.IntRange(min=1), default=None,
-                  help="Processes for the CPU stages (default 1; `rcnn demo`: one per CPU, "
-                  "at most 4, for selective search; with a GPU, detect's selective search "
-                  "runs in them, feeding the GPU process).")
+                  help="Processes for the CPU stages (default 1, except: propose and detect "
+                  "with selective search on 12 or more images, one per CPU, at most 8; "
+                  "`rcnn demo`, one per CPU, at most 4, for selective search). With a GPU, "
+                  "detect's selective search runs in them, feeding the GPU process.")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                   help="Where the CNN runs: auto picks cuda when present.")
     @click.option("--overwrite", is_flag=True,
@@ -70,6 +71,13 @@ def common_options(f):
         common = {"workers": workers, "device": device}
         return f(*args, config_file=config_file, common=common, overwrite=overwrite, **kw)
     return wrapper
+
+
+def _workers_chosen(config_file: str | None, common: dict) -> bool:
+    """Whether the user set the workers (``--workers`` or ``[common] workers`` in the
+    config file); else propose and detect choose them from the folder."""
+    return common["workers"] is not None or "workers" in cfgmod.explicit_keys(config_file,
+                                                                               "common")
 
 
 def cluster_options(f):
@@ -285,11 +293,12 @@ def propose(images, out, split, method, strategy, max_side, min_size, top_k, see
         log.warning("%s: selective search only (--method selective_search or opencv); "
                     "ignored by sliding windows", ", ".join(
                         "--" + k.replace("_", "-") for k in unused))
-    report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite)
+    report = propose_folder(list(images), out, cfg, split=split, overwrite=overwrite,
+                            auto_workers=not _workers_chosen(config_file, common))
     from rcnn_cli.runrecord import stage_settings
 
     record_run(cfg, ["common", "propose"], inputs=[*images, split], report=report,
-               resolved={"proposals": stage_settings(out)})
+               resolved={"proposals": stage_settings(out), "workers": report.workers})
     click.echo(str(Path(out)))
     finish(report)
 
@@ -515,7 +524,8 @@ def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, 
     overrides = {k: cfg["detect"][k] for k in explicit}
     report = detect_folder(list(images), model_dir, out, cfg, split=split, save_vis=save_vis,
                            overwrite=overwrite, overrides=overrides, coco_ids=coco_ids,
-                           dense=dense, proposals=proposals_dir)
+                           dense=dense, proposals=proposals_dir,
+                           auto_workers=not _workers_chosen(config_file, common))
     from rcnn_cli.runrecord import resolved_device, stage_settings
 
     used = stage_settings(Path(out) / "per_image")
@@ -523,7 +533,8 @@ def detect(images, model_dir, out, split, save_vis, formats, coco_ids, nms_iou, 
                model=model_dir,
                report=report, resolved={"device": resolved_device(cfg["common"]["device"]),
                                         "features": used.get("features"),
-                                        "post": used.get("post"), "dense": dense})
+                                        "post": used.get("post"), "dense": dense,
+                                        "workers": report.workers})
     for name in ("detections.csv", "detections.json"):
         if (Path(out) / name).exists():
             click.echo(str(Path(out) / name))
@@ -617,8 +628,7 @@ def demo(out, data, no_vis, config_file, common, overwrite):
     Example: rcnn demo -o runs/demo
     """
     cfg = load_config(config_file, common=common)
-    in_file = cfgmod.explicit_keys(config_file, "common")
-    chosen = common["workers"] is not None or "workers" in in_file
+    chosen = _workers_chosen(config_file, common)
     from rcnn_cli.demo import demo_workers, run_demo
     from rcnn_cli.stages import start_pool
 

@@ -42,6 +42,7 @@ from rcnn_cli.stages import (
     start_pool,
     upstream_id,
     upstream_missing_reason,
+    with_auto_workers,
     with_upstream,
 )
 from rcnn_cli.store import (
@@ -305,7 +306,7 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                   overwrite: bool = False,
                   overrides: Mapping[str, Any] | None = None,
                   coco_ids: str | Path | None = None, dense: bool = False,
-                  proposals: str | Path | None = None) -> Report:
+                  proposals: str | Path | None = None, auto_workers: bool = False) -> Report:
     """Detect objects in folders of images with a model bundle; write all outputs to ``out``.
 
     Thresholds come from the model bundle unless ``overrides`` (the user's explicit
@@ -319,6 +320,9 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     computing them (precomputed proposals, as Fast R-CNN evaluates); an image it has no
     up-to-date boxes for fails, the rest are detected. Boxes made with other settings than
     the model's are used with a warning (the results are keyed by the folder's settings).
+    ``auto_workers``: choose ``cfg``'s workers from the folder
+    (:func:`rcnn_cli.stages.with_auto_workers`: processes for selective search; the CLI's
+    default); the report's ``workers`` says how many ran.
     """
     if dense and proposals is not None:
         raise cfgmod.ConfigError("--proposals: dense windows replace the proposals; give "
@@ -335,6 +339,9 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                         dict(model.proposal_settings))
         up_ids = {it.rel: upstream_id(upstream, it) for it in items}
     ids = None if coco_ids is None else coco_ids_for(items, coco_ids, model.classes)
+    if auto_workers:  # each process runs its images' selective search (and, on a CPU, CNN)
+        cfg = with_auto_workers(cfg, len(items), not dense and upstream is None and
+                                model.proposal_settings.get("method") != "sliding")
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)
     kwargs = model_extractor_kwargs(model, model_dir, cfg["common"]["device"])
@@ -382,6 +389,7 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                             also_done=None if vis_dir is None else
                             lambda it: vis_path(vis_dir, it.rel).is_file(),
                             prepare=prepare, **run)
+    report.workers = run["workers"]
     for it in missing:
         report.fail(str(it.path), f"{upstream_missing_reason(upstream, it)} (run `rcnn "
                     "propose` on it)")

@@ -34,6 +34,7 @@ class Report:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    workers: int | None = None  # processes the stage ran in, where its caller says
 
     @property
     def failed(self) -> int:

@@ -438,3 +438,92 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     stages.start_pool(cuda, "extract")
     stages.start_pool(cuda, "detect")  # detect's CPU processes feed the GPU one
     assert calls == [POOL_PRELOAD["detect"]]
+
+
+def test_auto_workers_follow_the_cpus_the_folder_and_the_work(monkeypatch):
+    """Without --workers, propose and detect run selective search in one process per usable
+    CPU (at most AUTO_MAX_WORKERS, at most one per image) on folders of AUTO_MIN_IMAGES or
+    more; one process otherwise, and for work torch's threads already spread."""
+    from rcnn_cli import cpus, stages
+
+    cfg = config.load()
+    assert cfg["common"]["workers"] == 1  # the library default is unchanged
+    for cpu, n, per_image, want in ((2, 40, True, 2), (16, 40, True, stages.AUTO_MAX_WORKERS),
+                                    (16, stages.AUTO_MIN_IMAGES - 1, True, 1),
+                                    (4, stages.AUTO_MIN_IMAGES, True, 4), (16, 40, False, 1),
+                                    (1, 40, True, 1)):
+        monkeypatch.setattr(cpus, "available_cpus", lambda cpu=cpu: cpu)
+        got = stages.with_auto_workers(cfg, n, per_image)
+        assert got["common"]["workers"] == want, (cpu, n, per_image)
+        assert cfg["common"]["workers"] == 1 and got["common"]["device"] == cfg["common"]["device"]
+    monkeypatch.setattr(stages, "AUTO_MAX_WORKERS", 64)
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 32)
+    assert stages.with_auto_workers(cfg, 20)["common"]["workers"] == 20  # one per image
+    dask = config.load(overrides={"common": {"executor": "dask"}})
+    assert stages.with_auto_workers(dask, 40)["common"]["workers"] == 1
+
+
+def test_cli_chooses_workers_unless_the_user_did(monkeypatch, tmp_path):
+    """rcnn propose / detect: the folder's size and the kind of work choose the processes
+    unless --workers or a config file's [common] workers did; the choice reaches the stage
+    and, for a real run, OUT/config.toml and OUT/run.json."""
+    import json
+    import tomllib
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from rcnn_cli import cpus, detect, stages
+    from rcnn_cli.cli import cli
+
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 3)
+    seen = []
+
+    def stop(cfg, stage, *a, **k):
+        seen.append(cfg["common"]["workers"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(stages, "start_pool", stop)
+    monkeypatch.setattr(detect, "start_pool", stop)
+    model = SimpleNamespace(classes=["a"], proposal_settings={"method": "selective_search"})
+    monkeypatch.setattr(detect, "_get_model", lambda d: model)
+    monkeypatch.setattr(detect, "model_detect_settings", lambda *a: detect.DetectSettings())
+    monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {"tap": "grid"})
+    monkeypatch.setattr(detect, "open_upstream", lambda *a: SimpleNamespace(
+        settings=model.proposal_settings, key="k"))
+    monkeypatch.setattr(detect, "upstream_id", lambda *a: "id")
+    many = synthetic_folder(tmp_path / "many", n=stages.AUTO_MIN_IMAGES)
+    few = synthetic_folder(tmp_path / "few", n=stages.AUTO_MIN_IMAGES - 1)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "props").mkdir()
+    one = tmp_path / "one.toml"
+    one.write_text("[common]\nworkers = 1\n")
+    out = str(tmp_path / "o")
+    det = ["detect", "--model", str(tmp_path / "model"), "-o", out]
+    for args, want in ((["propose", str(many), "-o", out], 3),
+                       (["propose", str(few), "-o", out], 1),
+                       (["propose", str(many), "-o", out, "--workers", "2"], 2),
+                       (["propose", str(many), "-o", out, "--config", str(one)], 1),
+                       (["propose", str(many), "-o", out, "--method", "sliding"], 1),
+                       ([*det, str(many)], 3), ([*det, str(few)], 1),
+                       ([*det, str(many), "--workers", "2"], 2),
+                       ([*det, str(many), "--config", str(one)], 1),
+                       ([*det, str(many), "--dense"], 1),
+                       ([*det, str(many), "--proposals", str(tmp_path / "props")], 1)):
+        seen.clear()
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0 and seen == [want], (args, res.output, seen)
+    model.proposal_settings = {"method": "sliding"}
+    seen.clear()
+    assert CliRunner().invoke(cli, [*det, str(many)]).exit_code == 0 and seen == [1]
+    # a real run: the pool's processes made the boxes, and the records say how many
+    monkeypatch.undo()
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 2)
+    real = tmp_path / "real"
+    res = CliRunner().invoke(cli, ["propose", str(many), "-o", str(real), "--method",
+                                   "selective_search", "--strategy", "single"])
+    assert res.exit_code == 0, res.output
+    assert len(list(real.glob("*.npz"))) == stages.AUTO_MIN_IMAGES
+    assert tomllib.loads((real / "config.toml").read_text())["common"]["workers"] == 2
+    run = json.loads((real / "run.json").read_text())["runs"]["propose"]
+    assert run["resolved"]["workers"] == 2
