@@ -56,10 +56,11 @@ def common_options(f):
                        "libraries' too).")
     @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
     @click.option("--workers", type=click.IntRange(min=1), default=None,
-                  help="Processes for the CPU stages (default 1, except: propose and detect "
-                  "with selective search on 12 or more images, one per CPU, at most 8; "
-                  "`rcnn demo`, one per CPU, at most 4, for selective search). With a GPU, "
-                  "detect's selective search runs in them, feeding the GPU process.")
+                  help="Processes for the CPU stages (default 1, except, when neither this "
+                  "flag nor a config file sets them: propose and detect with selective search "
+                  "on 12 or more images, one per CPU, at most 8; `rcnn demo`, one per CPU, at "
+                  "most 4, for selective search). With a GPU, detect's selective search runs "
+                  "in them, feeding the GPU process.")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                   help="Where the CNN runs: auto picks cuda when present.")
     @click.option("--overwrite", is_flag=True,

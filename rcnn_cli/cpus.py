@@ -90,6 +90,48 @@ def available_cpus(root: Path | None = None) -> int:
     return max(1, cpus)
 
 
+def memory_limit(root: Path | None = None, proc_cgroup: Path = Path("/proc/self/cgroup")
+                 ) -> int | None:
+    """Bytes the cgroup's memory limit allows, or None without a limit or when it cannot be
+    read: v2 ``memory.max`` (``"max"``: none), v1 ``memory.limit_in_bytes`` (a value near
+    2**63: none); the process's own cgroup first, then the mount's top."""
+    root = CGROUP_ROOT if root is None else root
+    own_v2, own_v1 = "", []
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                own_v2 = path.lstrip("/")
+            elif "memory" in controllers.split(","):
+                own_v1 = [root / controllers / path.lstrip("/"), root / "memory" / path.lstrip("/")]
+    except (OSError, ValueError):
+        pass
+    for name, folders in (("memory.max", [root / own_v2, root]),
+                          ("memory.limit_in_bytes", [*own_v1, root / "memory"])):
+        for folder in dict.fromkeys(folders):
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                continue
+            try:
+                value = int(text)
+            except ValueError:
+                return None  # "max", or unreadable
+            return value if 0 < value < 2**60 else None
+    return None
+
+
+def available_memory(root: Path | None = None) -> int:
+    """Bytes this process's machine or container has: physical memory, capped by the cgroup
+    limit (:func:`memory_limit`)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on a POSIX system
+        total = 2**62
+    limit = memory_limit(root)
+    return min(total, limit) if limit is not None else total
+
+
 def limit_threads_to_quota(environ: MutableMapping[str, str] | None = None,
                            root: Path | None = None) -> int | None:
     """Under a CPU quota smaller than the affinity mask, set every unset thread-count

@@ -340,7 +340,7 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
         up_ids = {it.rel: upstream_id(upstream, it) for it in items}
     ids = None if coco_ids is None else coco_ids_for(items, coco_ids, model.classes)
     if auto_workers:  # each process runs its images' selective search (and, on a CPU, CNN)
-        cfg = with_auto_workers(cfg, len(items), not dense and upstream is None and
+        cfg = with_auto_workers(cfg, items, not dense and upstream is None and
                                 model.proposal_settings.get("method") != "sliding")
     d = cfg["detect"]
     settings = model_detect_settings(model, cfg, overrides)

@@ -140,29 +140,37 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
 
 
 #: `rcnn propose` and `rcnn detect` without ``--workers`` (nor ``[common] workers`` in a config
-#: file) run each image's selective search in one process per usable CPU, at most this many
-#: (each CPU detect process holds torch and the model: ~0.4 GB) ...
+#: file) run each image's selective search in one process per usable CPU, at most this many,
+#: and at most one per :data:`AUTO_WORKER_BYTES` of memory ...
 AUTO_MAX_WORKERS = 8
+#: ... (a CPU detect process holding torch and mobilenet_v2 peaked at 0.55-0.68 GB RSS on
+#: raccoon; propose's processes need less, but the bound is kept simple)
+AUTO_WORKER_BYTES = 1 << 30
 #: ... for folders of at least this many images; fewer run in one process: a pool's start-up
 #: (its server imports torch and numba, ~4.5 s) costs more than it saves (detect on 2 cores
 #: saves ~0.25 s per image: 40 images 22.3 -> 15.3 s, break-even ~10 images).
 AUTO_MIN_IMAGES = 12
 
 
-def with_auto_workers(cfg: Mapping[str, Any], n_images: int,
+def with_auto_workers(cfg: Mapping[str, Any], items: list[ImageItem],
                       per_image_cpu: bool = True) -> dict[str, Any]:
-    """``cfg`` with ``[common] workers`` chosen for a local stage of ``n_images`` whose
-    per-image work is ``per_image_cpu`` (one thread: selective search): one process per
-    usable CPU (:func:`rcnn_cli.cpus.available_cpus`: affinity and CPU quota), at most
-    :data:`AUTO_MAX_WORKERS` and one per image; 1 below :data:`AUTO_MIN_IMAGES` images,
-    for work that torch's threads already spread (precomputed, sliding or dense boxes), and
-    for other executors (their ``--workers`` sizes a cluster)."""
-    from rcnn_cli.cpus import available_cpus
+    """``cfg`` with ``[common] workers`` chosen for a local stage over ``items`` (its shard's
+    share counts) whose per-image work is ``per_image_cpu`` (one thread: selective search):
+    one process per usable CPU (:func:`rcnn_cli.cpus.available_cpus`: affinity and CPU
+    quota), at most :data:`AUTO_MAX_WORKERS`, one per image and one per
+    :data:`AUTO_WORKER_BYTES` of memory (:func:`rcnn_cli.cpus.available_memory`: the cgroup
+    limit too); 1 below :data:`AUTO_MIN_IMAGES` images, for work that torch's threads
+    already spread (precomputed, sliding or dense boxes), and for other executors (their
+    ``--workers`` sizes a cluster)."""
+    from rcnn_cli.cpus import available_cpus, available_memory
+    from rcnn_cli.runner import shard_items
 
-    n = 1
-    if cfg["common"]["executor"] == "local" and per_image_cpu and n_images >= AUTO_MIN_IMAGES:
-        n = max(1, min(available_cpus(), AUTO_MAX_WORKERS, n_images))
-    return {**cfg, "common": {**cfg["common"], "workers": n}}
+    n, c = 1, cfg["common"]
+    n_images = len(shard_items(items, c["shard"] or None))
+    if c["executor"] == "local" and per_image_cpu and n_images >= AUTO_MIN_IMAGES:
+        n = max(1, min(available_cpus(), AUTO_MAX_WORKERS, n_images,
+                       available_memory() // AUTO_WORKER_BYTES))
+    return {**cfg, "common": {**c, "workers": n}}
 
 
 def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, Any],
@@ -178,7 +186,7 @@ def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, 
     check_output_folder(out, inputs, overwrite)
     items = list_images(inputs, split=split, exclude=[out])
     if auto_workers:
-        cfg = with_auto_workers(cfg, len(items), cfg["propose"]["method"] != "sliding")
+        cfg = with_auto_workers(cfg, items, cfg["propose"]["method"] != "sliding")
     start_pool(cfg, "propose")
     store = StageStore(out, "propose", proposal_settings(cfg["propose"]),
                        format_version=PROPOSE_FORMAT)

@@ -77,3 +77,26 @@ def test_the_cli_entry_point_limits_torch_to_the_quota(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120, env=env).stdout
     assert json.loads(out.splitlines()[-1]) == ["1", 1]
+
+
+@pytest.mark.parametrize(("files", "own", "want"), [
+    ({"memory.max": "3221225472\n"}, "0::/\n", 3 << 30),  # v2, container's own namespace
+    ({"memory.max": "max\n"}, "0::/\n", None),
+    ({"job/memory.max": "1073741824\n", "memory.max": "max\n"}, "0::/job\n", 1 << 30),
+    ({"memory/memory.limit_in_bytes": "2147483648\n"}, "6:memory:/\n", 2 << 30),  # v1
+    ({"memory/docker/x/memory.limit_in_bytes": "536870912\n"}, "6:memory:/docker/x\n", 1 << 29),
+    ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, "6:memory:/\n", None),  # none
+    ({}, "0::/\n", None),
+    ({"memory.max": "garbage\n"}, "0::/\n", None),
+])
+def test_memory_limit_reads_cgroup_v1_and_v2(tmp_path, files, own, want):
+    root, proc = _cgroup(tmp_path, files, own)
+    assert cpus.memory_limit(root, proc) == want
+
+
+def test_available_memory_is_the_physical_memory_capped_by_the_limit(monkeypatch, tmp_path):
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(cpus, "memory_limit", lambda root=None: None)
+    assert cpus.available_memory() == total
+    monkeypatch.setattr(cpus, "memory_limit", lambda root=None: 1 << 30)
+    assert cpus.available_memory() == min(total, 1 << 30)

@@ -440,57 +440,79 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     assert calls == [POOL_PRELOAD["detect"]]
 
 
-def test_auto_workers_follow_the_cpus_the_folder_and_the_work(monkeypatch):
+def test_auto_workers_follow_the_cpus_the_memory_the_folder_and_the_work(monkeypatch):
     """Without --workers, propose and detect run selective search in one process per usable
-    CPU (at most AUTO_MAX_WORKERS, at most one per image) on folders of AUTO_MIN_IMAGES or
-    more; one process otherwise, and for work torch's threads already spread."""
+    CPU (at most AUTO_MAX_WORKERS, one per image of the shard, one per AUTO_WORKER_BYTES of
+    memory) on AUTO_MIN_IMAGES or more images; one process otherwise, and for work torch's
+    threads already spread."""
     from rcnn_cli import cpus, stages
 
     cfg = config.load()
     assert cfg["common"]["workers"] == 1  # the library default is unchanged
+    gib = stages.AUTO_WORKER_BYTES
+    monkeypatch.setattr(cpus, "available_memory", lambda: 64 * gib)
     for cpu, n, per_image, want in ((2, 40, True, 2), (16, 40, True, stages.AUTO_MAX_WORKERS),
                                     (16, stages.AUTO_MIN_IMAGES - 1, True, 1),
                                     (4, stages.AUTO_MIN_IMAGES, True, 4), (16, 40, False, 1),
                                     (1, 40, True, 1)):
         monkeypatch.setattr(cpus, "available_cpus", lambda cpu=cpu: cpu)
-        got = stages.with_auto_workers(cfg, n, per_image)
+        got = stages.with_auto_workers(cfg, [None] * n, per_image)
         assert got["common"]["workers"] == want, (cpu, n, per_image)
         assert cfg["common"]["workers"] == 1 and got["common"]["device"] == cfg["common"]["device"]
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 16)
+    monkeypatch.setattr(cpus, "available_memory", lambda: 3 * gib + 1)  # a 3 GiB container
+    assert stages.with_auto_workers(cfg, [None] * 40)["common"]["workers"] == 3
+    monkeypatch.setattr(cpus, "available_memory", lambda: gib // 2)
+    assert stages.with_auto_workers(cfg, [None] * 40)["common"]["workers"] == 1
+    monkeypatch.setattr(cpus, "available_memory", lambda: 64 * gib)
     monkeypatch.setattr(stages, "AUTO_MAX_WORKERS", 64)
     monkeypatch.setattr(cpus, "available_cpus", lambda: 32)
-    assert stages.with_auto_workers(cfg, 20)["common"]["workers"] == 20  # one per image
+    assert stages.with_auto_workers(cfg, [None] * 20)["common"]["workers"] == 20  # one per image
+    shard = config.load(overrides={"common": {"shard": "0/4"}})  # its share: 10 of 40 images
+    assert stages.with_auto_workers(shard, [None] * 40)["common"]["workers"] == 1
+    assert stages.with_auto_workers(shard, [None] * 60)["common"]["workers"] == 15
     dask = config.load(overrides={"common": {"executor": "dask"}})
-    assert stages.with_auto_workers(dask, 40)["common"]["workers"] == 1
+    assert stages.with_auto_workers(dask, [None] * 40)["common"]["workers"] == 1
 
 
 def test_cli_chooses_workers_unless_the_user_did(monkeypatch, tmp_path):
     """rcnn propose / detect: the folder's size and the kind of work choose the processes
-    unless --workers or a config file's [common] workers did; the choice reaches the stage
-    and, for a real run, OUT/config.toml and OUT/run.json."""
+    unless --workers or a config file's [common] workers did; the choice is what the pool
+    server, the stage and OUT/config.toml and OUT/run.json get."""
     import json
     import tomllib
     from types import SimpleNamespace
 
     from click.testing import CliRunner
 
-    from rcnn_cli import cpus, detect, stages
+    from rcnn_cli import cpus, dense, detect, stages
     from rcnn_cli.cli import cli
+    from rcnn_cli.runner import Report
 
     monkeypatch.setattr(cpus, "available_cpus", lambda: 3)
     seen = []
 
-    def stop(cfg, stage, *a, **k):
-        seen.append(cfg["common"]["workers"])
-        raise SystemExit(0)
+    def fake_run(*a, **k):  # the stage: records its workers, writes OUT/config.toml
+        seen.append(("stage", k["workers"]))
+        k["write_settings"]()
+        return Report()
 
-    monkeypatch.setattr(stages, "start_pool", stop)
-    monkeypatch.setattr(detect, "start_pool", stop)
-    model = SimpleNamespace(classes=["a"], proposal_settings={"method": "selective_search"})
+    for mod in (stages, detect):
+        monkeypatch.setattr(mod, "start_pool", lambda cfg, *a, **k: seen.append(
+            ("pool", cfg["common"]["workers"])))
+        monkeypatch.setattr(mod, "run_stage_into", fake_run)
+    model = SimpleNamespace(classes=["a"], proposal_settings={"method": "selective_search"},
+                            extract_settings={})
     monkeypatch.setattr(detect, "_get_model", lambda d: model)
     monkeypatch.setattr(detect, "model_detect_settings", lambda *a: detect.DetectSettings())
     monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {"tap": "grid"})
+    monkeypatch.setattr(detect, "get_extractor", lambda kw: SimpleNamespace(
+        settings=lambda: {"f": 1}, device=SimpleNamespace(type="cpu")))
+    monkeypatch.setattr(detect, "write_outputs", lambda *a, **k: [])
+    monkeypatch.setattr(dense, "check_dense", lambda ext: None)
+    monkeypatch.setattr(dense, "dense_settings", dict)
     monkeypatch.setattr(detect, "open_upstream", lambda *a: SimpleNamespace(
-        settings=model.proposal_settings, key="k"))
+        settings=model.proposal_settings, key="k", root=tmp_path / "props"))
     monkeypatch.setattr(detect, "upstream_id", lambda *a: "id")
     many = synthetic_folder(tmp_path / "many", n=stages.AUTO_MIN_IMAGES)
     few = synthetic_folder(tmp_path / "few", n=stages.AUTO_MIN_IMAGES - 1)
@@ -498,32 +520,40 @@ def test_cli_chooses_workers_unless_the_user_did(monkeypatch, tmp_path):
     (tmp_path / "props").mkdir()
     one = tmp_path / "one.toml"
     one.write_text("[common]\nworkers = 1\n")
-    out = str(tmp_path / "o")
-    det = ["detect", "--model", str(tmp_path / "model"), "-o", out]
-    for args, want in ((["propose", str(many), "-o", out], 3),
-                       (["propose", str(few), "-o", out], 1),
-                       (["propose", str(many), "-o", out, "--workers", "2"], 2),
-                       (["propose", str(many), "-o", out, "--config", str(one)], 1),
-                       (["propose", str(many), "-o", out, "--method", "sliding"], 1),
-                       ([*det, str(many)], 3), ([*det, str(few)], 1),
-                       ([*det, str(many), "--workers", "2"], 2),
-                       ([*det, str(many), "--config", str(one)], 1),
-                       ([*det, str(many), "--dense"], 1),
-                       ([*det, str(many), "--proposals", str(tmp_path / "props")], 1)):
+    det = ["detect", "--model", str(tmp_path / "model")]
+    cases = [(["propose", str(many)], 3), (["propose", str(few)], 1),
+             (["propose", str(many), "--workers", "2"], 2),
+             (["propose", str(many), "--config", str(one)], 1),
+             (["propose", str(many), "--method", "sliding"], 1),
+             (["propose", str(many), "--shard", "0/2"], 1),  # its share: 6 images
+             ([*det, str(many)], 3), ([*det, str(few)], 1),
+             ([*det, str(many), "--workers", "2"], 2), ([*det, str(many), "--config", str(one)], 1),
+             ([*det, str(many), "--dense"], 1),
+             ([*det, str(many), "--proposals", str(tmp_path / "props")], 1)]
+    for i, (args, want) in enumerate(cases):
         seen.clear()
-        res = CliRunner().invoke(cli, args)
-        assert res.exit_code == 0 and seen == [want], (args, res.output, seen)
+        out = tmp_path / f"o{i}"
+        res = CliRunner().invoke(cli, [*args, "-o", str(out)])
+        assert res.exit_code == 0, (args, res.output)
+        assert seen == [("pool", want), ("stage", want)], (args, seen)
+        assert tomllib.loads((out / "config.toml").read_text())["common"]["workers"] == want
+        run = json.loads((out / "run.json").read_text())["runs"][args[0]]
+        assert run["resolved"]["workers"] == want, args
     model.proposal_settings = {"method": "sliding"}
     seen.clear()
-    assert CliRunner().invoke(cli, [*det, str(many)]).exit_code == 0 and seen == [1]
-    # a real run: the pool's processes made the boxes, and the records say how many
+    assert CliRunner().invoke(cli, [*det, str(many), "-o", str(tmp_path / "s")]).exit_code == 0
+    assert seen == [("pool", 1), ("stage", 1)]
+    # a real run: the stage runs in the pool with the chosen processes
     monkeypatch.undo()
     monkeypatch.setattr(cpus, "available_cpus", lambda: 2)
+    real_run, used = stages.run_stage_into, []
+    monkeypatch.setattr(stages, "run_stage_into",
+                        lambda *a, **k: used.append(k["workers"]) or real_run(*a, **k))
     real = tmp_path / "real"
     res = CliRunner().invoke(cli, ["propose", str(many), "-o", str(real), "--method",
                                    "selective_search", "--strategy", "single"])
     assert res.exit_code == 0, res.output
-    assert len(list(real.glob("*.npz"))) == stages.AUTO_MIN_IMAGES
+    assert used == [2] and len(list(real.glob("*.npz"))) == stages.AUTO_MIN_IMAGES
     assert tomllib.loads((real / "config.toml").read_text())["common"]["workers"] == 2
     run = json.loads((real / "run.json").read_text())["runs"]["propose"]
     assert run["resolved"]["workers"] == 2
