@@ -46,54 +46,58 @@ def stream_key(seed, step, layer):
     return _mix(_mix(_mix(np.uint64(seed)) ^ np.uint64(step)) ^ np.uint64(layer))
 
 
+@njit(cache=True, nogil=True)
+def _dropped_row(key, r, thresh, scale, dst, src, to_f32, mean, inv_std):
+    """Row ``r`` of stream ``key``'s keep mask, times the standardised float16 row ``src``
+    unless ``src`` is None (then the mask itself): ``dst[j] = scale * value`` where the
+    element's 16-bit draw is >= ``thresh``, else 0. The row's draws start at counter
+    ``r * ceil(D / 4)``, four per splitmix64 output. (numba compiles the two uses apart and
+    drops the ``src is None`` test from each.)"""
+    d = dst.shape[0]
+    blocks = (d + 3) // 4
+    base = key + np.uint64(r * blocks)
+    for b in range(blocks):
+        z = _mix(base + np.uint64(b))
+        for k in range(4):
+            j = 4 * b + k
+            if j < d:
+                keep = np.int64((z >> np.uint64(16 * k)) & np.uint64(0xFFFF)) >= thresh
+                if src is None:
+                    dst[j] = scale if keep else np.float32(0.0)
+                else:
+                    v = (to_f32[src[j]] - mean[j]) * inv_std[j]
+                    dst[j] = v * scale if keep else np.float32(0.0)
+
+
 @njit(void(uint16[:, ::1], float32[::1], int64[::1], float32[::1], float32[::1], int64,
            float32, int64, int64, int64, float32[:, ::1]), cache=True, nogil=True)
 def gather_standardised(x_bits, to_f32, rows, mean, inv_std, thresh, scale, seed, step, layer,
                         out):
     """``out[r] = (x[rows[r]] - mean) * inv_std``, dropped out: each element kept (times
-    ``scale``) when its 16-bit draw is >= ``thresh`` (0: no dropout), else 0.
+    ``scale``) where :func:`dropout_mask` of the same stream keeps it (``thresh`` 0: no
+    dropout), else 0.
 
     ``x_bits`` is the float16 matrix viewed as uint16 and ``to_f32`` :data:`F16_TO_F32`.
-    Row ``r``'s draws start at counter ``r * ceil(D / 4)``.
     """
     n, d = out.shape
-    blocks = (d + 3) // 4
     key = stream_key(seed, step, layer)
     for r in range(n):
         src = x_bits[rows[r]]
-        dst = out[r]
         if thresh <= 0:
+            dst = out[r]
             for j in range(d):
                 dst[j] = (to_f32[src[j]] - mean[j]) * inv_std[j]
-            continue
-        base = key + np.uint64(r * blocks)
-        for b in range(blocks):
-            z = _mix(base + np.uint64(b))
-            for k in range(4):
-                j = 4 * b + k
-                if j < d:
-                    u = np.int64((z >> np.uint64(16 * k)) & np.uint64(0xFFFF))
-                    v = (to_f32[src[j]] - mean[j]) * inv_std[j]
-                    dst[j] = v * scale if u >= thresh else np.float32(0.0)
+        else:
+            _dropped_row(key, r, thresh, scale, out[r], src, to_f32, mean, inv_std)
 
 
 @njit(void(int64, float32, int64, int64, int64, float32[:, ::1]), cache=True, nogil=True)
 def dropout_mask(thresh, scale, seed, step, layer, out):
     """Fill ``out`` (N, D) with a keep mask: ``scale`` where the element's 16-bit draw is >=
     ``thresh``, else 0 (row ``r``'s draws start at counter ``r * ceil(D / 4)``)."""
-    n, d = out.shape
-    blocks = (d + 3) // 4
     key = stream_key(seed, step, layer)
-    for r in range(n):
-        base = key + np.uint64(r * blocks)
-        dst = out[r]
-        for b in range(blocks):
-            z = _mix(base + np.uint64(b))
-            for k in range(4):
-                j = 4 * b + k
-                if j < d:
-                    u = np.int64((z >> np.uint64(16 * k)) & np.uint64(0xFFFF))
-                    dst[j] = scale if u >= thresh else np.float32(0.0)
+    for r in range(out.shape[0]):
+        _dropped_row(key, r, thresh, scale, out[r], None, None, None, None)
 
 
 def threshold(p: float) -> tuple[int, np.float32]:

@@ -25,6 +25,25 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                "NUMBA_NUM_THREADS")
 
 
+def _own_cgroups(root: Path, proc_cgroup: Path, controller: str, mounts: tuple[str, ...]
+                 ) -> tuple[Path, list[Path]]:
+    """This process's cgroup folders from ``proc_cgroup``: the v2 one (``root`` itself when
+    none is listed) and the v1 ones of ``controller``, under the hierarchy's listed name
+    (e.g. ``cpu,cpuacct``) and then under each of ``mounts`` (other names it is mounted or
+    linked as)."""
+    own_v2, own_v1 = root, []
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                own_v2 = root / path.lstrip("/")
+            elif controller in controllers.split(","):
+                own_v1 = [root / name / path.lstrip("/") for name in (controllers, *mounts)]
+    except (OSError, ValueError):
+        pass
+    return own_v2, own_v1
+
+
 def cpu_quota(root: Path | None = None, proc_cgroup: Path = Path("/proc/self/cgroup")
               ) -> float | None:
     """CPUs' worth of time the cgroup quota allows per period (e.g. 1.5), or None without
@@ -36,18 +55,8 @@ def cpu_quota(root: Path | None = None, proc_cgroup: Path = Path("/proc/self/cgr
     its own cgroup namespace sees).
     """
     root = CGROUP_ROOT if root is None else root
-    own_v2, own_v1 = "", []
-    try:
-        for line in proc_cgroup.read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controllers == "":
-                own_v2 = path.lstrip("/")
-            elif "cpu" in controllers.split(","):  # mounted as "cpu,cpuacct", "cpu", ...
-                own_v1 = [root / name / path.lstrip("/")
-                          for name in (controllers, "cpu", "cpu,cpuacct")]
-    except (OSError, ValueError):
-        pass
-    for folder in dict.fromkeys([root / own_v2, root]):  # v2, own cgroup first
+    own_v2, own_v1 = _own_cgroups(root, proc_cgroup, "cpu", ("cpu", "cpu,cpuacct"))
+    for folder in dict.fromkeys([own_v2, root]):  # v2, own cgroup first
         try:
             fields = (folder / "cpu.max").read_text().split()
         except OSError:
@@ -96,17 +105,8 @@ def memory_limit(root: Path | None = None, proc_cgroup: Path = Path("/proc/self/
     read: v2 ``memory.max`` (``"max"``: none), v1 ``memory.limit_in_bytes`` (a value near
     2**63: none); the process's own cgroup first, then the mount's top."""
     root = CGROUP_ROOT if root is None else root
-    own_v2, own_v1 = "", []
-    try:
-        for line in proc_cgroup.read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controllers == "":
-                own_v2 = path.lstrip("/")
-            elif "memory" in controllers.split(","):
-                own_v1 = [root / controllers / path.lstrip("/"), root / "memory" / path.lstrip("/")]
-    except (OSError, ValueError):
-        pass
-    for name, folders in (("memory.max", [root / own_v2, root]),
+    own_v2, own_v1 = _own_cgroups(root, proc_cgroup, "memory", ("memory",))
+    for name, folders in (("memory.max", [own_v2, root]),
                           ("memory.limit_in_bytes", [*own_v1, root / "memory"])):
         for folder in dict.fromkeys(folders):
             try:
