@@ -389,7 +389,6 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                             also_done=None if vis_dir is None else
                             lambda it: vis_path(vis_dir, it.rel).is_file(),
                             prepare=prepare, **run)
-    report.workers = run["workers"]
     for it in missing:
         report.fail(str(it.path), f"{upstream_missing_reason(upstream, it)} (run `rcnn "
                     "propose` on it)")

@@ -366,8 +366,10 @@ def _sgd(net: torch.nn.Module, x16: NDArray[np.float16], y: torch.Tensor, mean: 
     batch = np.empty((batch_size, x16.shape[1]), np.float32)  # host buffers, reused
     masks = np.empty((2, batch_size, hidden), np.float32)
 
+    hidden_dropout = hb.threshold(drop)[0] > 0
+
     def dropped(h: torch.Tensor, it: int, layer: int) -> torch.Tensor:
-        if hb.threshold(drop)[0] == 0:
+        if not hidden_dropout:
             return h
         return h * torch.from_numpy(hb.mask(drop, seed, it, layer, masks[layer - 1])).to(dev)
 

@@ -34,7 +34,7 @@ class Report:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    workers: int | None = None  # processes the stage ran in, where its caller says
+    workers: int | None = None  # the stage's workers (run_stage_into)
 
     @property
     def failed(self) -> int:
@@ -158,6 +158,8 @@ def run_stage_into(store: StageStore, fn: Callable[[ImageItem], dict | None],
         up = None if upstream is None else upstream[it.rel]
         return is_current(store, it, up) and (also_done is None or also_done(it))
 
-    return run_stage(fn, items, is_done=current, workers=workers, desc=desc,
-                     executor=executor, address=address, shard=shard, holds_model=holds_model,
-                     prepare=prepare)
+    report = run_stage(fn, items, is_done=current, workers=workers, desc=desc,
+                       executor=executor, address=address, shard=shard,
+                       holds_model=holds_model, prepare=prepare)
+    report.workers = workers
+    return report

@@ -191,12 +191,10 @@ def propose_folder(inputs: list[str | Path], out: str | Path, cfg: Mapping[str, 
     store = StageStore(out, "propose", proposal_settings(cfg["propose"]),
                        format_version=PROPOSE_FORMAT)
     fn = functools.partial(propose_one, store=store)
-    report = run_stage_into(store, fn, items, overwrite=overwrite, desc="propose",
-                            write_settings=functools.partial(cfgmod.write_resolved, out, cfg,
-                                                             ["common", "propose"]),
-                            **execution(cfg))
-    report.workers = execution(cfg)["workers"]
-    return report
+    return run_stage_into(store, fn, items, overwrite=overwrite, desc="propose",
+                          write_settings=functools.partial(cfgmod.write_resolved, out, cfg,
+                                                           ["common", "propose"]),
+                          **execution(cfg))
 
 
 def with_upstream(items: list[ImageItem], up_ids: Mapping[str, str | None],

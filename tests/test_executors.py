@@ -495,7 +495,7 @@ def test_cli_chooses_workers_unless_the_user_did(monkeypatch, tmp_path):
     def fake_run(*a, **k):  # the stage: records its workers, writes OUT/config.toml
         seen.append(("stage", k["workers"]))
         k["write_settings"]()
-        return Report()
+        return Report(workers=k["workers"])  # as run_stage_into reports them
 
     for mod in (stages, detect):
         monkeypatch.setattr(mod, "start_pool", lambda cfg, *a, **k: seen.append(
