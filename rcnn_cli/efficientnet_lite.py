@@ -65,14 +65,18 @@ class SameConv2d(nn.Conv2d):
                          bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pad_input(x))
+
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded as SAME needs before the (then unpadded) convolution; stride 1: ``x``
+        (the convolution's own padding does it)."""
         if self.stride[0] == 1:
-            return super().forward(x)
+            return x
         k, s = self.kernel_size[0], self.stride[0]
         ih, iw = x.shape[-2:]
         ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
         pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return super().forward(x)
+        return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,

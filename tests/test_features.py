@@ -1,6 +1,7 @@
 """Tests of rcnn_cli.features and rcnn_cli.weights: random-init backbones, no downloads."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -569,6 +570,56 @@ def test_fold_batch_norm_keeps_the_outputs_and_removes_the_norms(backbone):
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
     F.fold_batch_norm(seq)
     assert isinstance(seq[1], torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite0"])
+def test_fuse_conv_activations_keeps_the_outputs(backbone):
+    """Every convolution of the folded trunk becomes one fused oneDNN call with the ReLU6
+    after it; the outputs are the unfused network's (odd sizes: efficientnet's SAME
+    padding of stride-2 convs); under autograd the original modules run and backpropagate."""
+    model = F.fold_batch_norm(F.load_backbone(backbone, "random"))
+    gen = torch.Generator().manual_seed(0)
+    convs = sum(type(m) in F.FOLDABLE_CONVS for m in model.features.modules())
+    relu6 = sum(isinstance(m, torch.nn.ReLU6) for m in model.features.modules())
+    for x in (torch.randn(1, 3, 67, 81, generator=gen),
+              torch.randn(2, 3, 64, 64, generator=gen).contiguous(
+                  memory_format=torch.channels_last)):
+        with torch.inference_mode():
+            want = model.features(x)
+        fused = F.fuse_conv_activations(copy.deepcopy(model))
+        fused_n = [m for m in fused.features.modules() if isinstance(m, F.ConvAct)]
+        assert len(fused_n) == convs  # every conv, with or without an activation after it
+        assert sum(m._attr == "hardtanh" for m in fused_n) == relu6  # every ReLU6 moved in
+        with torch.inference_mode():
+            got = fused.features(x)
+        _assert_close(got.numpy(), want.numpy(), rtol=1e-5)
+    # the activation sits inside its ConvAct only: no ReLU6 is left in a Sequential
+    for seq in fused.features.modules():
+        if isinstance(seq, torch.nn.Sequential):
+            assert not any(isinstance(m, torch.nn.ReLU6) for m in seq)
+    # autograd: the plain modules run (the fused op has no backward)
+    xg = torch.randn(1, 3, 32, 32, generator=gen, requires_grad=True)
+    fused.features(xg).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_feature_extractor_fuses_on_cpu_only(monkeypatch):
+    """The CPU extractor's trunk runs fused convolutions, with the features of an unfused
+    one; no fused op available (another torch build): the plain modules, same features."""
+    kw = {"backbone": "mobilenet_v2", "weights": "random", "device": "cpu", "mode": "shared"}
+    fused = F.FeatureExtractor(**kw)
+    assert any(isinstance(m, F.ConvAct) for m in fused.model.modules())
+    monkeypatch.setattr(F, "fuse_conv_activations", lambda m: m)
+    plain = F.FeatureExtractor(**kw)
+    assert not any(isinstance(m, F.ConvAct) for m in plain.model.modules())
+    img = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    boxes = np.array([[0, 0, 60, 50], [20, 10, 119, 89], [5, 5, 40, 80]], np.float32)
+    _assert_close(np.asarray(fused.extract(img, boxes)), np.asarray(plain.extract(img, boxes)),
+                  rtol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(F.torch.backends.mkldnn, "is_available", lambda: False)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU6())
+    assert F.fuse_conv_activations(seq) is seq and isinstance(seq[0], torch.nn.Conv2d)
 
 
 def test_roi_align_warp_pads_batches_to_few_shapes():
