@@ -12,6 +12,8 @@ from __future__ import annotations
 GRID_CUTS, GRID_CELLS = {"mobilenet_v2": 14, "efficientnet_lite0": 12}, 4
 #: Channels of the block the ``grid`` tap cuts at.
 _GRID_CHANNELS = {"mobilenet_v2": 96, "efficientnet_lite0": 112}
+#: Channels of the top map whose box means lead the ``grid`` tap's vector.
+GRID_TOP_CHANNELS = 1280
 
 #: Backbone -> tap -> feature dimension.
 TAPS: dict[str, dict[str, int]] = {
@@ -20,9 +22,9 @@ TAPS: dict[str, dict[str, int]] = {
     "resnet18": {"pool": 512},
     "resnet50": {"pool": 2048},
     "mobilenet_v2": {"pool": 1280,
-                     "grid": 1280 + _GRID_CHANNELS["mobilenet_v2"] * GRID_CELLS**2},
+                     "grid": GRID_TOP_CHANNELS + _GRID_CHANNELS["mobilenet_v2"] * GRID_CELLS**2},
     "efficientnet_lite0": {"pool": 1280,
-                           "grid": 1280 + _GRID_CHANNELS["efficientnet_lite0"] * GRID_CELLS**2},
+                           "grid": GRID_TOP_CHANNELS + _GRID_CHANNELS["efficientnet_lite0"] * GRID_CELLS**2},
 }
 #: Taps that exist only in shared mode.
 SHARED_ONLY_TAPS = {(name, "grid") for name in GRID_CUTS}

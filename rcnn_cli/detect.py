@@ -99,11 +99,19 @@ def detect_image(image: NDArray[np.uint8], model, extractor,
     props = proposals if proposals is not None else model_proposals(
         image, model.proposal_settings, model.extract_settings.get("max_proposals"))
     t1 = time.perf_counter()
-    # 2. one feature vector per proposal
-    feats = extractor.extract(image, props)
-    t2 = time.perf_counter()
-    # 3.-5. scores, box regression, post-processing
-    out = detect_from_features(props, feats, model, size, settings)
+    proj = _top_projection(model, extractor)
+    if proj is None:
+        # 2. one feature vector per proposal
+        feats = extractor.extract(image, props)
+        t2 = time.perf_counter()
+        # 3.-5. scores, box regression, post-processing
+        out = detect_from_features(props, feats, model, size, settings)
+    else:  # the same, with the first linear step moved before the top map's box means
+        pooled, coverage, rest = extractor.extract_projected(image, props, proj.top_w,
+                                                             proj.top_centre)
+        t2 = time.perf_counter()
+        scores, deltas = model.scores_and_deltas(proj.finish(pooled, coverage, rest))
+        out = _detections(props, scores, deltas, model, size, settings)
     t3 = time.perf_counter()
     out["times"] = {"features": t2 - t1, "scoring": t3 - t2}
     if proposals is None:
@@ -121,12 +129,30 @@ def detect_from_features(props: NDArray[np.float32], feats: NDArray, model,
     Returns a dict with ``boxes`` (M, 4) float32, ``scores`` (M,) float32, ``labels`` (M,).
     """
     # 3. class scores from the per-class linear SVMs (on the fc head's fc7 when the model has
-    #    one; untrained classes never fire)
+    #    one); 4. per-class box regression deltas
     scores = model.score(feats)
-    scores[:, ~model.svm_trained] = -np.inf
+    deltas = model.deltas(feats) if settings.bbox_regression and model.regressors is not None \
+        else None
+    return _detections(props, scores, deltas, model, image_size, settings)
+
+
+def _top_projection(model, extractor):
+    """The model's :class:`rcnn_cli.model.TopProjection` for ``extractor``'s features when
+    both allow it (an fc head; the ``grid`` tap's summed-area path), else None."""
+    top = getattr(extractor, "top_channels", None)
+    if top is None or model.head is None or model.dim != extractor.dim:
+        return None
+    return model.top_projection(top)
+
+
+def _detections(props: NDArray[np.float32], scores: NDArray[np.float32],
+                deltas: NDArray[np.float32] | None, model, image_size: tuple[int, int],
+                settings: DetectSettings) -> dict[str, Any]:
+    """Steps 3.-5. of :func:`detect_from_features` from the scores (N, K) and deltas
+    (N, K, 4) (None: no regression)."""
+    scores[:, ~model.svm_trained] = -np.inf  # untrained classes never fire
     # 4. per-class box regression (R-CNN applies it once), else the proposal itself
-    if settings.bbox_regression and model.regressors is not None:
-        deltas = model.deltas(feats)  # (N, K, 4)
+    if settings.bbox_regression and deltas is not None:
         k = deltas.shape[1]
         boxes = bx.decode(np.repeat(props, k, axis=0), deltas.reshape(-1, 4)).reshape(-1, k, 4)
     else:

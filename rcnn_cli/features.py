@@ -43,7 +43,7 @@ from torch import nn
 from . import boxes as box_ops
 from ._torchvision import models as tvm
 from ._torchvision import roi_align
-from .backbones import GRID_CELLS, GRID_CUTS, SHARED_ONLY_TAPS, TAPS
+from .backbones import GRID_CELLS, GRID_CUTS, GRID_TOP_CHANNELS, SHARED_ONLY_TAPS, TAPS
 from .config import ConfigError, default
 from .efficientnet_lite import LITE_MEAN, LITE_STD, SameConv2d, efficientnet_lite0
 from .weights import OFFLINE_WEIGHTS, require_cached_weights
@@ -615,12 +615,17 @@ class GridHead(nn.Module):
             out.append(torch.cat([what, where], 1))
         return torch.cat(out)
 
-    def _summed_area(self, mid: torch.Tensor, top: torch.Tensor, b: torch.Tensor
+    def _summed_area(self, mid: torch.Tensor, top: torch.Tensor, b: torch.Tensor,
+                     top_map: Callable[[torch.Tensor], torch.Tensor] | None = None
                      ) -> torch.Tensor:
         """:meth:`forward` for one image on CPU without autograd: the same features from
-        summed-area tables (:mod:`rcnn_cli._gridpool`; 4x faster for 2000 boxes)."""
+        summed-area tables (:mod:`rcnn_cli._gridpool`; 4x faster for 2000 boxes).
+        ``top_map``: the top map (C, h, w) is replaced by ``top_map(top)`` (R, h, w) before
+        its box means are taken (then the first R columns are those)."""
         from . import _gridpool
 
+        if top_map is not None:
+            top = top_map(top)
         out = np.empty((len(b), top.shape[0] + mid.shape[0] * self.grid ** 2), np.float32)
         for fmap, bx, cells, stride, col in ((top, b, 1, self.top_stride, 0),
                                              (mid, self._padded(b), self.grid, self.mid_stride,
@@ -884,6 +889,50 @@ class FeatureExtractor:
         else:
             feats = self._extract_shared(image, boxes)
         return feats.float().cpu().numpy()
+
+    @property
+    def top_channels(self) -> int | None:
+        """T when the features start with the box means of one T-channel map that
+        :meth:`extract_projected` can project first: the ``grid`` tap on a CPU in float32
+        (the summed-area path); else None."""
+        if (self.mode == "shared" and isinstance(self.head, GridHead)
+                and self.device.type == "cpu" and not self.amp):
+            return GRID_TOP_CHANNELS
+        return None
+
+    @torch.inference_mode()
+    def extract_projected(self, image: NDArray[np.uint8] | torch.Tensor,
+                          boxes: NDArray[np.float32], weights: torch.Tensor,
+                          centre: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, NDArray[np.float32]]:
+        """:meth:`extract` with a linear map applied to the leading box means first
+        (:class:`rcnn_cli.model.TopProjection`): for the features ``[t | m]`` of each box,
+        ``(weights @ (t - centre · coverage), coverage, m)`` as an (N, R) float32 tensor, an
+        (N,) tensor and an (N, D - T) array, where ``coverage`` is the share of the box inside
+        the map; computed as box means of the R-channel map ``weights @ (map - centre)``.
+        Only where :attr:`top_channels` is not None (ValueError otherwise).
+        """
+        _check_image(image)
+        boxes = box_ops.as_boxes(boxes)
+        t = self.top_channels
+        if t is None:
+            raise ValueError("extract_projected needs the grid tap on a CPU in float32")
+        if weights.shape[1:] != (t,) or centre.shape != (t,):
+            raise ValueError(f"weights (R, {t}) and centre ({t},) expected, got "
+                             f"{tuple(weights.shape)} and {tuple(centre.shape)}")
+        r = weights.shape[0]
+        if len(boxes) == 0:
+            return (torch.zeros(0, r), torch.zeros(0), np.zeros((0, self.dim - t), np.float32))
+        (mid, top), (f_y, f_x) = self.shared_maps(image)
+        scaled = torch.from_numpy(box_ops.scale(boxes, f_y, f_x))
+
+        def project(fmap: torch.Tensor) -> torch.Tensor:
+            c, h, w = fmap.shape
+            flat = fmap.reshape(c, h * w) - centre[:, None]
+            return torch.cat([weights @ flat, torch.ones(1, h * w)]).reshape(r + 1, h, w)
+
+        out = self.head._summed_area(mid[0], top[0], scaled, top_map=project)
+        return out[:, :r], out[:, r], out[:, r + 1:].numpy()
 
     def extract_many(self, images: Sequence[NDArray[np.uint8] | torch.Tensor],
                      boxes: Sequence[NDArray[np.float32]]) -> list[NDArray[np.float32]]:

@@ -116,14 +116,22 @@ class Head:
         """
         import torch
 
-        w6, b6, w7, b7 = self._folded
+        w6, b6, _, _ = self._folded
         x = np.asarray(features, np.float32)
         flat = x.ndim == 1
         x = torch.from_numpy(np.subtract(np.atleast_2d(x), self.mean, dtype=np.float32))
         with torch.inference_mode():
-            h = torch.addmm(b6, x, w6).relu_()
-            out = torch.addmm(b7, h, w7).relu_().numpy()
+            out = self.fc7_of_fc6(torch.addmm(b6, x, w6))
         return out[0] if flat else out
+
+    def fc7_of_fc6(self, fc6: torch.Tensor) -> NDArray[np.float32]:
+        """fc7 activations (N, H) of fc6's outputs before their ReLU (a float32 (N, H) tensor,
+        overwritten): the rest of :meth:`fc7`."""
+        import torch
+
+        _, _, w7, b7 = self._folded
+        with torch.inference_mode():
+            return torch.addmm(b7, fc6.relu_(), w7).relu_().numpy()
 
     def logits(self, features: ArrayLike) -> NDArray[np.float32]:
         """Softmax-layer inputs (N, K + 1) of raw features; column 0 is background."""

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from rcnn_cli.cli import cli
-from rcnn_cli.detect import DetectSettings, postprocess
+from rcnn_cli.detect import DetectSettings, detect_from_features, detect_image, postprocess
 from rcnn_cli.model import load_model
 
 #: R-CNN's plain post-processing (greedy NMS, no box voting)
@@ -400,3 +400,106 @@ def test_detect_with_precomputed_proposals(chain, tmp_path, caplog):
                          "--dense"])
     assert res.exit_code == 2 and "--dense or --proposals" in res.output
     assert not (tmp_path / "pre4").exists()
+
+
+def _grid_model(ext, feats, k: int = 2, hidden: int = 16, regress: bool = True, seed: int = 0):
+    """A model with an fc head on ``ext``'s grid features, standardised by the statistics of
+    ``feats`` as training does (the floor 1e-3 where a dimension barely varies: folding the
+    mean after the division would cancel there)."""
+    from rcnn_cli.head import Head
+    from rcnn_cli.model import Model
+
+    rng = np.random.default_rng(seed)
+    d = ext.dim
+    std = (feats.std(0) + 1e-3).astype(np.float32)
+    std[::97] = 1e-3
+    head = Head(mean=feats.mean(0).astype(np.float32), std=std,
+                fc6_w=rng.normal(0, 0.02, (hidden, d)).astype(np.float32),
+                fc6_b=rng.normal(0, 0.1, hidden).astype(np.float32),
+                fc7_w=rng.normal(0, 0.3, (hidden, hidden)).astype(np.float32),
+                fc7_b=rng.normal(0, 0.1, hidden).astype(np.float32),
+                cls_w=np.zeros((k + 1, hidden), np.float32), cls_b=np.zeros(k + 1, np.float32))
+    return Model(classes=[f"c{i}" for i in range(k)],
+                 svm_weights=rng.normal(size=(k, hidden)).astype(np.float32),
+                 svm_biases=rng.normal(size=k).astype(np.float32), feat_scale=0.37,
+                 svm_trained=np.ones(k, bool), head=head, reg_feat_scale=0.05,
+                 regressors=rng.normal(0, 0.01, (k, 4, d + 1)).astype(np.float32)
+                 if regress else None)
+
+
+@pytest.mark.parametrize("regress", [True, False])
+def test_top_projection_gives_the_unprojected_scores_and_boxes(regress, monkeypatch):
+    """detect_image moves the model's first linear step (fc6 before its ReLU, and the box
+    regressors) before the grid tap's top-map box means: the scores and deltas of the plain
+    path (features, then fc6) to float rounding, boxes reaching past the map's edge (where
+    the box mean counts the outside as zero) and degenerate boxes included. The trunk's maps
+    are ReLU6-like synthetic ones (a random-weight trunk's top map is ~1e-9: it would not
+    test the top part), smaller than the image / stride, so edge boxes are partly outside."""
+    import torch
+
+    from rcnn_cli.features import FeatureExtractor
+
+    ext = FeatureExtractor("mobilenet_v2", weights="random", device="cpu", mode="shared")
+    assert ext.top_channels == 1280
+    gen = torch.Generator().manual_seed(0)
+    maps = (torch.rand(1, 96, 9, 12, generator=gen) * 6,
+            torch.rand(1, 1280, 4, 6, generator=gen) * torch.rand(1280, 1, 1, generator=gen) * 6)
+    monkeypatch.setattr(ext, "shared_maps", lambda image: (maps, (1.0, 1.0)))
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (150, 203, 3), dtype=np.uint8)
+    xy = rng.uniform(0, 180, (60, 2))
+    wh = rng.uniform(1, 120, (60, 2))
+    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    boxes = np.concatenate([boxes, [[0, 0, 203, 150], [190, 140, 203, 150], [50, 50, 50, 80]]]
+                           ).astype(np.float32)
+    feats = ext.extract(img, boxes)
+    model = _grid_model(ext, feats, regress=regress)
+    proj = model.top_projection(ext.top_channels)
+    pooled, cover, rest = ext.extract_projected(img, boxes, proj.top_w, proj.top_centre)
+    assert float(cover.min()) < 0.9 and float(cover.max()) == pytest.approx(1.0)  # edges
+    assert float(proj.top_shift.abs().max()) > 1.0  # the top map's mean matters
+    scores, deltas = model.scores_and_deltas(proj.finish(pooled, cover, rest))
+    want = model.score(feats)
+    np.testing.assert_allclose(scores, want, atol=2e-4 * np.abs(want).max())
+    if regress:
+        want_d = model.deltas(feats)
+        np.testing.assert_allclose(deltas, want_d, atol=2e-4 * np.abs(want_d).max())
+    else:
+        assert deltas is None
+    settings = DetectSettings(nms_iou=0.3, score_thresh=-50.0, max_per_image=100)
+    a = detect_from_features(boxes, feats, model, img.shape[:2], settings)
+    b = detect_image(img, model, ext, settings, boxes)
+    assert len(a["scores"]) == len(b["scores"]) > 0
+    np.testing.assert_allclose(b["scores"], a["scores"], atol=1e-3)
+    np.testing.assert_allclose(b["boxes"], a["boxes"], atol=1e-2)
+    # no boxes: empty outputs of the right widths
+    p0, c0, r0 = ext.extract_projected(img, np.zeros((0, 4), np.float32), proj.top_w,
+                                       proj.top_centre)
+    assert p0.shape == (0, proj.width) and c0.shape == (0,) and r0.shape == (0, ext.dim - 1280)
+
+
+def test_top_projection_is_cached_per_weights_and_refused_where_it_cannot_apply():
+    from rcnn_cli.features import FeatureExtractor
+
+    ext = FeatureExtractor("mobilenet_v2", weights="random", device="cpu", mode="shared")
+    feats = np.random.default_rng(0).uniform(0, 1, (10, ext.dim)).astype(np.float32)
+    model = _grid_model(ext, feats)
+    first = model.top_projection(1280)
+    assert model.top_projection(1280) is first
+    model.head.fc6_w = model.head.fc6_w * 2  # new weights: a new projection
+    again = model.top_projection(1280)
+    assert again is not first
+    np.testing.assert_allclose(again.top_w.numpy()[:16], 2 * first.top_w.numpy()[:16],
+                               rtol=1e-6)
+    model.head = None
+    assert model.top_projection(1280) is None
+    with pytest.raises(ValueError, match="top must lie"):
+        _grid_model(ext, feats).top_projection(ext.dim)
+    with pytest.raises(ValueError, match=r"weights \(R, 1280\)"):
+        ext.extract_projected(np.zeros((8, 8, 3), np.uint8), np.float32([[0, 0, 4, 4]]),
+                              first.top_w[:, :10], first.top_centre)
+    warp = FeatureExtractor("mobilenet_v2", weights="random", device="cpu", mode="warp")
+    assert warp.top_channels is None
+    with pytest.raises(ValueError, match="grid tap"):
+        warp.extract_projected(np.zeros((8, 8, 3), np.uint8), np.float32([[0, 0, 4, 4]]),
+                               first.top_w, first.top_centre)
