@@ -145,3 +145,14 @@ def limit_threads_to_quota(environ: MutableMapping[str, str] | None = None,
     for var in THREAD_VARS:
         env.setdefault(var, str(cpus))
     return cpus
+
+
+def cuda_possible() -> bool:
+    """Whether this machine may have a CUDA device, without importing torch: False only on
+    Linux with no NVIDIA driver loaded (no ``/proc/driver/nvidia`` and no ``/dev/nvidia*``),
+    where ``torch.cuda.is_available()`` is False too."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True
+    return Path("/proc/driver/nvidia").exists() or any(Path("/dev").glob("nvidia*"))

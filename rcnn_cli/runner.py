@@ -89,7 +89,8 @@ def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem]
               is_done: Callable[[ImageItem], bool] | None = None, workers: int = 1,
               desc: str = "images", executor: str = "local", address: str | None = None,
               shard: str | None = None, holds_model: bool = False,
-              prepare: Callable[[ImageItem], dict] | None = None) -> Report:
+              prepare: Callable[[ImageItem], dict] | None = None,
+              driver_prepare: Callable[[ImageItem], dict] | None = None) -> Report:
     """Run a per-image stage over ``items``, skipping those ``is_done`` says are finished.
 
     ``fn`` may return a dict with a ``"times"`` entry ({stage: seconds}) for the report.
@@ -100,6 +101,8 @@ def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem]
     a two-stage pipeline instead, ``prepare(item)`` on ``workers`` processes feeding
     ``fn(item, prepared=...)`` in this process (:func:`rcnn_cli.executors.map_prepared`: a
     GPU process fed by CPU processes); otherwise ``fn(item)`` does all the work.
+    ``driver_prepare`` (a local pool): this process prepares images while the pool starts
+    (see :func:`rcnn_cli.executors.map_images_on`).
     """
     report = Report()
     t0 = time.perf_counter()
@@ -113,7 +116,8 @@ def run_stage(fn: Callable[[ImageItem], dict | None], items: Sequence[ImageItem]
         results = map_prepared(prepare, fn, todo, workers, desc)
     else:
         results = map_images_on(executor, fn, todo, workers=workers, address=address or None,
-                                desc=desc, holds_model=holds_model)
+                                desc=desc, holds_model=holds_model,
+                                driver_prepare=driver_prepare)
     for it, result, err in results:
         if err is not None:
             report.fail(str(it.path), err)
@@ -132,7 +136,8 @@ def run_stage_into(store: StageStore, fn: Callable[[ImageItem], dict | None],
                    desc: str = "images", holds_model: bool = False, workers: int = 1,
                    executor: str = "local", address: str | None = None,
                    shard: str | None = None,
-                   prepare: Callable[[ImageItem], dict] | None = None) -> Report:
+                   prepare: Callable[[ImageItem], dict] | None = None,
+                   driver_prepare: Callable[[ImageItem], dict] | None = None) -> Report:
     """Run a stage that writes one record per image into ``store`` (the one stage driver).
 
     Steps: claim the store's folder (:meth:`StageStore.claim`: refuses a folder of other
@@ -143,7 +148,8 @@ def run_stage_into(store: StageStore, fn: Callable[[ImageItem], dict | None],
     (what else a finished image has, e.g. its picture);
     map ``fn`` (which writes the record) over the rest on ``executor`` (:func:`run_stage`;
     ``holds_model``: ``fn`` keeps a CNN loaded per process; ``prepare``: its CPU half on a
-    pool of ``workers`` feeding ``fn`` in this process).
+    pool of ``workers`` feeding ``fn`` in this process; ``driver_prepare``: its CPU half
+    done here for some images while the pool starts).
 
     Raises:
         StaleStoreError, ForeignFolderError: see :meth:`StageStore.claim`.
@@ -160,6 +166,7 @@ def run_stage_into(store: StageStore, fn: Callable[[ImageItem], dict | None],
 
     report = run_stage(fn, items, is_done=current, workers=workers, desc=desc,
                        executor=executor, address=address, shard=shard,
-                       holds_model=holds_model, prepare=prepare)
+                       holds_model=holds_model, prepare=prepare,
+                       driver_prepare=driver_prepare)
     report.workers = workers
     return report

@@ -91,7 +91,13 @@ def report_counts(report: Any) -> dict[str, int]:
 
 def resolved_device(device: str) -> str:
     """What ``--device`` (``auto``, ``cpu``, ``cuda[:N]``) runs on here, as the extractor
-    resolves it (:func:`rcnn_cli.features.resolve_device`)."""
+    resolves it (:func:`rcnn_cli.features.resolve_device`); without importing torch where
+    the answer is the CPU anyway (``cpu``, or ``auto`` with no NVIDIA driver: 3-4 s of
+    import at the end of a run whose CNN ran in other processes)."""
+    from rcnn_cli.cpus import cuda_possible
+
+    if device == "cpu" or (device == "auto" and not cuda_possible()):
+        return "cpu"
     from rcnn_cli.features import resolve_device
 
     return str(resolve_device(device))

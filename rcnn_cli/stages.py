@@ -260,6 +260,60 @@ def get_extractor(kwargs: Mapping[str, Any]):
     return _EXTRACTORS[key]
 
 
+#: FeatureExtractor arguments :func:`cpu_feature_settings` knows (others: load the backbone).
+_TORCHLESS_KWARGS = {"backbone", "tap", "mode", "weights", "device", "padding", "shared_scale",
+                     "batch_size", "seed"}
+
+
+def cpu_feature_settings(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``FeatureExtractor(**kwargs).settings()`` without importing torch, for an extractor that
+    runs on the CPU: the key of ``rcnn detect``'s store when its driver leaves the backbone
+    to the pool's processes. None when that cannot be told without torch, or when loading
+    the extractor would fail (a CUDA device may be there, unknown arguments or backbone, a
+    bad tap or mode, ImageNet weights missing or corrupt, a weights file missing): then
+    load it, which says what is wrong."""
+    from rcnn_cli.backbones import (
+        FACTS,
+        SHARED_MAX,
+        SHARED_ONLY_TAPS,
+        SHARED_SHORT,
+        TAPS,
+        feature_settings,
+        resolved_tap,
+        weights_id,
+    )
+    from rcnn_cli.cpus import cuda_possible
+
+    if set(kwargs) - _TORCHLESS_KWARGS:
+        return None
+    device = kwargs.get("device", cfgmod.default("common.device"))
+    if device != "cpu" and not (device == "auto" and not cuda_possible()):
+        return None
+    backbone = kwargs.get("backbone", cfgmod.default("extract.backbone"))
+    mode = kwargs.get("mode", cfgmod.default("extract.mode"))
+    mode = "shared" if mode == "auto" else mode
+    if backbone not in FACTS or mode not in ("warp", "shared"):
+        return None
+    tap = resolved_tap(backbone, kwargs.get("tap"), mode)
+    if tap not in TAPS[backbone] or (mode == "warp" and (backbone, tap) in SHARED_ONLY_TAPS):
+        return None
+    weights = kwargs.get("weights")
+    if weights is None:
+        from rcnn_cli.weights import WeightsError, require_cached_weights
+
+        try:
+            require_cached_weights(FACTS[backbone][5])
+        except WeightsError:
+            return None
+    elif str(weights) != "random" and not Path(weights).is_file():
+        return None
+    scale = kwargs.get("shared_scale", (SHARED_SHORT, SHARED_MAX))
+    return feature_settings(backbone, tap, mode, weights_id(weights, backbone,
+                                                            kwargs.get("seed", 0)),
+                            float(kwargs.get("padding", cfgmod.default("extract.padding"))),
+                            (int(scale[0]), int(scale[1])), amp=False)
+
+
 def dataset_fingerprint(records) -> str:
     """Hash of ground truth (file names, boxes, labels, difficult) for cache keys."""
     h = hashlib.sha256()

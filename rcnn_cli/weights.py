@@ -31,8 +31,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from rcnn_cli.store import sha256_file
 
 log = logging.getLogger("rcnn_cli.weights")
@@ -87,8 +85,19 @@ class WeightsError(RuntimeError):
 
 
 def checkpoint_dir() -> Path:
-    """torch hub's checkpoint folder (``torch.hub.get_dir()/checkpoints``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """torch hub's checkpoint folder (``torch.hub.get_dir()/checkpoints``).
+
+    Without importing torch when it is not loaded yet (``rcnn detect``'s driver checks the
+    weights before or instead of loading the backbone): then ``torch.hub.set_dir`` cannot
+    have been called, and the folder is what ``get_dir`` derives from the environment
+    (``$TORCH_HOME``, else ``$XDG_CACHE_HOME/torch``, else ``~/.cache/torch``; tested).
+    """
+    if "torch" in sys.modules:
+        import torch
+
+        return Path(torch.hub.get_dir()) / "checkpoints"
+    home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
 
 
 @functools.lru_cache(maxsize=32)

@@ -503,3 +503,77 @@ def test_top_projection_is_cached_per_weights_and_refused_where_it_cannot_apply(
     with pytest.raises(ValueError, match="grid tap"):
         warp.extract_projected(np.zeros((8, 8, 3), np.uint8), np.float32([[0, 0, 4, 4]]),
                                first.top_w, first.top_centre)
+
+
+def test_pool_driver_proposes_while_its_workers_start_and_never_imports_torch(chain, tmp_path):
+    """`rcnn detect --workers 2` on a CPU: the driver keys the store without torch
+    (stages.cpu_feature_settings) and makes proposals for the images after the pool's first
+    ones while the pool's processes import torch; the detections are the one-process run's,
+    and that run's folder resumes under the other worker count (the same key), both ways."""
+    from tests.conftest import cli_in_fresh_python
+
+    root, data = chain
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, stem in enumerate((data / "test.txt").read_text().split() * 2):
+        shutil.copy(data / "images" / f"{stem}.jpg", imgs / f"{i}_{stem}.jpg")
+    base = ["detect", str(imgs), "--model", str(root / "model")]
+    _, [(code, output)], after = cli_in_fresh_python(
+        [*base, "-o", tmp_path / "two", "--workers", "2", "-v"], timeout=600)
+    assert code == 0, output
+    assert "torch" not in after  # the pool's processes ran the CNN
+    m = re.search(r"this process prepared (\d+) of 8 images", output)
+    assert m and int(m.group(1)) >= 1, output
+    r = CliRunner()
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "one")])
+    assert res.exit_code == 0, res.output
+    one = (tmp_path / "one" / "detections.csv").read_text()
+    assert one.count("\n") > 8 and (tmp_path / "two" / "detections.csv").read_text() == one
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "two")])
+    assert res.exit_code == 0 and "8 already done" in res.output, res.output
+    res = r.invoke(cli, [*base, "-o", str(tmp_path / "one"), "--workers", "2"])
+    assert res.exit_code == 0 and "8 already done" in res.output, res.output
+
+
+def test_torch_free_feature_settings_are_the_extractors(tmp_path, monkeypatch):
+    """stages.cpu_feature_settings (the detect driver's key without torch) equals
+    FeatureExtractor(...).settings() for every backbone's modes and taps on the CPU, and is
+    None where it cannot tell or the extractor would fail (then the driver loads it)."""
+    import rcnn_cli.cpus as C
+    from rcnn_cli.backbones import FACTS, TAPS
+    from rcnn_cli.features import BACKBONES, FeatureExtractor
+    from rcnn_cli.stages import cpu_feature_settings
+
+    for name, spec in BACKBONES.items():  # the file names are torchvision's / ours
+        assert FACTS[name][5] == os.path.basename(spec.weights.url)
+    wfile = tmp_path / "w.safetensors"
+    wfile.write_bytes(b"not read by the key")
+    cases = [dict(backbone="mobilenet_v2", weights="random", device="cpu"),
+             dict(backbone="mobilenet_v2", weights="random", device="cpu", mode="warp",
+                  padding=8, seed=2),
+             dict(backbone="mobilenet_v2", weights="random", device="cpu", mode="shared",
+                  tap="pool", shared_scale=[600, 1000], batch_size=32),
+             dict(backbone="efficientnet_lite0", weights="random", device="cpu", tap="grid"),
+             dict(backbone="resnet18", weights="random", device="cpu", mode="shared")]
+    for kw in cases:
+        assert cpu_feature_settings(kw) == FeatureExtractor(**kw).settings(), kw
+    assert set(TAPS) == set(FACTS)
+    # a weights file: its content hash, as the extractor's (which would then read it)
+    key = cpu_feature_settings(dict(backbone="mobilenet_v2", weights=str(wfile), device="cpu"))
+    assert key["weights"].startswith("file:w.safetensors:")
+    # where it cannot tell, or where loading would fail: None
+    monkeypatch.setattr(C, "cuda_possible", lambda: True)
+    assert cpu_feature_settings(dict(backbone="mobilenet_v2", weights="random")) is None
+    monkeypatch.setattr(C, "cuda_possible", lambda: False)
+    assert cpu_feature_settings(dict(backbone="mobilenet_v2", weights="random",
+                                     device="auto")) is not None
+    for bad in (dict(backbone="nope", device="cpu"),
+                dict(backbone="mobilenet_v2", device="cuda", weights="random"),
+                dict(backbone="mobilenet_v2", device="cpu", weights="random", tap="fc7"),
+                dict(backbone="mobilenet_v2", device="cpu", weights="random", mode="warp",
+                     tap="grid"),
+                dict(backbone="mobilenet_v2", device="cpu", weights=str(tmp_path / "no.pt")),
+                dict(backbone="mobilenet_v2", device="cpu", weights="random", amp=True)):
+        assert cpu_feature_settings(bad) is None, bad
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))  # ImageNet file missing
+    assert cpu_feature_settings(dict(backbone="mobilenet_v2", device="cpu")) is None

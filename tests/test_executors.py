@@ -376,6 +376,7 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     monkeypatch.setattr(detect, "model_detect_settings", lambda *a: detect.DetectSettings())
     monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {"tap": "grid"})
     monkeypatch.setattr(detect, "get_extractor", stop)
+    monkeypatch.setattr(detect, "cpu_feature_settings", stop)  # the pool driver's key
     monkeypatch.setattr(demo, "run_demo", stop)
     monkeypatch.setattr(demo, "demo_workers", lambda: 2)
     imgs = synthetic_folder(tmp_path / "imgs", n=1)
@@ -557,3 +558,40 @@ def test_cli_chooses_workers_unless_the_user_did(monkeypatch, tmp_path):
     assert tomllib.loads((real / "config.toml").read_text())["common"]["workers"] == 2
     run = json.loads((real / "run.json").read_text())["runs"]["propose"]
     assert run["resolved"]["workers"] == 2
+
+
+def test_local_pool_driver_prepares_while_its_processes_start(tmp_path):
+    """`driver_prepare`: the first images go to the starting pool as they are; the driver
+    prepares the next ones until one of those is back, and they run as fn(item,
+    prepared=...); every image comes back once; the preparation's times join the worker's
+    (the worker's win on a clash); a preparation that fails is left to the worker."""
+    from tests import _pool_helpers as H
+
+    names = ["a.png", "bad.png", "c.png", "d.png", "e.png", "f.png", "g.png"]
+    items = [ImageItem(tmp_path / n, n) for n in names]
+    session = executors._LocalPoolSession(2)
+    try:
+        out = {it.rel: (res, err) for it, res, err, _, _ in
+               session.map(executors._Task(H.work), items, H.prepare)}
+    finally:
+        session.close()
+    assert sorted(out) == sorted(names) and all(err is None for _, err in out.values())
+    # the pool starts on the first two (one of them cannot be prepared anyway)
+    assert out["a.png"][0]["path"] == "worker" and out["bad.png"][0]["path"] == "worker"
+    prepared = [n for n in names if out[n][0]["path"] == "prepared"]
+    assert "c.png" in prepared  # prepared while the first two ran (0.4 s each)
+    for n in prepared:
+        assert out[n][0]["value"] == n.upper()
+        assert out[n][0]["times"] == {"prep": 0.5, "work": 1.0}
+    for n in set(names) - set(prepared):
+        assert out[n][0]["times"] == {"work": 1.0}
+    # a preparation that fails: the worker does the whole image
+    session = executors._LocalPoolSession(2)
+    try:
+        items2 = [ImageItem(tmp_path / n, n) for n in ["a.png", "c.png", "bad2.png", "d.png"]]
+        out2 = {it.rel: res for it, res, _, _, _ in
+                session.map(executors._Task(H.work), items2, H.prepare)}
+    finally:
+        session.close()
+    assert out2["bad2.png"]["path"] == "worker" and out2["d.png"]["path"] in ("worker",
+                                                                            "prepared")

@@ -708,3 +708,24 @@ def test_torchvision_is_imported_without_dynamo():
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_checkpoint_dir_without_torch_is_torch_hubs(tmp_path, monkeypatch):
+    """rcnn_cli.weights.checkpoint_dir() without torch imported (the detect driver's weights
+    check) is torch.hub's folder for the same environment."""
+    import sys
+    from pathlib import Path
+
+    from rcnn_cli import weights as W
+
+    for env in ({"TORCH_HOME": str(tmp_path / "th")},
+                {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):
+        for k in ("TORCH_HOME", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        want = W.checkpoint_dir()  # torch is imported here: torch.hub.get_dir()
+        with monkeypatch.context() as m:
+            m.delitem(sys.modules, "torch")
+            assert W.checkpoint_dir() == want, env
+        assert want == Path(torch.hub.get_dir()) / "checkpoints"
