@@ -14,7 +14,7 @@ import functools
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,33 +87,34 @@ def first_proposals(props: NDArray[np.float32], max_proposals: int | None
 
 def detect_image(image: NDArray[np.uint8], model, extractor,
                  settings: DetectSettings,
-                 proposals: NDArray[np.float32] | None = None) -> dict[str, Any]:
+                 proposals: NDArray[np.float32] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Detections of one image (uint8 (H, W, 3) RGB) with a loaded model bundle.
 
     ``proposals``: the image's :func:`model_proposals`, when another process made them.
     Returns a dict with ``boxes`` (M, 4) float32, ``scores`` (M,) float32, ``labels`` (M,)
-    int64 and ``times`` (seconds per step).
+    int64 and ``times`` (seconds per step, read from ``clock``).
     """
     size = image.shape[:2]
-    t0 = time.perf_counter()
+    t0 = clock()
     # 1. proposals, with the settings the model was trained with
     props = proposals if proposals is not None else model_proposals(
         image, model.proposal_settings, model.extract_settings.get("max_proposals"))
-    t1 = time.perf_counter()
+    t1 = clock()
     proj = _top_projection(model, extractor)
     if proj is None:
         # 2. one feature vector per proposal
         feats = extractor.extract(image, props)
-        t2 = time.perf_counter()
+        t2 = clock()
         # 3.-5. scores, box regression, post-processing
         out = detect_from_features(props, feats, model, size, settings)
     else:  # the same, with the first linear step moved before the top map's box means
         pooled, coverage, rest = extractor.extract_projected(image, props, proj.top_w,
                                                              proj.top_centre)
-        t2 = time.perf_counter()
+        t2 = clock()
         scores, deltas = model.scores_and_deltas(proj.finish(pooled, coverage, rest))
         out = _detections(props, scores, deltas, model, size, settings)
-    t3 = time.perf_counter()
+    t3 = clock()
     out["times"] = {"features": t2 - t1, "scoring": t3 - t2}
     if proposals is None:
         out["times"]["proposals"] = t1 - t0
@@ -126,7 +127,9 @@ def detect_from_features(props: NDArray[np.float32], feats: NDArray, model,
     """Detections of one image from its proposals (N, 4) and their features (N, D).
 
     The scoring half of :func:`detect_image`; cross-validation scores cached extract
-    features with it, so what it measures is what ``rcnn detect`` computes.
+    features with it, so what it measures is what ``rcnn detect`` computes (which, for an fc
+    head on the ``grid`` tap, applies fc6 to the top map before its box means:
+    :class:`rcnn_cli.model.TopProjection`, the same numbers to float rounding, tested).
     Returns a dict with ``boxes`` (M, 4) float32, ``scores`` (M,) float32, ``labels`` (M,).
     """
     # 3. class scores from the per-class linear SVMs (on the fc head's fc7 when the model has
