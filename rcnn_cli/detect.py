@@ -373,7 +373,11 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     the model's are used with a warning (the results are keyed by the folder's settings).
     ``auto_workers``: choose ``cfg``'s workers from the folder
     (:func:`rcnn_cli.stages.with_auto_workers`: processes for selective search; the CLI's
-    default); the report's ``workers`` says how many ran.
+    default); the report's ``workers`` says how many ran. With a local pool on a CPU this
+    process does not load the backbone (the store's key comes from
+    :func:`rcnn_cli.stages.cpu_feature_settings`, which each worker checks against its
+    extractor) and proposes the images after the pool's first ones while its processes
+    start (:func:`propose_for_detect`).
     """
     if dense and proposals is not None:
         raise cfgmod.ConfigError("--proposals: dense windows replace the proposals; give "
