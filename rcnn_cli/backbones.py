@@ -39,7 +39,8 @@ SHARED_ONLY_TAPS = {(name, "grid") for name in GRID_CUTS}
 SHARED_SHORT = 480
 SHARED_MAX = 800
 
-#: Bumped whenever the numbers produced for the same settings change (part of the cache key).
+#: Bumped whenever the numbers produced for the same settings change beyond float rounding
+#: (part of the cache key; e.g. folded batch norms and fused activations did not bump it).
 FEATURES_VERSION = 1
 
 #: Backbone -> (crop input size, stride of the shared-mode map, RoI grid side, RoI pooling,

@@ -147,12 +147,19 @@ def limit_threads_to_quota(environ: MutableMapping[str, str] | None = None,
     return cpus
 
 
-def cuda_possible() -> bool:
-    """Whether this machine may have a CUDA device, without importing torch: False only on
-    Linux with no NVIDIA driver loaded (no ``/proc/driver/nvidia`` and no ``/dev/nvidia*``),
-    where ``torch.cuda.is_available()`` is False too."""
+#: Device files of a GPU that torch may use as ``cuda``: NVIDIA's driver, WSL2's GPU
+#: paravirtualisation (no ``/dev/nvidia*`` there) and ROCm (torch's HIP builds answer
+#: ``torch.cuda.is_available()`` too).
+GPU_DEVICE_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def cuda_possible(dev: Path = Path("/dev")) -> bool:
+    """Whether this machine may have a device torch calls ``cuda``, without importing torch:
+    False only on Linux with none of :data:`GPU_DEVICE_FILES` and no ``/dev/nvidia*``, where
+    ``torch.cuda.is_available()`` is False too; True elsewhere (then ask torch)."""
     import sys
 
     if not sys.platform.startswith("linux"):
         return True
-    return Path("/proc/driver/nvidia").exists() or any(Path("/dev").glob("nvidia*"))
+    return (any(Path(f).exists() for f in GPU_DEVICE_FILES)
+            or any(dev.glob("nvidia*")))

@@ -250,7 +250,8 @@ class ConvAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
         if (x.device.type != "cpu" or x.dtype != torch.float32 or c.weight.dtype != x.dtype
-                or (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))):
+                or (torch.is_grad_enabled() and (
+                    x.requires_grad or any(p.requires_grad for p in c.parameters())))):
             return self.act(c(x))
         if isinstance(c, SameConv2d):
             x = c.pad_input(x)
@@ -274,7 +275,9 @@ def fuse_conv_activations(module: nn.Module) -> nn.Module:
         fuse_conv_activations(child)
     if isinstance(module, nn.Sequential):
         for i in range(len(module)):
-            if type(module[i]) not in FOLDABLE_CONVS or module[i].padding_mode != "zeros":
+            conv = module[i]
+            if (type(conv) not in FOLDABLE_CONVS or conv.padding_mode != "zeros"
+                    or not isinstance(conv.padding, tuple)):  # "same" / "valid": not fused
                 continue
             j = i + 1
             while j < len(module) and type(module[j]) is nn.Identity:
@@ -825,13 +828,16 @@ class FeatureExtractor:
         self.amp = bool(amp) and self.device.type == "cuda"
         self._weights_id = weights_id(weights, backbone, seed)
         model = fold_batch_norm(load_backbone(backbone, weights, seed))  # inference only
-        if self.device.type == "cpu":
-            model = fuse_conv_activations(model)
         self.context = self.input_size / (self.input_size - 2 * self.padding)
         if mode == "warp":
             self.net = tap_network(backbone, model, self.tap)
+            parts: tuple[nn.Module, ...] = (self.net,)
         else:
             self.trunk, self.head = shared_parts(backbone, model, self.tap, self.context)
+            parts = (self.trunk, self.head)
+        if self.device.type == "cpu":  # after the split: no activation moves across a cut
+            for part in parts:
+                fuse_conv_activations(part)
         self.model = model.to(self.device)
         if self.device.type == "cuda" or mode == "shared":
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -132,11 +132,12 @@ class Model:
         map's channels)."""
         if self.head is None:
             return None
-        parts = (self.head.mean, self.head.std, self.head.fc6_w, self.head.fc6_b,
-                 self.regressors, self.regression_scale, top)
+        arrays = (self.head.mean, self.head.std, self.head.fc6_w, self.head.fc6_b,
+                  self.regressors)
+        parts = (arrays, float(self.regression_scale), int(top))
         cached = self.__dict__.get("_projection")
-        if cached is None or len(cached[0]) != len(parts) or not all(
-                a is b for a, b in zip(cached[0], parts)):
+        if cached is None or cached[0][1:] != parts[1:] or not all(
+                a is b for a, b in zip(cached[0][0], arrays)):
             cached = (parts, TopProjection.of(self.head, self.regressors,
                                               self.regression_scale, top))
             self.__dict__["_projection"] = cached
@@ -150,7 +151,7 @@ class Model:
         h = self.head.out_dim
         deltas = None
         if self.regressors is not None:
-            deltas = first[:, h:].numpy().reshape(len(first), -1, 4).copy()
+            deltas = first[:, h:].numpy().reshape(len(first), self.num_classes, 4).copy()
         fc7 = self.head.fc7_of_fc6(first[:, :h])
         return score(fc7, self.svm_weights, self.svm_biases, self.feat_scale), deltas
 

@@ -268,10 +268,11 @@ _TORCHLESS_KWARGS = {"backbone", "tap", "mode", "weights", "device", "padding", 
 def cpu_feature_settings(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
     """``FeatureExtractor(**kwargs).settings()`` without importing torch, for an extractor that
     runs on the CPU: the key of ``rcnn detect``'s store when its driver leaves the backbone
-    to the pool's processes. None when that cannot be told without torch, or when loading
-    the extractor would fail (a CUDA device may be there, unknown arguments or backbone, a
-    bad tap or mode, ImageNet weights missing or corrupt, a weights file missing): then
-    load it, which says what is wrong."""
+    to the pool's processes. None when that cannot be told without torch or an argument is
+    visibly wrong (a CUDA device may be there, unknown arguments or backbone, a bad tap or
+    mode, ImageNet weights missing or corrupt, a weights file missing): then the driver
+    loads the extractor, which says what is wrong. A weights file that exists but does not
+    load fails each image in the workers instead."""
     from rcnn_cli.backbones import (
         FACTS,
         SHARED_MAX,

@@ -17,3 +17,9 @@ def prepare(item):
         raise ValueError("cannot prepare")
     time.sleep(0.02)
     return {"value": item.rel.upper(), "times": {"prep": 0.5, "work": -1.0}}
+
+
+def prepare_slowly(item):
+    """:func:`prepare` at a quarter of the worker's pace."""
+    time.sleep(0.1)
+    return prepare(item)

@@ -468,7 +468,15 @@ def test_top_projection_gives_the_unprojected_scores_and_boxes(regress, monkeypa
         assert deltas is None
     settings = DetectSettings(nms_iou=0.3, score_thresh=-50.0, max_per_image=100)
     a = detect_from_features(boxes, feats, model, img.shape[:2], settings)
+    calls = []
+    projected = ext.extract_projected
+    monkeypatch.setattr(ext, "extract_projected", lambda *a, **k: calls.append(1) or
+                        projected(*a, **k))
     b = detect_image(img, model, ext, settings, boxes)
+    assert calls == [1]  # detect_image took the projected path
+    # no proposals (an image under min_size): no detections, not an error
+    none = detect_image(img, model, ext, settings, np.zeros((0, 4), np.float32))
+    assert len(none["boxes"]) == len(none["scores"]) == 0 and calls == [1, 1]
     assert len(a["scores"]) == len(b["scores"]) > 0
     np.testing.assert_allclose(b["scores"], a["scores"], atol=1e-3)
     np.testing.assert_allclose(b["boxes"], a["boxes"], atol=1e-2)
@@ -517,7 +525,7 @@ def test_pool_driver_proposes_while_its_workers_start_and_never_imports_torch(ch
     imgs.mkdir()
     for i, stem in enumerate((data / "test.txt").read_text().split() * 2):
         shutil.copy(data / "images" / f"{stem}.jpg", imgs / f"{i}_{stem}.jpg")
-    base = ["detect", str(imgs), "--model", str(root / "model")]
+    base = ["detect", str(imgs), "--model", str(root / "model"), "--device", "cpu"]
     _, [(code, output)], after = cli_in_fresh_python(
         [*base, "-o", tmp_path / "two", "--workers", "2", "-v"], timeout=600)
     assert code == 0, output
@@ -577,3 +585,69 @@ def test_torch_free_feature_settings_are_the_extractors(tmp_path, monkeypatch):
         assert cpu_feature_settings(bad) is None, bad
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))  # ImageNet file missing
     assert cpu_feature_settings(dict(backbone="mobilenet_v2", device="cpu")) is None
+
+
+def test_detect_one_rechecks_the_drivers_proposals_and_its_key(chain, tmp_path):
+    """A worker given the driver's proposals for a file that changed since uses its own; a
+    store keyed by other feature settings than the worker's extractor is refused (a key
+    computed without torch that drifted from the extractor's must not mix results)."""
+    import rcnn_cli.detect as D
+    from rcnn_cli.images import ImageItem
+    from rcnn_cli.store import StageStore
+
+    root, data = chain
+    stem = (data / "test.txt").read_text().split()[0]
+    img = tmp_path / f"{stem}.jpg"
+    shutil.copy(data / "images" / f"{stem}.jpg", img)
+    item = ImageItem(img, img.name)
+    model = load_model(root / "model")
+    kw = D.model_extractor_kwargs(model, root / "model", "cpu")
+    ext = D.get_extractor(kw)
+    settings = DetectSettings()
+    key = {"features": ext.settings()}
+
+    def run(name, prepared=None, features=None):
+        store = StageStore(tmp_path / name, "detect", {"features": features or key["features"]})
+        D.detect_one(item, store, str(root / "model"), kw, settings, None, prepared=prepared)
+        return store.load(item.rel)
+
+    plain = run("plain")
+    stale = {"source": np.array([1, 2], np.int64), "proposals": np.zeros((0, 4), np.float32),
+             "times": {"decode": 0.0, "proposals": 0.0}}  # made from another file
+    again = run("stale", prepared=stale)
+    assert len(plain["scores"]) > 0
+    np.testing.assert_array_equal(again["scores"], plain["scores"])
+    fresh = D.propose_for_detect(item, model.proposal_settings,
+                                 model.extract_settings.get("max_proposals"))
+    assert "image" not in fresh
+    np.testing.assert_array_equal(run("fresh", prepared=fresh)["scores"], plain["scores"])
+    with pytest.raises(RuntimeError, match="keyed by features"):
+        run("other", features={**key["features"], "padding": 99.0})
+
+
+def test_cuda_possible_and_the_run_records_device_without_torch(tmp_path, monkeypatch):
+    """No GPU device file (NVIDIA, WSL2's /dev/dxg, ROCm's /dev/kfd): no CUDA, and a run
+    record's device resolves without torch; any of them: ask torch."""
+    import rcnn_cli.cpus as C
+    import rcnn_cli.runrecord as R
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    monkeypatch.setattr(C, "GPU_DEVICE_FILES", (str(tmp_path / "proc_nvidia"),
+                                                str(dev / "dxg"), str(dev / "kfd")))
+    assert C.cuda_possible(dev) is False
+    for name in ("dxg", "kfd"):
+        (dev / name).touch()
+        assert C.cuda_possible(dev) is True
+        (dev / name).unlink()
+    (dev / "nvidia0").touch()
+    assert C.cuda_possible(dev) is True
+    asked = []
+    import rcnn_cli.features as F
+
+    monkeypatch.setattr(F, "resolve_device", lambda d: asked.append(d) or "cpu")
+    monkeypatch.setattr(C, "cuda_possible", lambda: False)
+    assert R.resolved_device("auto") == "cpu" and R.resolved_device("cpu") == "cpu"
+    assert asked == []
+    monkeypatch.setattr(C, "cuda_possible", lambda: True)
+    assert R.resolved_device("auto") == "cpu" and asked == ["auto"]

@@ -595,3 +595,17 @@ def test_local_pool_driver_prepares_while_its_processes_start(tmp_path):
         session.close()
     assert out2["bad2.png"]["path"] == "worker" and out2["d.png"]["path"] in ("worker",
                                                                             "prepared")
+    # more images than the driver prepares before the first is back: after the first two,
+    # a run of prepared images, then the rest go to the pool as they are
+    names3 = [f"i{k:02d}.png" for k in range(30)]
+    session = executors._LocalPoolSession(2)
+    try:
+        out3 = {it.rel: res for it, res, _, _, _ in
+                session.map(executors._Task(H.work), [ImageItem(tmp_path / n, n)
+                                                      for n in names3], H.prepare_slowly)}
+    finally:
+        session.close()
+    paths = [out3[n]["path"] for n in names3]
+    k = paths.index("worker", 2) if "worker" in paths[2:] else len(paths)
+    assert paths[:2] == ["worker"] * 2 and k > 2
+    assert paths[2:k] == ["prepared"] * (k - 2) and paths[k:] == ["worker"] * (len(paths) - k)

@@ -603,23 +603,37 @@ def test_fuse_conv_activations_keeps_the_outputs(backbone):
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
-def test_feature_extractor_fuses_on_cpu_only(monkeypatch):
-    """The CPU extractor's trunk runs fused convolutions, with the features of an unfused
-    one; no fused op available (another torch build): the plain modules, same features."""
-    kw = {"backbone": "mobilenet_v2", "weights": "random", "device": "cpu", "mode": "shared"}
-    fused = F.FeatureExtractor(**kw)
-    assert any(isinstance(m, F.ConvAct) for m in fused.model.modules())
-    monkeypatch.setattr(F, "fuse_conv_activations", lambda m: m)
-    plain = F.FeatureExtractor(**kw)
-    assert not any(isinstance(m, F.ConvAct) for m in plain.model.modules())
+def test_feature_extractor_fuses_its_cpu_parts_and_what_cannot_fuse_stays(monkeypatch):
+    """The CPU extractor's trunk (shared mode) and net (warp mode) run fused convolutions,
+    with the features of unfused ones; what cannot be fused runs as before: no fused op in
+    this torch build, string padding ("same" / "valid"), and under autograd any trainable
+    parameter (a frozen weight with a trainable bias included: its gradient must arrive)."""
     img = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
     boxes = np.array([[0, 0, 60, 50], [20, 10, 119, 89], [5, 5, 40, 80]], np.float32)
-    _assert_close(np.asarray(fused.extract(img, boxes)), np.asarray(plain.extract(img, boxes)),
-                  rtol=1e-5)
-    monkeypatch.undo()
-    monkeypatch.setattr(F.torch.backends.mkldnn, "is_available", lambda: False)
-    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU6())
-    assert F.fuse_conv_activations(seq) is seq and isinstance(seq[0], torch.nn.Conv2d)
+    for mode, part in (("shared", "trunk"), ("warp", "net")):
+        kw = {"backbone": "mobilenet_v2", "weights": "random", "device": "cpu", "mode": mode}
+        fused = F.FeatureExtractor(**kw)
+        assert any(isinstance(m, F.ConvAct) for m in getattr(fused, part).modules())
+        with monkeypatch.context() as m:
+            m.setattr(F, "fuse_conv_activations", lambda module: module)
+            plain = F.FeatureExtractor(**kw)
+        assert not any(isinstance(x, F.ConvAct) for x in plain.model.modules())
+        _assert_close(np.asarray(fused.extract(img, boxes)),
+                      np.asarray(plain.extract(img, boxes)), rtol=1e-5)
+    with monkeypatch.context() as m:
+        m.setattr(F.torch.backends.mkldnn, "is_available", lambda: False)
+        seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU6())
+        assert F.fuse_conv_activations(seq) is seq and isinstance(seq[0], torch.nn.Conv2d)
+    for padding in ("same", "valid"):
+        seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=padding), torch.nn.ReLU6())
+        F.fuse_conv_activations(seq)
+        assert type(seq[0]) is torch.nn.Conv2d and type(seq[1]) is torch.nn.ReLU6
+    conv = torch.nn.Conv2d(3, 4, 3)
+    conv.weight.requires_grad_(False)
+    seq = F.fuse_conv_activations(torch.nn.Sequential(conv, torch.nn.ReLU6()))
+    assert isinstance(seq[0], F.ConvAct)
+    seq(torch.randn(1, 3, 8, 8)).sum().backward()
+    assert conv.bias.grad is not None and conv.bias.grad.abs().sum() > 0
 
 
 def test_roi_align_warp_pads_batches_to_few_shapes():
