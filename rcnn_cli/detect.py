@@ -246,13 +246,11 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
     `rcnn propose` folder whose boxes for this image are used instead (``--proposals``)."""
     t0 = time.perf_counter()
     decoded = prepared is None or "image" not in prepared
-    if prepared is not None and "image" not in prepared:  # proposals only
-        source = file_identity(item.path)
-        prepared = dict(prepared, image=read_image(item.path)) \
-            if np.array_equal(prepared["source"], source) else None
-    if prepared is None:
+    if decoded:
         source = file_identity(item.path)
         img = read_image(item.path)
+        if prepared is not None and not np.array_equal(prepared["source"], source):
+            prepared = None  # the file changed since the driver proposed: propose again
     else:
         source, img = prepared["source"], prepared["image"]
     model = _get_model(model_dir)
@@ -409,14 +407,14 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                          {**key, **({} if dense else {"dense": None})},
                          None if upstream is None else upstream.key, DETECT_FORMAT, overwrite)
     # inputs checked: the workers import torch beside this process
-    start_pool(cfg, "detect", selective_search=not dense and upstream is None
-               and model.proposal_settings.get("method") == "selective_search",
+    searches = (not dense and upstream is None
+                and model.proposal_settings.get("method") == "selective_search")
+    start_pool(cfg, "detect", selective_search=searches,
                grid_kernel=not dense and _grid_tap(kwargs))
     # a CPU pool of selective-search processes: the features' key without torch here, so
     # this process makes proposals while the pool starts instead of loading the backbone
-    helping = (not dense and upstream is None and cfg["common"]["executor"] == "local"
-               and cfg["common"]["workers"] > 1
-               and model.proposal_settings.get("method") == "selective_search")
+    helping = (searches and cfg["common"]["executor"] == "local"
+               and cfg["common"]["workers"] > 1)
     key["features"] = cpu_feature_settings(kwargs) if helping else None
     if key["features"] is None:
         helping = False
@@ -436,14 +434,13 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
                            dense=dense, upstream=upstream)
     run = execution(cfg, device_type)
     prepare = driver_prepare = None
+    proposing = {"proposal_settings": model.proposal_settings,
+                 "max_proposals": model.extract_settings.get("max_proposals")}
     if helping:
-        driver_prepare = functools.partial(
-            propose_for_detect, proposal_settings=model.proposal_settings,
-            max_proposals=model.extract_settings.get("max_proposals"))
+        driver_prepare = functools.partial(propose_for_detect, **proposing)
     if upstream is None and _feeds_gpu(device_type, cfg, dense):  # CPU processes feed
         # this GPU process (with --proposals there is no selective search to hand them)
-        prepare = functools.partial(prepare_detect, proposal_settings=model.proposal_settings,
-                                    max_proposals=model.extract_settings.get("max_proposals"))
+        prepare = functools.partial(prepare_detect, **proposing)
         run["workers"] = cfg["common"]["workers"]
         log.info("detect: %d processes make proposals for the %s process",
                  run["workers"], device_type)
