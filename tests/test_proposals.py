@@ -94,6 +94,60 @@ def test_felzenszwalb_min_size_absorbs_small_segments_and_scale_merges():
     assert felzenszwalb(step, scale=5000, sigma=0, min_size=1)[1] == 1  # 5000/400 > 6
 
 
+def _textbook_fh(code, weight, h, w, k, min_size):
+    """Felzenszwalb-Huttenlocher's segment-graph on sorted edges, as their reference code
+    writes it: union-find with ranks and full path compression, then the min-size pass;
+    labels numbered in raster order of each component's first pixel."""
+    from rcnn_cli.proposals._felzenszwalb import _DIR_SHIFT, _PIX_MASK
+    parent, rank, size = list(range(h * w)), [0] * (h * w), [1] * (h * w)
+    thresh = [k] * (h * w)
+
+    def find(x):
+        r = x
+        while parent[r] != r:
+            r = parent[r]
+        while parent[x] != r:
+            parent[x], x = r, parent[x]
+        return r
+
+    def join(a, b):
+        if rank[a] < rank[b]:
+            a, b = b, a
+        parent[b] = a
+        rank[a] += rank[a] == rank[b]
+        size[a] += size[b]
+        return a
+
+    off = (1, w, w + 1, 1 - w)
+    ends = [(int(c) & _PIX_MASK, (int(c) & _PIX_MASK) + off[int(c) >> _DIR_SHIFT]) for c in code]
+    for (pa, pb), wt in zip(ends, weight.tolist()):
+        a, b = find(pa), find(pb)
+        if a != b and wt <= thresh[a] and wt <= thresh[b]:
+            a = join(a, b)
+            thresh[a] = float(np.float32(wt + k / size[a]))
+    for pa, pb in ends:
+        a, b = find(pa), find(pb)
+        if a != b and (size[a] < min_size or size[b] < min_size):
+            join(a, b)
+    first: dict[int, int] = {}
+    return np.array([first.setdefault(find(p), len(first)) for p in range(h * w)]
+                    ).reshape(h, w), len(first)
+
+
+@pytest.mark.parametrize("k, min_size", [(50, 50), (100, 100), (8, 1), (300, 300)])
+def test_fh_segment_equals_the_textbook_union_find(k, min_size):
+    # the quick-find core joins exactly what the reference's union-find joins, edge by edge
+    from rcnn_cli.proposals._felzenszwalb import FH_SIGMA, _fh_graph, _fh_segment, _smooth
+    for img in (textured_image(37, 53, seed=5), textured_image(64, 41, seed=9),
+                rect_image(40, 60)):
+        h, w = img.shape[:2]
+        code, weight = _fh_graph(_smooth(img, FH_SIGMA))
+        labels, n = _fh_segment(code, weight, h, w, float(k), min_size)
+        ref, n_ref = _textbook_fh(code, weight, h, w, np.float32(k), min_size)
+        assert n == n_ref and n > 1
+        np.testing.assert_array_equal(labels, ref)
+
+
 @pytest.mark.parametrize("bad, match", [
     (np.zeros((2, 3, 4, 5), np.uint8), r"image.*\(2, 3, 4, 5\)"),
     (np.zeros((0, 5), np.uint8), r"image.*\(0, 5\)"),
