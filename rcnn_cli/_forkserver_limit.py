@@ -15,6 +15,8 @@ from rcnn_cli.cpus import THREAD_VARS  # imports no numeric library
 for _var in THREAD_VARS:
     os.environ[_var] = "1"
 
+from rcnn_cli import _numba_blas
 from rcnn_cli.executors import limit_threads
 
 limit_threads()
+_numba_blas.ENABLED = True  # the server is ours: numba starts without scipy.linalg

@@ -22,6 +22,10 @@ from __future__ import annotations
 import numpy as np
 from numba import float32, float64, int64, njit, void
 
+from rcnn_cli._numba_blas import defer_blas_check
+
+defer_blas_check()  # before numba's first compile or cache load: see that module
+
 #: (table, x edges, y edges, output, first output column)
 _SIGNATURE = void(float64[:, :, ::1], float32[:, ::1], float32[:, ::1], float32[:, ::1], int64)
 

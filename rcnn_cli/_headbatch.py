@@ -22,6 +22,10 @@ from __future__ import annotations
 import numpy as np
 from numba import float32, int64, njit, uint16, uint64, void
 
+from rcnn_cli._numba_blas import defer_blas_check
+
+defer_blas_check()  # before numba's first compile or cache load: see that module
+
 #: float32 value of every float16 bit pattern (numba has no CPU float16): exact conversion
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 _M1 = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's gamma and its finaliser's multipliers

@@ -242,9 +242,11 @@ def cli():
 
 
 def main():  # console-script entry point
+    from rcnn_cli import _numba_blas
     from rcnn_cli.cpus import limit_threads_to_quota
 
     limit_threads_to_quota()  # before numpy or torch start their thread pools
+    _numba_blas.ENABLED = True  # this process is ours: numba starts without scipy.linalg
     try:
         cli(prog_name="rcnn")
     finally:

@@ -1,6 +1,8 @@
 """Tests of rcnn_cli.proposals: selective search, its cores, OpenCV's, sliding windows, metrics."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -458,6 +460,58 @@ def _raccoon_dir() -> Path | None:
         if (cand / "annotations").is_dir() and (cand / "images").is_dir():
             return cand
     return None
+
+
+_NUMBA_PROBE = """
+import sys
+import cv2
+import numpy as np
+import os
+os.makedirs(sys.argv[1] + "/img", exist_ok=True)
+cv2.imwrite(sys.argv[1] + "/img/a.png", np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8))
+{run}
+from numba import njit
+import numba.np.arraymath as arraymath
+
+@njit(cache=False)
+def probe(a, b, m):
+    return np.correlate(a, b), np.dot(a, b), np.linalg.inv(m) @ m
+
+a, b, m = np.arange(5.0), np.linspace(1, 2, 5), np.array([[2.0, 1.0], [1.0, 3.0]])
+c, d, e = probe(a, b, m)
+assert np.allclose(c, np.correlate(a, b)) and np.isclose(d, a @ b) and np.allclose(e, np.eye(2))
+print(arraymath._HAVE_BLAS, "scipy.linalg" in sys.modules)
+"""
+
+
+def _numba_probe(tmp_path, run: str) -> list[str]:
+    """The lines the probe printed, in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", _NUMBA_PROBE.format(run=run), str(tmp_path)],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.splitlines()
+
+
+def test_numba_starts_without_scipy_linalg_in_the_command_line(tmp_path):
+    # `rcnn propose` runs selective search's kernels with numba's BLAS check skipped (0.26 s
+    # of scipy.linalg's import per process); np.correlate, np.dot and np.linalg still work
+    run = ("d = sys.argv[1]\n"
+           "sys.argv = ['rcnn', 'propose', d + '/img', '-o', d + '/p', '-q']\n"
+           "from rcnn_cli.cli import main\n"
+           "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+           "assert os.path.isfile(d + '/p/a.png.npz')\n"
+           "seen = 'scipy.linalg' in sys.modules\n"
+           "print('before', seen)")
+    lines = _numba_probe(tmp_path, run)
+    assert "before False" in lines  # the whole command ran without scipy.linalg
+    assert lines[-1] == "False True"  # no BLAS for np.correlate; np.linalg loaded it later
+
+
+def test_numba_blas_check_is_untouched_for_library_users(tmp_path):
+    # importing rcnn_cli as a library leaves numba's start-up as numba does it
+    run = ("from rcnn_cli.proposals import selective_search\n"
+           "selective_search(cv2.imread(sys.argv[1] + '/img/a.png'))")
+    assert _numba_probe(tmp_path, run)[-1] == "True True"
 
 
 @pytest.mark.slow

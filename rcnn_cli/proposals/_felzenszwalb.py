@@ -22,6 +22,10 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
+from .._numba_blas import defer_blas_check
+
+defer_blas_check()  # before numba's first compile or cache load: see that module
+
 #: Smoothing used by Uijlings et al. (selective search) for every Felzenszwalb call.
 FH_SIGMA = 0.8
 #: Edge weights are bucketed at 1/16 intensity level for the O(E) counting sort.

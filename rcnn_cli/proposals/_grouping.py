@@ -18,6 +18,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .._numba_blas import defer_blas_check
+
+defer_blas_check()  # before numba's first compile or cache load: see that module
+
 #: Uijlings et al. section 3.2: 25 colour bins per channel, 10 texture bins per orientation
 #: per channel, 8 orientations of Gaussian derivatives with sigma = 1.
 COLOUR_BINS = 25
