@@ -409,13 +409,15 @@ def detect_folder(inputs: list[str | Path], model_dir: str | Path, out: str | Pa
     # inputs checked: the workers import torch beside this process
     searches = (not dense and upstream is None
                 and model.proposal_settings.get("method") == "selective_search")
-    start_pool(cfg, "detect", selective_search=searches,
-               grid_kernel=not dense and _grid_tap(kwargs))
     # a CPU pool of selective-search processes: the features' key without torch here, so
-    # this process makes proposals while the pool starts instead of loading the backbone
+    # this process makes proposals while the pool starts instead of loading the backbone,
+    # and the pool's server loads model and backbone once for its workers
     helping = (searches and cfg["common"]["executor"] == "local"
                and cfg["common"]["workers"] > 1)
     key["features"] = cpu_feature_settings(kwargs) if helping else None
+    start_pool(cfg, "detect", selective_search=searches,
+               grid_kernel=not dense and _grid_tap(kwargs),
+               detector=None if key["features"] is None else (str(model_dir), kwargs))
     if key["features"] is None:
         helping = False
         ext = get_extractor(kwargs)  # load once here: fails early on missing weights

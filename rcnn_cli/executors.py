@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
@@ -202,7 +202,7 @@ def _cannot_run(e: BaseException) -> ExecutorError:
 
 
 # ------------------------------------------------------------------ the driver side
-def start_local_pool(preload: Sequence[str]) -> bool:
+def start_local_pool(preload: Sequence[str], env: Mapping[str, str] | None = None) -> bool:
     """Start the local pool's forkserver now, importing ``preload`` in it, while this process
     goes on with its own start-up; False where there is no forkserver (Windows).
 
@@ -216,6 +216,8 @@ def start_local_pool(preload: Sequence[str]) -> bool:
     starts one per process); ``__main__`` stays preloaded, as multiprocessing's default;
     :mod:`rcnn_cli._forkserver_limit` comes first (one thread per library, so the server
     forks with no thread pool running) and :mod:`rcnn_cli._forkserver_freeze` last.
+    ``env``: variables the server starts with (and this process does not keep), for its
+    preloaded modules (:mod:`rcnn_cli._pool_detector`).
     """
     if sys.platform == "win32":
         return False
@@ -223,7 +225,16 @@ def start_local_pool(preload: Sequence[str]) -> bool:
 
     mp.get_context("forkserver").set_forkserver_preload(
         ["rcnn_cli._forkserver_limit", "__main__", *preload, "rcnn_cli._forkserver_freeze"])
-    forkserver.ensure_running()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        forkserver.ensure_running()  # the server is spawned here, with this environment
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 

@@ -113,7 +113,8 @@ POOL_PRELOAD = {
 
 
 def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
-               selective_search: bool = True, grid_kernel: bool = True) -> None:
+               selective_search: bool = True, grid_kernel: bool = True,
+               detector: tuple[str, Mapping[str, Any]] | None = None) -> None:
     """Start the local pool's forkserver now when ``stage`` will run in one (local executor,
     more than ``1`` of ``workers``, default ``cfg``'s). Called once the inputs are checked
     and before this process imports torch, so that the server's imports overlap its own
@@ -122,7 +123,10 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
     run none (sliding windows, precomputed or dense boxes), so it is not warmed;
     ``grid_kernel=False``: their features need no summed-area kernel (another tap, dense
     windows), so :mod:`rcnn_cli._gridpool` is not loaded (0.9-1.3 s of numba's machinery
-    where selective search is not warmed, 0.02 s where it is)."""
+    where selective search is not warmed, 0.02 s where it is). ``detector``: (model folder,
+    extractor arguments) of ``rcnn detect`` on the CPU, which the server loads and builds
+    once for every worker (:mod:`rcnn_cli._pool_detector`); only where no CUDA device can be
+    there (a server that started CUDA could not fork safely)."""
     # extract on a GPU runs in one process (:func:`execution`); detect's pool feeds the GPU
     device = "cuda" if stage == "extract" and cfg["common"]["device"].startswith("cuda") else "cpu"
     n = execution(cfg, device)["workers"] if workers is None else workers
@@ -136,7 +140,14 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
         preload = tuple(m for m in preload if m != "rcnn_cli.proposals._warm")
     if not grid_kernel:
         preload = tuple(m for m in preload if m != "rcnn_cli._gridpool")
-    start_local_pool(preload)
+    env = None
+    if detector is not None:
+        from rcnn_cli._pool_detector import ENV
+
+        preload = (*preload, "rcnn_cli._pool_detector")
+        env = {ENV: json.dumps({"model_dir": detector[0], "extractor_kwargs": detector[1]},
+                               default=str)}
+    start_local_pool(preload, env)
 
 
 #: `rcnn propose` and `rcnn detect` without ``--workers`` (nor ``[common] workers`` in a config

@@ -587,6 +587,39 @@ def test_torch_free_feature_settings_are_the_extractors(tmp_path, monkeypatch):
     assert cpu_feature_settings(dict(backbone="mobilenet_v2", device="cpu")) is None
 
 
+def test_pool_server_preloads_the_detector_its_workers_use(chain, monkeypatch):
+    """rcnn_cli._pool_detector (imported by the pool's server) loads the bundle and builds
+    the extractor named in its environment into the caches a worker's detect_one reads, under
+    the same keys, so a worker forked from it builds nothing; without the variable, or with
+    a bundle that does not load, it does nothing and never raises."""
+    import json
+
+    import rcnn_cli._pool_detector as P
+    import rcnn_cli.detect as D
+    import rcnn_cli.stages as S
+
+    root, _ = chain
+    model_dir = str(root / "model")
+    kwargs = D.model_extractor_kwargs(D._get_model(model_dir), model_dir, "cpu")
+    monkeypatch.setattr(D, "_MODELS", {})
+    monkeypatch.setattr(S, "_EXTRACTORS", {})
+    monkeypatch.setenv(P.ENV, json.dumps({"model_dir": model_dir, "extractor_kwargs": kwargs},
+                                         default=str))
+    assert P.preload() is True
+    assert P.ENV not in os.environ  # the server's own workers do not see it
+    model, ext = D._MODELS[model_dir], next(iter(S._EXTRACTORS.values()))
+    built = []
+    monkeypatch.setattr("rcnn_cli.features.FeatureExtractor.__init__",
+                        lambda *a, **k: built.append(1))
+    assert D._get_model(model_dir) is model and S.get_extractor(kwargs) is ext and not built
+    assert P.preload() is False  # nothing named
+    monkeypatch.setenv(P.ENV, json.dumps({"model_dir": str(root / "nope"),
+                                          "extractor_kwargs": kwargs}))
+    assert P.preload() is False
+    monkeypatch.setenv(P.ENV, "{not json")
+    assert P.preload() is False
+
+
 def test_detect_one_rechecks_the_drivers_proposals_and_its_key(chain, tmp_path):
     """A worker given the driver's proposals for a file that changed since uses its own; a
     store keyed by other feature settings than the worker's extractor is refused (a key

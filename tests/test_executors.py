@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import struct
 import subprocess
@@ -360,9 +361,9 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     from rcnn_cli.cli import cli
     from rcnn_cli.stages import POOL_PRELOAD
 
-    calls = []
-    monkeypatch.setattr(executors, "start_local_pool",
-                        lambda preload: calls.append(tuple(preload)) or True)
+    calls, envs = [], []
+    monkeypatch.setattr(executors, "start_local_pool", lambda preload, env=None: calls.append(
+        tuple(preload)) or envs.append(env) or True)
 
     def stop(*a, **k):
         raise SystemExit(0)
@@ -376,7 +377,8 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     monkeypatch.setattr(detect, "model_detect_settings", lambda *a: detect.DetectSettings())
     monkeypatch.setattr(detect, "model_extractor_kwargs", lambda *a: {"tap": "grid"})
     monkeypatch.setattr(detect, "get_extractor", stop)
-    monkeypatch.setattr(detect, "cpu_feature_settings", stop)  # the pool driver's key
+    # the pool driver's key without torch: none here, so the driver loads the backbone
+    monkeypatch.setattr(detect, "cpu_feature_settings", lambda kw: None)
     monkeypatch.setattr(demo, "run_demo", stop)
     monkeypatch.setattr(demo, "demo_workers", lambda: 2)
     imgs = synthetic_folder(tmp_path / "imgs", n=1)
@@ -427,6 +429,20 @@ def test_stages_start_the_pool_server_with_their_modules_after_checking_inputs(m
     res = CliRunner().invoke(cli, [*det, "--workers", "2", "--dense"])
     assert res.exit_code == 0, res.output
     assert calls == [tuple(m for m in POOL_PRELOAD["detect"] if m not in (warm, grid))]
+    # the driver keys the store without torch: the server also loads model and backbone
+    # once for its workers, named in its environment only
+    monkeypatch.setattr(detect, "cpu_feature_settings", lambda kw: {"k": 1})
+    monkeypatch.setattr(detect, "StageStore", stop)
+    model.proposal_settings = {"method": "selective_search"}
+    calls.clear()
+    envs.clear()
+    assert CliRunner().invoke(cli, [*det, "--workers", "2"]).exit_code == 0
+    assert calls == [(*POOL_PRELOAD["detect"], "rcnn_cli._pool_detector")]
+    assert json.loads(envs[0]["RCNN_CLI_POOL_DETECTOR"]) == {
+        "model_dir": str(tmp_path / "model"), "extractor_kwargs": {"tap": "grid"}}
+    calls.clear()
+    assert CliRunner().invoke(cli, [*det, "--workers", "2", "--dense"]).exit_code == 0
+    assert "rcnn_cli._pool_detector" not in calls[0]  # dense windows: no driver's key
     # an input refused first: no server (the output folder is an input folder here)
     calls.clear()
     res = CliRunner().invoke(cli, ["propose", str(imgs), "-o", str(imgs), "--workers", "2"])
