@@ -5,8 +5,8 @@ once, so that every worker forked from the server starts with them.
 Each worker otherwise loads the bundle and builds the backbone itself when its first image
 arrives (torchvision's constructor, the ImageNet weights' hash and load, batch-norm folding,
 fused convolutions): 0.25-0.45 s of CPU per worker here, on the cores that the images need.
-The driver names the bundle and the extractor's arguments in :data:`ENV`, for the server
-only; the worker's :func:`rcnn_cli.detect._get_model` and
+The driver names the bundle and the extractor's arguments in
+:data:`rcnn_cli.stages.POOL_DETECTOR_ENV`, for the server only; the worker's :func:`rcnn_cli.detect._get_model` and
 :func:`rcnn_cli.stages.get_extractor` then find them in their per-process caches, under the
 same keys. The server builds on the CPU only (the driver asks for it where no CUDA device can
 be there: forking a process that has started CUDA is not safe), with one thread
@@ -19,22 +19,20 @@ import json
 import logging
 import os
 
-log = logging.getLogger("rcnn_cli.detect")
+from rcnn_cli.stages import POOL_DETECTOR_ENV as ENV
+from rcnn_cli.stages import get_extractor
 
-#: The environment variable the driver sets while the server starts: JSON
-#: ``{"model_dir": str, "extractor_kwargs": {...}}``.
-ENV = "RCNN_CLI_POOL_DETECTOR"
+log = logging.getLogger("rcnn_cli.detect")
 
 
 def preload() -> bool:
-    """Load the bundle and build the extractor that :data:`ENV` names; False (logged) if
-    there is none or it failed."""
+    """Load the bundle and build the extractor that the variable ``ENV`` names; False
+    (logged) if there is none or it failed."""
     spec = os.environ.pop(ENV, None)
     if not spec:
         return False
     try:
         from rcnn_cli.detect import _get_model
-        from rcnn_cli.stages import get_extractor
 
         spec = json.loads(spec)
         _get_model(spec["model_dir"])

@@ -112,6 +112,12 @@ POOL_PRELOAD = {
 }
 
 
+#: The environment variable naming, for :mod:`rcnn_cli._pool_detector` in the pool's server,
+#: the model bundle and extractor arguments of ``rcnn detect``: JSON ``{"model_dir": str,
+#: "extractor_kwargs": {...}}``.
+POOL_DETECTOR_ENV = "RCNN_CLI_POOL_DETECTOR"
+
+
 def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
                selective_search: bool = True, grid_kernel: bool = True,
                detector: tuple[str, Mapping[str, Any]] | None = None) -> None:
@@ -142,10 +148,8 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
         preload = tuple(m for m in preload if m != "rcnn_cli._gridpool")
     env = None
     if detector is not None:
-        from rcnn_cli._pool_detector import ENV
-
         preload = (*preload, "rcnn_cli._pool_detector")
-        env = {ENV: json.dumps({"model_dir": detector[0], "extractor_kwargs": detector[1]},
+        env = {POOL_DETECTOR_ENV: json.dumps({"model_dir": detector[0], "extractor_kwargs": detector[1]},
                                default=str)}
     start_local_pool(preload, env)
 
