@@ -253,13 +253,15 @@ def detect_one(item: ImageItem, store: StageStore, model_dir: str,
             prepared = None  # the file changed since the driver proposed: propose again
     else:
         source, img = prepared["source"], prepared["image"]
+    t_load = time.perf_counter()
     model = _get_model(model_dir)
     ext = get_extractor(extractor_kwargs)
     if store.settings.get("features") not in (None, ext.settings()):  # keyed without torch
         raise RuntimeError(f"the detect store is keyed by features {store.settings['features']}"
                            f" but the backbone loaded gives {ext.settings()} (a bug: please "
                            "report it; --workers 1 avoids it)")
-    times = {"decode": time.perf_counter() - t0} if decoded else {}
+    times = {"decode": t_load - t0} if decoded else {}
+    times["load"] = time.perf_counter() - t_load  # model and backbone: once per process
     props, up_id = None if prepared is None else prepared["proposals"], None
     if upstream is not None:
         t1 = time.perf_counter()

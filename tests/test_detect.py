@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -620,7 +621,7 @@ def test_pool_server_preloads_the_detector_its_workers_use(chain, monkeypatch):
     assert P.preload() is False
 
 
-def test_detect_one_rechecks_the_drivers_proposals_and_its_key(chain, tmp_path):
+def test_detect_one_rechecks_the_drivers_proposals_and_its_key(chain, tmp_path, monkeypatch):
     """A worker given the driver's proposals for a file that changed since uses its own; a
     store keyed by other feature settings than the worker's extractor is refused (a key
     computed without torch that drifted from the extractor's must not mix results)."""
@@ -639,12 +640,22 @@ def test_detect_one_rechecks_the_drivers_proposals_and_its_key(chain, tmp_path):
     settings = DetectSettings()
     key = {"features": ext.settings()}
 
+    times = []
+
     def run(name, prepared=None, features=None):
         store = StageStore(tmp_path / name, "detect", {"features": features or key["features"]})
-        D.detect_one(item, store, str(root / "model"), kw, settings, None, prepared=prepared)
+        times.append(D.detect_one(item, store, str(root / "model"), kw, settings, None,
+                                  prepared=prepared)["times"])
         return store.load(item.rel)
 
     plain = run("plain")
+    # a slow model load is the "load" stage's, not the image's decode (it was counted in
+    # decode: 0.04 s / image of the 40-image run was the two workers' backbone loads)
+    real_get = D._get_model
+    monkeypatch.setattr(D, "_get_model", lambda d: time.sleep(0.3) or real_get(d))
+    run("slow_load")
+    assert times[-1]["load"] >= 0.3 > times[-1]["decode"], times[-1]
+    monkeypatch.setattr(D, "_get_model", real_get)
     stale = {"source": np.array([1, 2], np.int64), "proposals": np.zeros((0, 4), np.float32),
              "times": {"decode": 0.0, "proposals": 0.0}}  # made from another file
     again = run("stale", prepared=stale)
