@@ -306,7 +306,7 @@ def test_local_pool_workers_start_with_the_preloaded_modules_and_frozen_gc(tmp_p
     # code loaded by the warm-up) before running anything, the server's objects frozen and
     # its libraries on one thread.
     code = (
-        "import sys, gc, multiprocessing as mp\n"
+        "import os, sys, gc, multiprocessing as mp\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
         "from rcnn_cli import executors\n"
         "def probe(_):\n"
@@ -314,21 +314,23 @@ def test_local_pool_workers_start_with_the_preloaded_modules_and_frozen_gc(tmp_p
         "    from threadpoolctl import threadpool_info\n"
         "    one = max(p['num_threads'] for p in threadpool_info()) == 1 == cv2.getNumThreads()\n"
         "    return ('rcnn_cli.proposals._warm' in sys.modules, w.WARM,\n"
-        "            gc.get_freeze_count() > 0, one)\n"
+        "            gc.get_freeze_count() > 0, one, os.environ.get('RCNN_CLI_PROBE'))\n"
         "if __name__ == '__main__':\n"
         "    assert 'rcnn_cli.proposals._warm' not in sys.modules\n"
-        "    print(executors.start_local_pool(['rcnn_cli.proposals._warm']))\n"
+        "    print(executors.start_local_pool(['rcnn_cli.proposals._warm'],\n"
+        "                                     env={'RCNN_CLI_PROBE': 'server only'}))\n"
         "    with ProcessPoolExecutor(1, mp_context=mp.get_context('forkserver')) as p:\n"
         "        print(p.submit(probe, 0).result())\n"
-        "    print('rcnn_cli.proposals._warm' in sys.modules)\n")
+        "    print('rcnn_cli.proposals._warm' in sys.modules, 'RCNN_CLI_PROBE' in os.environ)\n")
     script = tmp_path / "probe.py"  # a file: the workers import its probe from __main__
     script.write_text(code)
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          check=True, timeout=300, env=env).stdout.split("\n")
     # the driver never imports the preload itself; the worker has it, warmed, frozen, and
-    # one-thread libraries from the server (which forked with no thread pool running)
-    assert out[:3] == ["True", "(True, True, True, True)", "False"]
+    # one-thread libraries from the server (which forked with no thread pool running); the
+    # server's environment variable reached it and did not stay in the driver's
+    assert out[:3] == ["True", "(True, True, True, True, 'server only')", "False False"]
 
 
 def test_selective_search_warm_up_never_raises(monkeypatch):
