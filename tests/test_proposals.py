@@ -150,6 +150,39 @@ def test_fh_segment_equals_the_textbook_union_find(k, min_size):
         np.testing.assert_array_equal(labels, ref)
 
 
+def test_fh_graph_reuses_its_threads_scratch_and_threads_do_not_share_it(monkeypatch):
+    # one thread's graphs come from the same scratch memory (no fresh pages per call), up to
+    # _SCRATCH_BYTES; each thread has its own, so selective search in threads (its kernels
+    # release the GIL) gives the boxes it gives alone
+    import threading
+
+    import rcnn_cli.proposals._felzenszwalb as F
+
+    a = F._smooth(textured_image(40, 50, seed=1), F.FH_SIGMA)
+    b = F._smooth(textured_image(30, 40, seed=2), F.FH_SIGMA)
+    first = [x.copy() for x in F._fh_graph(a)]
+    code_b, _ = F._fh_graph(b)
+    again = F._fh_graph(a)
+    assert np.shares_memory(code_b, again[0])  # the same scratch, smaller image first
+    for x, y in zip(first, again):
+        np.testing.assert_array_equal(x, y)
+    monkeypatch.setattr(F, "_SCRATCH_BYTES", 0)  # a graph larger than the bound: not kept
+    big = F._smooth(textured_image(60, 70, seed=3), F.FH_SIGMA)
+    assert not np.shares_memory(F._fh_graph(big)[0], F._fh_graph(big)[0])
+    monkeypatch.undo()
+    images = [textured_image(70 + 9 * i, 90, seed=i) for i in range(4)]
+    alone = [selective_search(im, max_side=None) for im in images]
+    together: dict[int, tuple] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(
+        i, selective_search(images[i], max_side=None))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        np.testing.assert_array_equal(together[i][0], alone[i][0])
+
+
 @pytest.mark.parametrize("bad, match", [
     (np.zeros((2, 3, 4, 5), np.uint8), r"image.*\(2, 3, 4, 5\)"),
     (np.zeros((0, 5), np.uint8), r"image.*\(0, 5\)"),

@@ -16,6 +16,7 @@ Differences from the reference (documented, tested):
 from __future__ import annotations
 
 import math
+import threading
 
 import cv2
 import numpy as np
@@ -90,11 +91,39 @@ _PIX_MASK = (1 << _DIR_SHIFT) - 1
 _DIRECTIONS = ((0, 1), (1, 0), (1, 1), (-1, 1))
 
 
-@njit(cache=True, nogil=True)
-def _fh_graph(img):
-    """Sorted 8-neighbour grid graph of smoothed float32 (H, W, C) ``img``.
+#: :func:`_fh_graph` keeps its scratch arrays per thread up to this many bytes (a 500-pixel
+#: image needs 15 MB) and allocates larger ones per call.
+_SCRATCH_BYTES = 64 << 20
+_scratch = threading.local()
 
-    Returns (code int32 (E,), weight float32 (E,)) in ascending weight order (counting sort
+
+def _fh_graph(img: NDArray[np.float32]) -> tuple[NDArray[np.int32], NDArray[np.float32]]:
+    """Sorted 8-neighbour grid graph of smoothed float32 (H, W, C) ``img``: (code, weight),
+    see :func:`_fh_graph_into`.
+
+    The arrays are views of this thread's scratch memory, valid until its next call. Reusing
+    it spares the pages a fresh 15 MB would fault in at every call (~2 500 faults, measured
+    at 12 ms of a 20 ms graph on this machine's VM; selective search 0.966-0.972x in all).
+    """
+    h, w = img.shape[:2]
+    cap = 4 * h * w
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None or len(bufs[0]) < cap:
+        bufs = (np.empty(cap, np.int32), np.empty(cap, np.float32), np.empty(cap, np.int32),
+                np.empty((cap, 2), np.int32))
+        if 20 * cap <= _SCRATCH_BYTES:
+            _scratch.bufs = bufs
+    return _fh_graph_into(img, *bufs)
+
+
+@njit(cache=True, nogil=True)
+def _fh_graph_into(img, code, ew, q, out):
+    """Sorted 8-neighbour grid graph of smoothed float32 (H, W, C) ``img``, made in the
+    scratch arrays ``code``, ``ew``, ``q`` (int32, float32, int32, at least 4 H W each) and
+    ``out`` (int32 (4 H W, 2)).
+
+    Returns (code int32 (E,), weight float32 (E,)), two views of ``out``, in ascending
+    weight order (counting sort
     on weights quantised by ``_WEIGHT_QUANT``; ties in raster order of the reference's
     edges, direction by direction). ``code & _PIX_MASK`` is the first end's pixel index and
     ``code >> _DIR_SHIFT`` the direction; :func:`_fh_segment` unpacks them.
@@ -109,10 +138,6 @@ def _fh_graph(img):
     planar = np.empty((c, h, w), np.float32)
     for ch in range(c):
         planar[ch] = img[:, :, ch]
-    cap = 4 * h * w
-    code = np.empty(cap, np.int32)
-    ew = np.empty(cap, np.float32)
-    q = np.empty(cap, np.int32)
     row = np.empty(w, np.float64)
     m = 0
     for d in range(4):
@@ -143,7 +168,7 @@ def _fh_graph(img):
     start[0] = 0
     for i in range(1, nb):
         start[i] = start[i - 1] + counts[0, i] + counts[1, i] + counts[2, i] + counts[3, i]
-    out = np.empty((m, 2), np.int32)
+    out = out[:m]
     out_w = out.view(np.float32)
     for e in range(m):
         j = start[q[e]]
