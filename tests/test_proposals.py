@@ -158,6 +158,7 @@ def test_fh_graph_reuses_its_threads_scratch_and_threads_do_not_share_it(monkeyp
 
     import rcnn_cli.proposals._felzenszwalb as F
 
+    F._scratch.__dict__.clear()  # whatever earlier tests left in this thread
     a = F._smooth(textured_image(40, 50, seed=1), F.FH_SIGMA)
     b = F._smooth(textured_image(30, 40, seed=2), F.FH_SIGMA)
     first = [x.copy() for x in F._fh_graph(a)]
@@ -167,6 +168,7 @@ def test_fh_graph_reuses_its_threads_scratch_and_threads_do_not_share_it(monkeyp
     for x, y in zip(first, again):
         np.testing.assert_array_equal(x, y)
     monkeypatch.setattr(F, "_SCRATCH_BYTES", 0)  # a graph larger than the bound: not kept
+    F._scratch.__dict__.clear()
     big = F._smooth(textured_image(60, 70, seed=3), F.FH_SIGMA)
     assert not np.shares_memory(F._fh_graph(big)[0], F._fh_graph(big)[0])
     monkeypatch.undo()
