@@ -4,11 +4,11 @@ once, so that every worker forked from the server starts with them.
 
 Each worker otherwise loads the bundle and builds the backbone itself when its first image
 arrives (torchvision's constructor, the ImageNet weights' hash and load, batch-norm folding,
-fused convolutions): 0.25-0.45 s of CPU per worker here, on the cores that the images need.
+fused convolutions): ~0.8 s of CPU per fresh worker here, on the cores that the images need.
 The driver names the bundle and the extractor's arguments in
-:data:`rcnn_cli.stages.POOL_DETECTOR_ENV`, for the server only; the worker's :func:`rcnn_cli.detect._get_model` and
-:func:`rcnn_cli.stages.get_extractor` then find them in their per-process caches, under the
-same keys. The server builds on the CPU only (the driver asks for it where no CUDA device can
+:data:`rcnn_cli.stages.POOL_DETECTOR_ENV`, for the server only; the worker's
+:func:`rcnn_cli.detect._get_model` and :func:`rcnn_cli.stages.get_extractor` then find them
+in their per-process caches, under the same keys. The server builds on the CPU only (the driver asks for it where no CUDA device can
 be there: forking a process that has started CUDA is not safe), with one thread
 (:mod:`rcnn_cli._forkserver_limit`). A failure here must not stop the server: it is logged
 and the workers build their own, as before.
@@ -43,4 +43,5 @@ def preload() -> bool:
         return False
 
 
+#: Whether the server has the detector (its workers then build nothing).
 PRELOADED = preload()
