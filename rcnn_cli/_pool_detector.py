@@ -8,9 +8,9 @@ fused convolutions): ~0.8 s of CPU per fresh worker here, on the cores that the 
 The driver names the bundle and the extractor's arguments in
 :data:`rcnn_cli.stages.POOL_DETECTOR_ENV`, for the server only; the worker's
 :func:`rcnn_cli.detect._get_model` and :func:`rcnn_cli.stages.get_extractor` then find them
-in their per-process caches, under the same keys. The server builds on the CPU only (the driver asks for it where no CUDA device can
-be there: forking a process that has started CUDA is not safe), with one thread
-(:mod:`rcnn_cli._forkserver_limit`). A failure here must not stop the server: it is logged
+in their per-process caches, under the same keys. The server builds on the CPU only (the
+driver asks for it where no CUDA device can be there: forking a process that has started
+CUDA is not safe), with one thread (:mod:`rcnn_cli._forkserver_limit`). A failure here must not stop the server: it is logged
 and the workers build their own, as before.
 """
 from __future__ import annotations
