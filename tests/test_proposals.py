@@ -257,6 +257,70 @@ def test_grouping_size_similarity_prefers_small_regions():
     assert out[4].tolist() == [0, 0, 5, 9]
 
 
+def _plain_grouping(sizes, boxes, colour, texture, pairs, use):
+    """Uijlings et al.'s grouping written plainly: merge the most similar adjacent pair (ties:
+    smaller ids), new region = size-weighted mean histograms. Returns the boxes in creation
+    order and how many neighbour pairs were ever formed (initial + after merges)."""
+    n = len(sizes)
+    size, box = list(sizes), [list(b) for b in boxes]
+    ch, th = list(colour), list(texture)
+    im_size = float(sum(sizes))
+    nbrs = {r: set() for r in range(n)}
+    for a, b in pairs.tolist():
+        nbrs[a].add(b)
+        nbrs[b].add(a)
+    formed = len(pairs)
+
+    def sim(a, b):
+        s = 0.0
+        if use[0]:
+            s += np.minimum(ch[a], ch[b]).astype(np.float64).sum()
+        if use[1]:
+            s += np.minimum(th[a], th[b]).astype(np.float64).sum()
+        if use[2]:
+            s += 1.0 - (size[a] + size[b]) / im_size
+        if use[3]:
+            bw = max(box[a][2], box[b][2]) - min(box[a][0], box[b][0]) + 1
+            bh = max(box[a][3], box[b][3]) - min(box[a][1], box[b][1]) + 1
+            s += 1.0 - (bw * bh - size[a] - size[b]) / im_size
+        return s
+
+    while any(nbrs.values()):
+        _, i, j = min((-sim(a, b), a, b) for a in nbrs for b in nbrs[a] if a < b)
+        t = len(size)
+        si, sj = size[i], size[j]
+        size.append(si + sj)
+        box.append([min(box[i][0], box[j][0]), min(box[i][1], box[j][1]),
+                    max(box[i][2], box[j][2]), max(box[i][3], box[j][3])])
+        wi, wj = si / (si + sj), sj / (si + sj)
+        ch.append((wi * ch[i] + wj * ch[j]).astype(np.float32))
+        th.append((wi * th[i] + wj * th[j]).astype(np.float32))
+        nbrs[t] = (nbrs.pop(i) | nbrs.pop(j)) - {i, j}
+        for x in nbrs[t]:
+            nbrs[x] -= {i, j}
+            nbrs[x].add(t)
+        formed += len(nbrs[t])
+    return np.array(box, np.int32), formed
+
+
+@pytest.mark.parametrize("use", [(True, True, True, True), (False, True, True, True),
+                                 (False, False, True, False), (False, False, False, True)])
+def test_grouping_equals_the_plain_algorithm_and_grows_its_arrays(use):
+    # the heap / linked-list core merges exactly what the plain algorithm merges, on a
+    # segmentation with enough merges that its neighbour lists outgrow their first capacity
+    # (4 P + 16 entries for P initial pairs): the merge loop's return to grow them runs too
+    from rcnn_cli.proposals.selective_search import _texture
+    img = textured_image(60, 80, seed=7)
+    labels, n = felzenszwalb(img, scale=20, min_size=5)
+    sizes, rboxes, colour, texture = region_features(labels, n, img, _texture(img), True, True)
+    pairs = adjacency(labels, n)
+    out = hierarchical_grouping(sizes, rboxes, colour, texture, pairs, *use)
+    ref, formed = _plain_grouping(sizes, rboxes, colour, texture, pairs, use)
+    assert 2 * formed > 4 * len(pairs) + 16
+    assert len(out) == 2 * n - 1 and n > 40
+    np.testing.assert_array_equal(out, ref)
+
+
 # ---------------------------------------------------------------- selective search
 @pytest.mark.parametrize("strategy", ["single", "fast"])
 def test_selective_search_finds_flat_rectangles(strategy):

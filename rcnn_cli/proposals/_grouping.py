@@ -167,8 +167,10 @@ def region_features(labels, n, cimg, tbins, need_colour, need_texture):
     boxes[:, 3] = -1
     ncol = c * COLOUR_BINS if need_colour else 1
     ntex = c * ORIENTATIONS * TEXTURE_BINS if need_texture else 1
-    colour = np.zeros((n, ncol), np.float32)
-    texture = np.zeros((n, ntex), np.float32)
+    # pixel counts in int32 (an integer add per pixel and bin, not a float one: 1.3x
+    # faster), divided once per region at the end: the same float32 histograms
+    ccount = np.zeros((n, ncol), np.int32)
+    tcount = np.zeros((n, ntex), np.int32)
     for y in range(h):
         for x in range(w):
             r = labels[y, x]
@@ -179,22 +181,24 @@ def region_features(labels, n, cimg, tbins, need_colour, need_texture):
             boxes[r, 3] = max(boxes[r, 3], y)
             if need_colour:
                 for ch in range(c):
-                    colour[r, ch * COLOUR_BINS + (cimg[y, x, ch] * COLOUR_BINS >> 8)] += 1.0
+                    ccount[r, ch * COLOUR_BINS + (cimg[y, x, ch] * COLOUR_BINS >> 8)] += 1
     if need_texture:
         lab = labels.reshape(h * w)
         for p in range(h * w):
             r = lab[p]
             for j in range(tbins.shape[0]):
-                texture[r, tbins[j, p]] += 1.0
+                tcount[r, tbins[j, p]] += 1
+    colour = np.zeros((n, ncol), np.float32)
+    texture = np.zeros((n, ntex), np.float32)
     for r in range(n):
         if need_colour:
             inv = 1.0 / (sizes[r] * c)
             for i in range(ncol):
-                colour[r, i] *= inv
+                colour[r, i] = ccount[r, i] * inv
         if need_texture:
             inv = 1.0 / (sizes[r] * c * ORIENTATIONS)
             for i in range(ntex):
-                texture[r, i] *= inv
+                texture[r, i] = tcount[r, i] * inv
     return sizes, boxes, colour, texture
 
 
@@ -312,9 +316,13 @@ def _sift_up(hk, hi, hj, pos):
 
 
 @njit(cache=True, nogil=True)
-def _grow(arr, used):
-    """A copy of 1-D ``arr`` with twice the capacity, keeping its first ``used`` items."""
-    out = np.empty(2 * arr.shape[0], arr.dtype)
+def _grow(arr, used, need):
+    """A copy of 1-D ``arr`` with room for at least ``need`` items (doubling), keeping its
+    first ``used`` items."""
+    cap = arr.shape[0]
+    while cap < need:
+        cap *= 2
+    out = np.empty(cap, arr.dtype)
     out[:used] = arr[:used]
     return out
 
@@ -332,6 +340,11 @@ def hierarchical_grouping(sizes, boxes, colour, texture, pairs, use_c, use_t, us
         int32 (M, 4) inclusive xmin, ymin, xmax, ymax of the ``n`` initial regions followed by
         each merged region in the order it was formed (M = 2n - 1 for a connected image);
         the last row is the root. Ties in similarity go to the pair with smaller ids.
+
+    The merges run in :func:`_merge_until_full`, which never reallocates: it returns when
+    the next merge might not fit the neighbour lists or the heap, and they grow here. (An
+    array reassigned inside the merge loop stopped LLVM from keeping its pointer and shape
+    in registers: the loop ran 1.8-2x slower.)
     """
     n = sizes.shape[0]
     cap = 2 * n - 1
@@ -351,8 +364,9 @@ def hierarchical_grouping(sizes, boxes, colour, texture, pairs, use_c, use_t, us
     npairs = pairs.shape[0]
     if n <= 1 or npairs == 0:
         return box[:n]
-    # neighbour lists as linked lists in one growable pool
+    # neighbour lists as linked lists in one growable pool; deg counts each list's entries
     head = np.full(cap, -1, np.int64)
+    deg = np.zeros(cap, np.int64)
     pval = np.empty(4 * npairs + 16, np.int64)
     pnext = np.empty(4 * npairs + 16, np.int64)
     # the heap of candidate merges: key -similarity, ids i < j; stale entries are skipped
@@ -368,6 +382,8 @@ def hierarchical_grouping(sizes, boxes, colour, texture, pairs, use_c, use_t, us
         pval[pn + 1] = a
         pnext[pn + 1] = head[b]
         head[b] = pn + 1
+        deg[a] += 1
+        deg[b] += 1
         pn += 2
         hk[p] = -_similarity(a, b, size, box, ch, th, use_c, use_t, use_s, use_f, im_size)
         hi[p] = a
@@ -377,8 +393,39 @@ def hierarchical_grouping(sizes, boxes, colour, texture, pairs, use_c, use_t, us
         _sift_down(hk, hi, hj, pos, hn)
     stamp = np.full(cap, -1, np.int64)
     t = n
+    while True:
+        hn, pn, t, need = _merge_until_full(hk, hi, hj, hn, head, deg, pval, pnext, pn, stamp,
+                                            alive, size, box, ch, th, use_c, use_t, use_s,
+                                            use_f, im_size, t)
+        if need == 0:
+            return box[:t]
+        # the next merge adds at most `need` neighbours: two list entries and one heap item each
+        if pn + 2 * need > pval.shape[0]:
+            pval = _grow(pval, pn, pn + 2 * need)
+            pnext = _grow(pnext, pn, pn + 2 * need)
+        if hn + need > hk.shape[0]:
+            hk = _grow(hk, hn, hn + need)
+            hi = _grow(hi, hn, hn + need)
+            hj = _grow(hj, hn, hn + need)
+
+
+@njit(cache=True, nogil=True)
+def _merge_until_full(hk, hi, hj, hn, head, deg, pval, pnext, pn, stamp, alive, size, box, ch,
+                      th, use_c, use_t, use_s, use_f, im_size, t):
+    """Run :func:`hierarchical_grouping`'s merges from region id ``t`` on.
+
+    Returns (hn, pn, t, need): the heap's and the list pool's new lengths, the next region
+    id, and 0 when the grouping is done, else the most neighbours the next merge can add
+    (``deg`` of its two regions) when that might not fit the arrays; nothing of that merge
+    has been done then.
+    """
+    cap = size.shape[0]
     while hn > 0 and t < cap:
         i, j = hi[0], hj[0]
+        if alive[i] and alive[j]:
+            need = deg[i] + deg[j]
+            if pn + 2 * need > pval.shape[0] or hn + need > hk.shape[0]:
+                return hn, pn, t, need
         hn -= 1
         hk[0], hi[0], hj[0] = hk[hn], hi[hn], hj[hn]
         _sift_down(hk, hi, hj, 0, hn)
@@ -411,20 +458,15 @@ def hierarchical_grouping(sizes, boxes, colour, texture, pairs, use_c, use_t, us
                 if not alive[x] or stamp[x] == t:
                     continue
                 stamp[x] = t
-                if pn + 2 > pval.shape[0]:
-                    pval = _grow(pval, pn)
-                    pnext = _grow(pnext, pn)
                 pval[pn] = x
                 pnext[pn] = head[t]
                 head[t] = pn
                 pval[pn + 1] = t
                 pnext[pn + 1] = head[x]
                 head[x] = pn + 1
+                deg[t] += 1
+                deg[x] += 1
                 pn += 2
-                if hn == hk.shape[0]:
-                    hk = _grow(hk, hn)
-                    hi = _grow(hi, hn)
-                    hj = _grow(hj, hn)
                 hk[hn] = -_similarity(x, t, size, box, ch, th, use_c, use_t, use_s, use_f,
                                       im_size)
                 hi[hn] = x
@@ -432,4 +474,4 @@ def hierarchical_grouping(sizes, boxes, colour, texture, pairs, use_c, use_t, us
                 _sift_up(hk, hi, hj, hn)
                 hn += 1
         t += 1
-    return box[:t]
+    return hn, pn, t, 0
