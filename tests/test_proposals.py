@@ -201,22 +201,55 @@ def test_felzenszwalb_rejects_bad_scale():
 
 
 # ---------------------------------------------------------------- grouping core
+def _orientation_bins(cols: np.ndarray, c: int) -> np.ndarray:
+    """texture_bins' paired columns (C * 4, H * W) -> the bin of each pixel, channel and
+    orientation (H * W, C, 8): of each opposite pair o, o + 4 one is 0."""
+    v = cols.astype(np.int64) - (np.arange(c * 4) * 20)[:, None]
+    assert ((v >= 0) & (v < 20)).all()
+    pos = np.where(v < 10, v, 0).reshape(c, 4, -1)
+    neg = np.where(v >= 10, v - 10, 0).reshape(c, 4, -1)
+    return np.concatenate([pos, neg], axis=1).transpose(2, 0, 1)
+
+
 def test_texture_bins_of_a_vertical_step_edge():
     from rcnn_cli.proposals.selective_search import _texture
 
     img = np.zeros((20, 20, 1), np.uint8)
     img[:, 10:] = 200  # dark -> bright from left to right: d/dx > 0, d/dy = 0
-    cols = _texture(img)  # histogram columns (ch * 8 + o) * 10 + bin, planar
-    assert cols.shape == (8, 400) and cols.dtype == np.uint8
-    offset = (np.arange(8) * 10)[:, None]
-    assert ((cols >= offset) & (cols < offset + 10)).all()
-    tb = (cols - offset).T.reshape(20, 20, 1, 8)  # bin per pixel, channel, orientation
+    cols = _texture(img)  # paired columns (ch * 4 + o) * 20 + b, planar
+    assert cols.shape == (4, 400) and cols.dtype == np.uint8
+    tb = _orientation_bins(cols, 1).reshape(20, 20, 1, 8)  # bin per pixel, channel, orientation
     assert tb[:, :, 0, 0].max() == 9 and (tb[:, 8:12, 0, 0] > 0).all()  # 0 degrees fires
     assert (tb[:, :6, 0, 0] == 0).all() and (tb[:, 14:, 0, 0] == 0).all()  # flat: nothing
     for o in (2, 4, 6):  # 90, 180, 270 degrees: no response
         assert (tb[:, :, 0, o] == 0).all(), o
     assert tb[:, :, 0, 1].max() > 0 and tb[:, :, 0, 7].max() > 0  # +-45 degrees see it too
     assert (tb[:, :, 0, 3] == 0).all() and (tb[:, :, 0, 5] == 0).all()
+
+
+def test_region_texture_histograms_count_every_orientation():
+    # one count per opposite pair and pixel gives the same histograms as counting each of the
+    # 8 orientations' bins (column (ch * 8 + o) * 10 + bin), and the colour ones are plain
+    from rcnn_cli.proposals.selective_search import _texture
+    img = textured_image(50, 70, seed=11)
+    labels, n = felzenszwalb(img, scale=30, min_size=10)
+    cols = _texture(img)
+    sizes, rboxes, colour, texture = region_features(labels, n, img, cols, True, True)
+    tb = _orientation_bins(cols, 3)  # (H * W, 3, 8)
+    lab = labels.ravel()
+    want = np.zeros((n, 240))
+    for ch in range(3):
+        for o in range(8):
+            np.add.at(want, (lab, (ch * 8 + o) * 10 + tb[:, ch, o]), 1)
+    np.testing.assert_array_equal(texture, (want / (sizes[:, None] * 24)).astype(np.float32))
+    want_c = np.zeros((n, 75))
+    for ch in range(3):
+        np.add.at(want_c, (lab, ch * 25 + img[:, :, ch].ravel().astype(int) * 25 // 256), 1)
+    np.testing.assert_array_equal(colour, (want_c / (sizes[:, None] * 3)).astype(np.float32))
+    assert sizes.tolist() == np.bincount(lab, minlength=n).tolist() and n > 10
+    for r in (0, n // 2, n - 1):
+        ys, xs = np.nonzero(labels == r)
+        assert rboxes[r].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
 
 
 def test_grouping_merges_most_similar_pair_first():
@@ -226,7 +259,7 @@ def test_grouping_merges_most_similar_pair_first():
     img[:, :10] = (200, 10, 10)
     img[:, 10:20] = (205, 10, 10)
     img[:, 20:] = (10, 10, 200)
-    tb = np.repeat(np.arange(24, dtype=np.uint8)[:, None] * 10, 300, 1)  # every bin 0
+    tb = np.repeat(np.arange(12, dtype=np.uint8)[:, None] * 20, 300, 1)  # every bin 0
     sizes, rboxes, colour, texture = region_features(labels, 3, img, tb, True, True)
     assert sizes.tolist() == [100, 100, 100]
     assert rboxes.tolist() == [[0, 0, 9, 9], [10, 0, 19, 9], [20, 0, 29, 9]]
@@ -249,7 +282,7 @@ def test_grouping_size_similarity_prefers_small_regions():
     labels[:, 4] = 1
     labels[:, 5] = 2
     img = np.zeros((10, 6, 3), np.uint8)
-    tb = np.zeros((24, 60), np.uint8)  # unused: no texture similarity
+    tb = np.zeros((12, 60), np.uint8)  # unused: no texture similarity
     sizes, rboxes, colour, texture = region_features(labels, 3, img, tb, False, False)
     pairs = adjacency(labels, 3)
     out = hierarchical_grouping(sizes, rboxes, colour, texture, pairs, False, False, True, False)
