@@ -150,6 +150,25 @@ def test_fh_segment_equals_the_textbook_union_find(k, min_size):
         np.testing.assert_array_equal(labels, ref)
 
 
+def test_fh_component_sizes_stay_exact_beyond_float32(monkeypatch):
+    # from 2^24 pixels (an image over 16.7 MP with max_side 0) a float32 size would stop
+    # counting: 2^24 + 1 rounds to 2^24. There the per-root records are float64, with the
+    # thresholds still rounded to float32, so the labels are the same as with float32 records
+    import rcnn_cli.proposals._felzenszwalb as F
+    assert np.float32(1 << 24) + np.float32(1) == np.float32(1 << 24)
+    root, rec = np.arange(2, dtype=np.int32), np.array([[50, 1 << 24], [50, 1]], np.float64)
+    nxt = root.copy()
+    assert F._absorb(root, nxt, rec, 1, 0) == 0  # the larger one is kept, either order
+    assert rec[0, 1] == (1 << 24) + 1 and root.tolist() == [0, 0] and nxt.tolist() == [1, 0]
+    img = textured_image(37, 53, seed=5)
+    code, weight = F._fh_graph(F._smooth(img, F.FH_SIGMA))
+    small = F._fh_segment(code, weight, 37, 53, 50.0, 50)
+    monkeypatch.setattr(F, "_F32_EXACT", 100)  # this image takes the float64 path
+    wide = F._fh_segment(code, weight, 37, 53, 50.0, 50)
+    assert small[1] == wide[1] > 1
+    np.testing.assert_array_equal(small[0], wide[0])
+
+
 def test_fh_graph_reuses_its_threads_scratch_and_threads_do_not_share_it(monkeypatch):
     # one thread's graphs come from the same scratch memory (no fresh pages per call), up to
     # _SCRATCH_BYTES; each thread has its own, so selective search in threads (its kernels

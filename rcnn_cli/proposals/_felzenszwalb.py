@@ -209,7 +209,8 @@ def _absorb(root, nxt, rec, a, b):
     """Join components ``a`` and ``b`` (roots) of the quick-find forest; returns the root.
 
     ``root[p]`` is the component of pixel p, ``nxt`` links each component's pixels in a
-    circle and ``rec[r, 1]`` counts them at the root r (float32, exact below 2^24 pixels).
+    circle and ``rec[r, 1]`` counts them at the root r (float32 exactly below 2^24 pixels,
+    float64 from there on: :func:`_fh_segment`).
     The smaller component's pixels are relabelled (a pixel moves O(log n) times at most)
     and the two circles spliced.
     """
@@ -231,11 +232,27 @@ def _absorb(root, nxt, rec, a, b):
     return a
 
 
-@njit(cache=True, nogil=True)
-def _fh_segment(sc, sw, h, w, k, min_size):
+#: Below this many pixels a float32 counts every component's size exactly (2^24).
+_F32_EXACT = 1 << 24
+
+
+def _fh_segment(sc: NDArray[np.int32], sw: NDArray[np.float32], h: int, w: int, k: float,
+                min_size: int) -> tuple[NDArray[np.int32], int]:
     """Segment the sorted graph (``_fh_graph``) of an (h, w) image at scale ``k``.
 
-    Returns (labels int32 (h, w), n): contiguous labels numbered in raster order.
+    Returns (labels int32 (h, w), n): contiguous labels numbered in raster order
+    (:func:`_fh_segment_into`, with its per-root records in float32, or in float64 from
+    2^24 pixels on, where a float32 size would stop counting).
+    """
+    dtype = np.float32 if h * w < _F32_EXACT else np.float64
+    return _fh_segment_into(sc, sw, h, w, k, min_size, dtype)
+
+
+@njit(cache=True, nogil=True)
+def _fh_segment_into(sc, sw, h, w, k, min_size, dtype):
+    """:func:`_fh_segment` with per-root records ``rec`` of ``dtype`` (float32 or float64): a
+    root's threshold Int(C) + k / |C| (rounded to float32, as the reference's ``float``)
+    and size |C|.
 
     Components are kept by quick-find (each pixel holds its component, :func:`_absorb`):
     an edge's test is two independent loads instead of two pointer chases, and the joins
@@ -258,8 +275,8 @@ def _fh_segment(sc, sw, h, w, k, min_size):
     off = np.array([1, w, w + 1, 1 - w], np.int32)  # pixel offset of each direction
     root = np.arange(n).astype(np.int32)
     nxt = root.copy()
-    rec = np.empty((n, 2), np.float32)  # at a root: Int(C) + k / |C|, and |C|
-    rec[:, 0] = k
+    rec = np.empty((n, 2), dtype)
+    rec[:, 0] = np.float32(k)  # at a root: Int(C) + k / |C|, and |C|
     rec[:, 1] = 1.0
     # codes of the edges the first pass did not join while one end's component was smaller
     # than min_size: where both were large, both stay large, and the second pass skips them
@@ -287,7 +304,7 @@ def _fh_segment(sc, sw, h, w, k, min_size):
             wt = cand_w[i]
             if wt <= rec[a, 0] and wt <= rec[b, 0]:
                 a = _absorb(root, nxt, rec, a, b)
-                rec[a, 0] = wt + k / rec[a, 1]
+                rec[a, 0] = np.float32(wt + k / rec[a, 1])
             else:
                 rejected[nrej] = c
                 nrej += np.int64((rec[a, 1] < small) | (rec[b, 1] < small))
