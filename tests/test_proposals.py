@@ -309,6 +309,24 @@ def test_grouping_size_similarity_prefers_small_regions():
     assert out[4].tolist() == [0, 0, 5, 9]
 
 
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 200])
+def test_adjacency_bit_matrix_equals_the_sorted_keys(monkeypatch, n):
+    # up to _BITMAP_REGIONS regions the pairs come from an n x n bit matrix, beyond from a
+    # sort of their keys: the same sorted pairs (word edges at 64 regions included)
+    import rcnn_cli.proposals._grouping as G
+    labels = np.random.default_rng(n).integers(0, n, (19, 23)).astype(np.int32)
+    labels[0, :2] = (0, n - 1)  # the first and last region touch
+    bits = G.adjacency(labels, n)
+    monkeypatch.setattr(G, "_BITMAP_REGIONS", 0)
+    keys = G.adjacency(labels, n)
+    want = sorted({(min(a, b), max(a, b)) for a, b in
+                   [*zip(labels[:, :-1].ravel(), labels[:, 1:].ravel()),
+                    *zip(labels[:-1].ravel(), labels[1:].ravel())] if a != b})
+    assert bits.dtype == keys.dtype == np.int64 and bits.shape == (len(want), 2)
+    assert bits.tolist() == keys.tolist() == [list(p) for p in want]
+    assert n == 1 or (0, n - 1) in want
+
+
 def _plain_grouping(sizes, boxes, colour, texture, pairs, use):
     """Uijlings et al.'s grouping written plainly: merge the most similar adjacent pair (ties:
     smaller ids), new region = size-weighted mean histograms. Returns the boxes in creation

@@ -220,10 +220,59 @@ def region_features(labels, n, cimg, tbins, need_colour, need_texture):
     return sizes, boxes, colour, texture
 
 
+#: :func:`adjacency` marks touching pairs in an n x n bit matrix up to this many regions
+#: (2 MB); more regions take a sort of the pairs' keys.
+_BITMAP_REGIONS = 4096
+
+
 def adjacency(labels, n):
-    """Unique pairs (P, 2) int64 ``a < b`` of regions that touch (4-connectivity)."""
+    """Unique pairs (P, 2) int64 ``a < b`` of regions that touch (4-connectivity), sorted."""
+    if n <= _BITMAP_REGIONS:
+        return _adjacency_bitmap(labels, n)
     keys = np.unique(_adjacency_keys(labels, n))
     return np.stack([keys // n, keys % n], axis=1)
+
+
+@njit(cache=True, nogil=True)
+def _adjacency_bitmap(labels, n):
+    """:func:`adjacency` through an n x n bit matrix: one bit set per touching pixel pair,
+    then the set bits read out row by row (0.57 -> 0.33 ms for raccoon's ~420 regions)."""
+    h, w = labels.shape
+    words = (n + 63) >> 6
+    bits = np.zeros((n, words), np.uint64)
+    one = np.uint64(1)
+    for y in range(h):
+        for x in range(w):
+            a = labels[y, x]
+            if x + 1 < w and labels[y, x + 1] != a:
+                b = labels[y, x + 1]
+                lo, hi = min(a, b), max(a, b)
+                bits[lo, hi >> 6] |= one << np.uint64(hi & 63)
+            if y + 1 < h and labels[y + 1, x] != a:
+                b = labels[y + 1, x]
+                lo, hi = min(a, b), max(a, b)
+                bits[lo, hi >> 6] |= one << np.uint64(hi & 63)
+    count = 0
+    for a in range(n):
+        for i in range(words):
+            v = bits[a, i]
+            while v:
+                v &= v - one
+                count += 1
+    pairs = np.empty((count, 2), np.int64)
+    p = 0
+    for a in range(n):
+        for i in range(words):
+            v = bits[a, i]
+            j = 0
+            while v:
+                if v & one:
+                    pairs[p, 0] = a
+                    pairs[p, 1] = i * 64 + j
+                    p += 1
+                v >>= one
+                j += 1
+    return pairs
 
 
 @njit(cache=True, nogil=True)
