@@ -10,8 +10,8 @@ The driver names the bundle and the extractor's arguments in
 :func:`rcnn_cli.detect._get_model` and :func:`rcnn_cli.stages.get_extractor` then find them
 in their per-process caches, under the same keys. The server builds on the CPU only (the
 driver asks for it where no CUDA device can be there: forking a process that has started
-CUDA is not safe), with one thread (:mod:`rcnn_cli._forkserver_limit`). A failure here must not stop the server: it is logged
-and the workers build their own, as before.
+CUDA is not safe), with one thread (:mod:`rcnn_cli._forkserver_limit`). A failure here
+must not stop the server: it is logged and the workers build their own, as before.
 """
 from __future__ import annotations
 

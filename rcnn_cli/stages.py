@@ -149,8 +149,8 @@ def start_pool(cfg: Mapping[str, Any], stage: str, workers: int | None = None,
     env = None
     if detector is not None:
         preload = (*preload, "rcnn_cli._pool_detector")
-        env = {POOL_DETECTOR_ENV: json.dumps({"model_dir": detector[0], "extractor_kwargs": detector[1]},
-                               default=str)}
+        spec = {"model_dir": detector[0], "extractor_kwargs": detector[1]}
+        env = {POOL_DETECTOR_ENV: json.dumps(spec, default=str)}
     start_local_pool(preload, env)
 
 

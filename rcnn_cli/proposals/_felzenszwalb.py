@@ -123,9 +123,8 @@ def _fh_graph_into(img, code, ew, q, out):
     ``out`` (int32 (4 H W, 2)).
 
     Returns (code int32 (E,), weight float32 (E,)), two views of ``out``, in ascending
-    weight order (counting sort
-    on weights quantised by ``_WEIGHT_QUANT``; ties in raster order of the reference's
-    edges, direction by direction). ``code & _PIX_MASK`` is the first end's pixel index and
+    weight order (counting sort on weights quantised by ``_WEIGHT_QUANT``; ties in raster
+    order of the reference's edges, direction by direction). ``code & _PIX_MASK`` is the first end's pixel index and
     ``code >> _DIR_SHIFT`` the direction; :func:`_fh_segment` unpacks them.
     The graph does not depend on ``k``, so one graph serves every scale.
 

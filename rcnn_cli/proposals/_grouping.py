@@ -236,7 +236,8 @@ def adjacency(labels, n):
 @njit(cache=True, nogil=True)
 def _adjacency_bitmap(labels, n):
     """:func:`adjacency` through an n x n bit matrix: one bit set per touching pixel pair,
-    then the set bits read out row by row (0.57 -> 0.33 ms for raccoon's ~420 regions)."""
+    then the set bits read out row by row (0.57 -> 0.33 ms for raccoon's ~420 regions; read
+    out by ``np.unpackbits`` and ``np.nonzero`` instead, whose n^2 bytes cost more: 1.0 ms)."""
     h, w = labels.shape
     words = (n + 63) >> 6
     bits = np.zeros((n, words), np.uint64)
