@@ -246,6 +246,98 @@ def test_texture_bins_of_a_vertical_step_edge():
     assert (tb[:, :, 0, 3] == 0).all() and (tb[:, :, 0, 5] == 0).all()
 
 
+def _texture_reference(gx, gy, bound):
+    """texture_bins written plainly in numpy (every orientation's maximum computed, the
+    quantile from the whole fine histogram): the scales (C, 4, 2) of each orientation pair's
+    positive and negative part, the bins per pixel, channel and orientation (H * W, C, 8),
+    and for each pair and sign whether the quantile's bin lay two bins below the largest
+    response's."""
+    from rcnn_cli.proposals._grouping import _QUANTILE_BINS as nb
+    c = gx.shape[0]
+    fx, fy = gx.reshape(c, -1), gy.reshape(c, -1)
+    npx = fx.shape[1]
+    cs = np.array([1.0, 0.70710678, 0.0, -0.70710678], np.float32)
+    sn = np.array([0.0, 0.70710678, 1.0, 0.70710678], np.float32)
+    fine = np.float32((nb - 1) / bound)
+    scales = np.zeros((c, 4, 2), np.float32)
+    bins = np.zeros((npx, c, 8), np.int64)
+    far = []
+    for ch in range(c):
+        for o in range(4):
+            d = cs[o] * fx[ch] + sn[o] * fy[ch]  # float32 throughout, as the kernel
+            parts = (np.maximum(d, 0), np.maximum(-d, 0))
+            for k, part in enumerate(parts):
+                top = float(part.max())
+                if top > 0:
+                    b = np.minimum((part * fine).astype(np.int32), nb - 1)
+                    i = int(np.argmax(np.cumsum(np.bincount(b, minlength=nb)) >= 0.99 * npx))
+                    far.append(0 < i < b.max() - 1)
+                    if i > 0:
+                        top = min((i + 1) / float(fine), top)
+                    scales[ch, o, k] = np.float32(10 / top)
+                bins[:, ch, o + 4 * k] = np.minimum((part * scales[ch, o, k]).astype(np.int32), 9)
+    return scales, bins, far
+
+
+def _derivatives(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Planar float32 x and y Gaussian derivatives of a uint8 (H, W, C) image, as _texture."""
+    import cv2
+
+    from rcnn_cli.proposals.selective_search import TEXTURE_SIGMA
+    x = np.arange(-3, 4, dtype=np.float32)
+    g = np.exp(-x * x / (2 * TEXTURE_SIGMA ** 2))
+    g /= g.sum()
+    dg = x / TEXTURE_SIGMA ** 2 * g
+    c = img.shape[2]
+    gx = np.empty((c, *img.shape[:2]), np.float32)
+    gy = np.empty_like(gx)
+    for i in range(c):
+        ch = img[:, :, i].astype(np.float32)
+        gx[i] = cv2.sepFilter2D(ch, cv2.CV_32F, dg, g, borderType=cv2.BORDER_REPLICATE)
+        gy[i] = cv2.sepFilter2D(ch, cv2.CV_32F, g, dg, borderType=cv2.BORDER_REPLICATE)
+    return gx, gy
+
+
+@pytest.mark.parametrize("kind", ["textured", "step", "flat", "speck", "top_bin"])
+def test_texture_bins_equal_the_plain_quantile_histogram(kind):
+    # the kernel skips the maximum where the quantile lies two bins below the largest
+    # response; either way its scales and bins are the plain algorithm's
+    from rcnn_cli.proposals._grouping import _QUANTILE_BINS, _pair_scales, texture_bins
+    rng = np.random.default_rng(5)
+    bound = 300.0
+    if kind == "top_bin":  # 3 % of the responses, all in the largest one's fine bin
+        width = bound / (_QUANTILE_BINS - 1)
+        gx = np.zeros((3, 60, 80), np.float32)
+        hit = rng.random(gx.shape) < 0.03
+        gx[hit] = (2 + rng.uniform(0.05, 0.95, hit.sum())) * width
+        gy = np.zeros_like(gx)
+    else:
+        img = np.full((60, 80, 3), 90, np.uint8)
+        if kind == "textured":
+            img = textured_image(60, 80, seed=2)
+        elif kind == "step":
+            img[:, 25:] = (200, 30, 140)
+        elif kind == "speck":  # responses at under 1 % of the pixels: the quantile is bin 0
+            img[30, 40] = 255
+        gx, gy = _derivatives(img)
+    scales, bins, far = _texture_reference(gx, gy, bound)
+    np.testing.assert_array_equal(_orientation_bins(texture_bins(gx, gy, bound), 3), bins)
+    fine = np.float32((_QUANTILE_BINS - 1) / bound)
+    fine_bin = np.empty(60 * 80, np.int32)
+    counts = np.zeros((2, 2 * _QUANTILE_BINS), np.int32)
+    cs = np.array([1.0, 0.70710678, 0.0, -0.70710678], np.float32)
+    sn = np.array([0.0, 0.70710678, 1.0, 0.70710678], np.float32)
+    for ch in range(3):
+        for o in range(4):
+            got = _pair_scales(gx[ch].ravel(), gy[ch].ravel(), cs[o], sn[o], fine,
+                               fine_bin, counts)
+            assert got == tuple(scales[ch, o]), (ch, o)
+    if kind == "textured":
+        assert far and all(far)  # the maximum skipped everywhere
+    else:
+        assert not all(far)  # the maximum needed somewhere
+
+
 def test_region_texture_histograms_count_every_orientation():
     # one count per opposite pair and pixel gives the same histograms as counting each of the
     # 8 orientations' bins (column (ch * 8 + o) * 10 + bin), and the colour ones are plain

@@ -72,54 +72,91 @@ def texture_bins(gx, gy, bound):
     sn = np.array([0.0, 0.70710678, 1.0, 0.70710678], np.float32)
     nb = _QUANTILE_BINS
     fine = np.float32((nb - 1) / bound)
-    need = TEXTURE_QUANTILE * npx
-    scale = np.zeros(ORIENTATIONS, np.float32)
     fine_bin = np.empty(npx, np.int32)
-    counts = np.zeros((2, 2 * nb), np.int64)
+    counts = np.zeros((2, 2 * nb), np.int32)
     out = np.empty((c * 4, npx), np.uint8)
     for ch in range(c):
         for o in range(4):
-            # a fine histogram of |response| (the sign picks orientation o or o + 4) and
-            # the maximum of each sign; then the quantile of each sign's positive part
-            # (zero responses count: the opposite orientation of each pixel is 0)
-            vpos, vneg = _responses(fx[ch], fy[ch], cs[o], sn[o], fine, fine_bin)
-            counts[:] = 0
-            _count(fine_bin, counts)
-            for half, top in ((0, vpos), (1, vneg)):
-                if top <= 0:
-                    scale[o + 4 * half] = 0.0
-                    continue
-                row = counts[0, half * nb:(half + 1) * nb] + counts[1, half * nb:(half + 1) * nb]
-                acc = npx - row.sum()  # the zeros of this orientation
-                for i in range(nb):
-                    acc += row[i]
-                    if acc >= need:
-                        if i > 0:
-                            top = min((i + 1) / fine, top)
-                        break
-                scale[o + 4 * half] = TEXTURE_BINS / top
+            sp, sg = _pair_scales(fx[ch], fy[ch], cs[o], sn[o], fine, fine_bin, counts)
             j = ch * 4 + o
-            _bin(fx[ch], fy[ch], cs[o], sn[o], scale[o], scale[o + 4],
-                 np.uint8(j * 2 * TEXTURE_BINS), out[j])
+            _bin(fx[ch], fy[ch], cs[o], sn[o], sp, sg, np.uint8(j * 2 * TEXTURE_BINS), out[j])
     return out
 
 
-@njit(cache=True, nogil=True, fastmath=_FINITE)
-def _responses(gx, gy, co, so, fine, fine_bin):
-    """Directional responses ``d = co gx + so gy`` of 1-D float32 rows: their fine histogram
-    bin (``|d| * fine``, plus ``_QUANTILE_BINS`` where d < 0) into ``fine_bin``; returns
-    (max(d, 0), max(-d, 0))."""
+@njit(cache=True, nogil=True)
+def _pair_scales(gx, gy, co, so, fine, fine_bin, counts):
+    """Scales (float32) of orientation o's and o + 4's responses, ``max(d, 0)`` and
+    ``max(-d, 0)`` for ``d = co gx + so gy`` (1-D rows): ``TEXTURE_BINS`` over the
+    ``TEXTURE_QUANTILE`` quantile (its maximum where the quantile is 0; 0 where the
+    maximum is 0), the quantile read from a fine histogram of |d| (``fine`` bins per unit,
+    the sign picking the half; zero responses count: the opposite orientation of each
+    pixel is 0). ``fine_bin`` and ``counts`` (int32 (2, 2 * _QUANTILE_BINS)) are scratch.
+    """
     nb = _QUANTILE_BINS
+    npx = gx.shape[0]
+    need = TEXTURE_QUANTILE * npx
+    _fine_bins(gx, gy, co, so, fine, fine_bin)
+    counts[:] = 0
+    _count(fine_bin, counts)
+    have_max = False
+    vmax = np.zeros(2, np.float32)
+    scale = np.zeros(2, np.float32)
+    for half in range(2):
+        row = counts[0, half * nb:(half + 1) * nb] + counts[1, half * nb:(half + 1) * nb]
+        acc = npx - row.sum()  # the zeros of this orientation
+        qbin = nb - 1
+        for i in range(nb):
+            acc += row[i]
+            if acc >= need:
+                qbin = i
+                break
+        last = nb - 1
+        while last >= 0 and row[last] == 0:
+            last -= 1
+        if 0 < qbin < last - 1:
+            # a response lies two bins above the quantile's: the maximum is above the
+            # quantile bin's upper end (:func:`_maxima`), no need for it
+            top = (qbin + 1) / fine
+        else:
+            if not have_max:
+                vmax[0], vmax[1] = _maxima(gx, gy, co, so)
+                have_max = True
+            top = np.float64(vmax[half])
+            if top <= 0:
+                continue
+            if qbin > 0:
+                top = min((qbin + 1) / fine, top)
+        scale[half] = TEXTURE_BINS / top
+    return scale[0], scale[1]
+
+
+@njit(cache=True, nogil=True, fastmath=_FINITE)
+def _fine_bins(gx, gy, co, so, fine, fine_bin):
+    """Fine histogram bin of the directional responses ``d = co gx + so gy`` of 1-D float32
+    rows into ``fine_bin``: ``|d| * fine``, plus ``_QUANTILE_BINS`` where d < 0."""
+    nb = _QUANTILE_BINS
+    zero = np.float32(0.0)
+    for p in range(gx.shape[0]):
+        d = co * gx[p] + so * gy[p]
+        i = np.int32(abs(d) * fine)
+        fine_bin[p] = min(i, nb - 1) + (d < zero) * nb
+
+
+@njit(cache=True, nogil=True, fastmath=_FINITE)
+def _maxima(gx, gy, co, so):
+    """(max(d, 0), max(-d, 0)) over the responses ``d = co gx + so gy`` of 1-D rows.
+
+    :func:`texture_bins` needs them only where the quantile's bin is 0 or lies within one
+    bin of the largest response's: otherwise ``(bin + 1) / fine`` is below the maximum
+    (a bin ``b`` holds responses of at least ``b / fine``, up to float32 rounding of the
+    product, far less than a bin), so this scalar pass (5x the bins' pass) is skipped.
+    """
     zero = np.float32(0.0)
     vpos, vneg = zero, zero
     for p in range(gx.shape[0]):
         d = co * gx[p] + so * gy[p]
         vpos = max(vpos, d)
         vneg = min(vneg, d)
-    for p in range(gx.shape[0]):
-        d = co * gx[p] + so * gy[p]
-        i = np.int32(abs(d) * fine)
-        fine_bin[p] = min(i, nb - 1) + (d < zero) * nb
     return vpos, -vneg
 
 
