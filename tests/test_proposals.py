@@ -169,6 +169,32 @@ def test_fh_component_sizes_stay_exact_beyond_float32(monkeypatch):
     np.testing.assert_array_equal(small[0], wide[0])
 
 
+@pytest.mark.parametrize("c", [1, 3, 4])
+def test_fh_graph_equals_the_edges_written_in_numpy(c):
+    # 3 channels take a fused one-pass loop, the others a channel-by-channel one: both give
+    # the edges of the reference's four directions, float32 squares summed in float64,
+    # stably sorted by the weight's 1/16 bucket
+    from rcnn_cli.proposals._felzenszwalb import _DIR_SHIFT, _DIRECTIONS, _fh_graph
+    img = np.random.default_rng(c).uniform(0, 255, (23, 31, c)).astype(np.float32)
+    h, w = img.shape[:2]
+    codes, weights = [], []
+    for d, (dy, dx) in enumerate(_DIRECTIONS):
+        ys = np.arange(1 if dy < 0 else 0, h - 1 if dy > 0 else h)
+        xs = np.arange(w - 1 if dx > 0 else w)
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")
+        sq = np.zeros(yy.shape)
+        for ch in range(c):
+            diff = img[yy, xx, ch] - img[yy + dy, xx + dx, ch]  # float32
+            sq += diff * diff  # a float32 square, summed in float64
+        weights.append(np.sqrt(sq).astype(np.float32).ravel())
+        codes.append(((d << _DIR_SHIFT) | (yy * w + xx)).astype(np.int32).ravel())
+    code, weight = np.concatenate(codes), np.concatenate(weights)
+    order = np.argsort((weight * np.float32(16)).astype(np.int32), kind="stable")
+    got_code, got_weight = _fh_graph(img)
+    np.testing.assert_array_equal(got_code, code[order])
+    np.testing.assert_array_equal(got_weight, weight[order])
+
+
 def test_fh_graph_reuses_its_threads_scratch_and_threads_do_not_share_it(monkeypatch):
     # one thread's graphs come from the same scratch memory (no fresh pages per call), up to
     # _SCRATCH_BYTES; each thread has its own, so selective search in threads (its kernels

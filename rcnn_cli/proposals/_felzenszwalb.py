@@ -144,11 +144,17 @@ def _fh_graph_into(img, code, ew, q, out):
         y0 = 1 if dy < 0 else 0
         y1 = h - 1 if dy > 0 else h
         x1 = w - 1 if dx > 0 else w
+        tag = np.int32(d << _DIR_SHIFT)
         for y in range(y0, y1):
-            row[:] = 0.0
-            for ch in range(c):
-                _add_squares(planar[ch, y], planar[ch, y + dy, dx:], row, x1)
-            _row_edges(row, x1, np.int32(d << _DIR_SHIFT), y * w, code, ew, q, m)
+            if c == 3:  # the usual colour image: one pass per row (1.3x of the weights)
+                _row_edges3(planar[0, y], planar[1, y], planar[2, y], planar[0, y + dy, dx:],
+                            planar[1, y + dy, dx:], planar[2, y + dy, dx:], x1, tag, y * w,
+                            code, ew, q, m)
+            else:
+                row[:] = 0.0
+                for ch in range(c):
+                    _add_squares(planar[ch, y], planar[ch, y + dy, dx:], row, x1)
+                _row_edges(row, x1, tag, y * w, code, ew, q, m)
             m += x1
     qmax = 0
     for e in range(m):
@@ -183,6 +189,23 @@ def _add_squares(a, b, acc, n):
     for x in range(n):
         diff = a[x] - b[x]
         acc[x] += diff * diff
+
+
+@njit(cache=True, nogil=True)
+def _row_edges3(a0, a1, a2, b0, b1, b2, n, tag, base, code, ew, q, m):
+    """:func:`_add_squares` over three channels and :func:`_row_edges` in one loop: the
+    same float32 squares summed in float64 in the same order, the same edges."""
+    for x in range(n):
+        d0 = a0[x] - b0[x]
+        d1 = a1[x] - b1[x]
+        d2 = a2[x] - b2[x]
+        sq = np.float64(d0 * d0)
+        sq += d1 * d1
+        sq += d2 * d2
+        wt = np.float32(math.sqrt(sq))
+        code[m + x] = tag | (base + x)
+        ew[m + x] = wt
+        q[m + x] = np.int32(wt * _WEIGHT_QUANT)
 
 
 @njit(cache=True, nogil=True)
