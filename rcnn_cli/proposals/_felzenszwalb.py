@@ -231,8 +231,9 @@ def _absorb(root, nxt, rec, a, b):
     """Join components ``a`` and ``b`` (roots) of the quick-find forest; returns the root.
 
     ``root[p]`` is the component of pixel p, ``nxt`` links each component's pixels in a
-    circle and ``rec[r, 1]`` counts them at the root r (float32 exactly below 2^24 pixels,
-    float64 from there on: :func:`_fh_segment`).
+    circle (both uint32, and ``a``, ``b`` unsigned: see :func:`_fh_segment_into`) and
+    ``rec[r, 1]`` counts them at the root r (float32 exactly below 2^24 pixels, float64 from
+    there on: :func:`_fh_segment`).
     The smaller component's pixels are relabelled (a pixel moves O(log n) times at most)
     and the two circles spliced.
     """
@@ -294,33 +295,40 @@ def _fh_segment_into(sc, sw, h, w, k, min_size, dtype):
     """
     n = h * w
     m = sc.shape[0]
-    off = np.array([1, w, w + 1, 1 - w], np.int32)  # pixel offset of each direction
-    root = np.arange(n).astype(np.int32)
+    # unsigned throughout: numba wraps negative indices around, so every signed index costs
+    # a test and an add; unsigned ones need none (1.3x faster, the same labels). An offset
+    # 1 - w is stored modulo 2^64, so pixel + offset wraps to the right pixel.
+    off = np.array([1, w, w + 1, 1 - w], np.int64).view(np.uint64)  # per direction
+    code = sc.view(np.uint32)
+    mask = np.uint32(_PIX_MASK)
+    shift = np.uint32(_DIR_SHIFT)
+    root = np.arange(n).astype(np.uint32)
     nxt = root.copy()
     rec = np.empty((n, 2), dtype)
     rec[:, 0] = np.float32(k)  # at a root: Int(C) + k / |C|, and |C|
     rec[:, 1] = 1.0
     # codes of the edges the first pass did not join while one end's component was smaller
     # than min_size: where both were large, both stay large, and the second pass skips them
-    rejected = np.empty(m, np.int32)
+    rejected = np.empty(m, np.uint32)
     nrej = 0
     small = np.float32(min_size)
-    cand_code = np.empty(_BLOCK, np.int32)  # a block's edges between two components
+    cand_code = np.empty(_BLOCK, np.uint32)  # a block's edges between two components
     cand_w = np.empty(_BLOCK, np.float32)
     # greedy joins with the adaptive threshold Int(C) + k / |C|
     for e0 in range(0, m, _BLOCK):
         nc = 0
         for e in range(e0, min(e0 + _BLOCK, m)):
-            c = sc[e]
-            pa = c & _PIX_MASK
+            ue = np.uint64(e)
+            c = code[ue]
+            pa = c & mask
             cand_code[nc] = c
-            cand_w[nc] = sw[e]
-            nc += root[pa] != root[pa + off[c >> _DIR_SHIFT]]
+            cand_w[nc] = sw[ue]
+            nc += root[pa] != root[pa + off[c >> shift]]
         for i in range(nc):
             c = cand_code[i]
-            pa = c & _PIX_MASK
+            pa = c & mask
             a = root[pa]
-            b = root[pa + off[c >> _DIR_SHIFT]]
+            b = root[pa + off[c >> shift]]
             if a == b:  # joined by an earlier edge of this block
                 continue
             wt = cand_w[i]
@@ -333,9 +341,10 @@ def _fh_segment_into(sc, sw, h, w, k, min_size, dtype):
     # absorb components smaller than min_size, in edge order
     if min_size > 1:
         for i in range(nrej):
-            pa = rejected[i] & _PIX_MASK
+            c = rejected[i]
+            pa = c & mask
             a = root[pa]
-            b = root[pa + off[rejected[i] >> _DIR_SHIFT]]
+            b = root[pa + off[c >> shift]]
             if a != b and (rec[a, 1] < small or rec[b, 1] < small):
                 _absorb(root, nxt, rec, a, b)
     # contiguous labels in raster order
