@@ -156,30 +156,37 @@ def _fh_graph_into(img, code, ew, q, out):
                     _add_squares(planar[ch, y], planar[ch, y + dy, dx:], row, x1)
                 _row_edges(row, x1, tag, y * w, code, ew, q, m)
             m += x1
-    qmax = 0
+    # unsigned indices below: numba wraps signed ones around, a test and an add each
+    uq = q.view(np.uint32)
+    one = np.uint32(1)
+    qmax = np.uint32(0)
     for e in range(m):
-        qmax = max(qmax, q[e])
+        qmax = max(qmax, uq[np.uint64(e)])
     nb = qmax + 2
-    counts = np.zeros((4, nb), np.int64)
+    counts = np.zeros((4, nb), np.uint64)
     m4 = m - m % 4
+    u1, u2, u3 = np.uint64(1), np.uint64(2), np.uint64(3)
     for e in range(0, m4, 4):  # four histograms: runs of one bucket do not wait on each other
-        counts[0, q[e] + 1] += 1
-        counts[1, q[e + 1] + 1] += 1
-        counts[2, q[e + 2] + 1] += 1
-        counts[3, q[e + 3] + 1] += 1
+        ue = np.uint64(e)
+        counts[0, uq[ue] + one] += u1
+        counts[1, uq[ue + u1] + one] += u1
+        counts[2, uq[ue + u2] + one] += u1
+        counts[3, uq[ue + u3] + one] += u1
     for e in range(m4, m):
-        counts[0, q[e] + 1] += 1
-    start = np.empty(nb, np.int64)
+        counts[0, uq[np.uint64(e)] + one] += u1
+    start = np.empty(nb, np.uint64)
     start[0] = 0
     for i in range(1, nb):
         start[i] = start[i - 1] + counts[0, i] + counts[1, i] + counts[2, i] + counts[3, i]
     out = out[:m]
     out_w = out.view(np.float32)
     for e in range(m):
-        j = start[q[e]]
-        start[q[e]] += 1
-        out[j, 0] = code[e]
-        out_w[j, 1] = ew[e]
+        ue = np.uint64(e)
+        b = uq[ue]
+        j = start[b]
+        start[b] = j + u1
+        out[j, 0] = code[ue]
+        out_w[j, 1] = ew[ue]
     return out[:, 0], out_w[:, 1]
 
 
@@ -352,9 +359,10 @@ def _fh_segment_into(sc, sw, h, w, k, min_size, dtype):
     out = np.empty(n, np.int32)
     nlab = 0
     for p in range(n):
-        r = root[p]
+        up = np.uint64(p)
+        r = root[up]
         if lab[r] < 0:
             lab[r] = nlab
             nlab += 1
-        out[p] = lab[r]
+        out[up] = lab[r]
     return out.reshape(h, w), nlab

@@ -163,13 +163,17 @@ def _maxima(gx, gy, co, so):
 @njit(cache=True, nogil=True)
 def _count(values, counts):
     """Histogram of ``values`` into ``counts[0] + counts[1]`` (two copies, alternating, so
-    runs of one value do not wait on each other's increments)."""
+    runs of one value do not wait on each other's increments; unsigned indices, which numba
+    does not wrap around)."""
     n = values.shape[0]
+    v = values.view(np.uint32)
+    one = np.int32(1)
     for p in range(0, n - 1, 2):
-        counts[0, values[p]] += 1
-        counts[1, values[p + 1]] += 1
+        up = np.uint64(p)
+        counts[0, v[up]] += one
+        counts[1, v[up + np.uint64(1)]] += one
     if n % 2:
-        counts[0, values[n - 1]] += 1
+        counts[0, v[np.uint64(n - 1)]] += one
 
 
 @njit(cache=True, nogil=True, fastmath=_FINITE)
@@ -212,9 +216,17 @@ def region_features(labels, n, cimg, tbins, need_colour, need_texture):
     # faster), divided once per region at the end: the same float32 histograms
     ccount = np.zeros((n, ncol), np.int32)
     tcount = np.zeros((n, ntex), np.int32)
+    # unsigned indices: numba wraps signed ones around, a test and an add each
+    lab = labels.reshape(h * w).view(np.uint32)
+    pix = cimg.reshape(h * w, c)
+    cbin = np.empty((c, 256), np.uint64)  # colour histogram column of each channel value
+    for ch in range(c):
+        for v in range(256):
+            cbin[ch, v] = ch * COLOUR_BINS + (v * COLOUR_BINS >> 8)
     for y in range(h):
         for x in range(w):
-            r = labels[y, x]
+            p = np.uint64(y * w + x)
+            r = lab[p]
             sizes[r] += 1
             boxes[r, 0] = min(boxes[r, 0], x)
             boxes[r, 1] = min(boxes[r, 1], y)
@@ -222,13 +234,13 @@ def region_features(labels, n, cimg, tbins, need_colour, need_texture):
             boxes[r, 3] = max(boxes[r, 3], y)
             if need_colour:
                 for ch in range(c):
-                    ccount[r, ch * COLOUR_BINS + (cimg[y, x, ch] * COLOUR_BINS >> 8)] += 1
+                    ccount[r, cbin[ch, pix[p, ch]]] += 1
     if need_texture:
-        lab = labels.reshape(h * w)
         for p in range(h * w):
-            r = lab[p]
+            up = np.uint64(p)
+            r = lab[up]
             for j in range(tbins.shape[0]):
-                tcount[r, tbins[j, p]] += 1
+                tcount[r, tbins[np.uint64(j), up]] += 1
     colour = np.zeros((n, ncol), np.float32)
     texture = np.zeros((n, ntex), np.float32)
     for r in range(n):
