@@ -230,6 +230,28 @@ def test_fh_graph_reuses_its_threads_scratch_and_threads_do_not_share_it(monkeyp
         np.testing.assert_array_equal(together[i][0], alone[i][0])
 
 
+def test_scratch_smoothing_and_texture_equal_fresh_arrays_and_reuse_their_memory():
+    # selective search smooths and bins texture in this thread's scratch memory (no fresh
+    # pages per image): the same values as fresh arrays, and one buffer per name
+    import rcnn_cli.proposals._felzenszwalb as F
+    from rcnn_cli.proposals.selective_search import _texture
+
+    a, b = textured_image(40, 50, seed=1), textured_image(40, 50, seed=2)
+    first = F._smooth(a, F.FH_SIGMA, reuse=True)
+    np.testing.assert_array_equal(first, F._smooth(a, F.FH_SIGMA))
+    again = F._smooth(b, F.FH_SIGMA, reuse=True)
+    assert np.shares_memory(first, again)
+    np.testing.assert_array_equal(again, F._smooth(b, F.FH_SIGMA))
+    cols = _texture(a, reuse=True)
+    np.testing.assert_array_equal(cols, _texture(a))
+    assert np.shares_memory(cols, _texture(b, reuse=True))
+    assert not np.shares_memory(_texture(a), _texture(a))
+    x = F.scratch_array("test", (3, 4), np.float64)
+    assert x.shape == (3, 4) and x.dtype == np.float64 and x.flags.c_contiguous
+    assert np.shares_memory(x, F.scratch_array("test", (2,), np.int32))
+    assert not np.shares_memory(x, F.scratch_array("other", (2,), np.int32))
+
+
 @pytest.mark.parametrize("bad, match", [
     (np.zeros((2, 3, 4, 5), np.uint8), r"image.*\(2, 3, 4, 5\)"),
     (np.zeros((0, 5), np.uint8), r"image.*\(0, 5\)"),
@@ -347,7 +369,8 @@ def test_texture_bins_equal_the_plain_quantile_histogram(kind):
             img[30, 40] = 255
         gx, gy = _derivatives(img)
     scales, bins, far = _texture_reference(gx, gy, bound)
-    np.testing.assert_array_equal(_orientation_bins(texture_bins(gx, gy, bound), 3), bins)
+    got = texture_bins(gx, gy, bound, np.empty(60 * 80, np.int32), np.empty((12, 60 * 80), np.uint8))
+    np.testing.assert_array_equal(_orientation_bins(got, 3), bins)
     fine = np.float32((_QUANTILE_BINS - 1) / bound)
     fine_bin = np.empty(60 * 80, np.int32)
     counts = np.zeros((2, 2 * _QUANTILE_BINS), np.int32)

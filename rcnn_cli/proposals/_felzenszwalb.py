@@ -67,19 +67,55 @@ def felzenszwalb(image: NDArray, scale: float = 100.0, sigma: float = FH_SIGMA,
     return labels, int(n)
 
 
-def _smooth(img: NDArray, sigma: float) -> NDArray[np.float32]:
-    """Gaussian-smooth each channel of (H, W, C) ``img`` -> float32 (H, W, C)."""
-    f = np.ascontiguousarray(img, dtype=np.float32)
+def _smooth(img: NDArray, sigma: float, reuse: bool = False) -> NDArray[np.float32]:
+    """Gaussian-smooth each channel of (H, W, C) ``img`` -> float32 (H, W, C).
+
+    ``reuse=True`` makes the result (and its float32 input copy) this thread's scratch
+    memory (:func:`scratch_array`), valid until the next such call.
+    """
+    if reuse:
+        f = scratch_array("smooth_in", img.shape, np.float32)
+        np.copyto(f, img)
+    else:
+        f = np.ascontiguousarray(img, dtype=np.float32)
     if sigma > 0:
         ksize = 2 * math.ceil(4 * sigma) + 1
         c = f.shape[2]
         if c <= 4:
-            f = cv2.GaussianBlur(f, (ksize, ksize), sigma, borderType=cv2.BORDER_REPLICATE)
+            dst = scratch_array("smooth_out", f.shape, np.float32) if reuse else None
+            f = cv2.GaussianBlur(f, (ksize, ksize), sigma, dst=dst,
+                                 borderType=cv2.BORDER_REPLICATE)
         else:
             f = np.stack([cv2.GaussianBlur(f[:, :, i], (ksize, ksize), sigma,
                                            borderType=cv2.BORDER_REPLICATE) for i in range(c)], 2)
         f = f.reshape(img.shape)
     return np.ascontiguousarray(f)
+
+
+#: :func:`scratch_array` keeps each named buffer of a thread up to this many bytes (a
+#: 500-pixel image's largest, the sorted graph, is 6 MB) and allocates larger ones per call.
+_SCRATCH_BYTES = 64 << 20
+_scratch = threading.local()
+
+
+def scratch_array(name: str, shape: tuple[int, ...], dtype: type | np.dtype) -> NDArray:
+    """An uninitialised C-contiguous array of ``shape`` and ``dtype`` in this thread's
+    scratch buffer ``name``: the next call with that name in this thread reuses the memory,
+    so the array is valid until then.
+
+    Fresh arrays of megabytes are fresh pages to the kernel (numpy and glibc give large
+    blocks back when they are freed): ~1 000 page faults per selective search image without
+    reuse. Buffers up to ``_SCRATCH_BYTES`` are kept; larger ones are allocated per call.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    pool = _scratch.__dict__.setdefault("pool", {})
+    buf = pool.get(name)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1), np.uint8)
+        if nbytes <= _SCRATCH_BYTES:
+            pool[name] = buf
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 #: An edge is stored as one int32: the pixel index of its first end (raster order) in the low
@@ -91,36 +127,29 @@ _PIX_MASK = (1 << _DIR_SHIFT) - 1
 _DIRECTIONS = ((0, 1), (1, 0), (1, 1), (-1, 1))
 
 
-#: :func:`_fh_graph` keeps its scratch arrays per thread up to this many bytes (a 500-pixel
-#: image needs 15 MB) and allocates larger ones per call.
-_SCRATCH_BYTES = 64 << 20
-_scratch = threading.local()
-
-
 def _fh_graph(img: NDArray[np.float32]) -> tuple[NDArray[np.int32], NDArray[np.float32]]:
     """Sorted 8-neighbour grid graph of smoothed float32 (H, W, C) ``img``: (code, weight),
     see :func:`_fh_graph_into`.
 
-    The arrays are views of this thread's scratch memory, valid until its next call. Reusing
-    it spares the pages a fresh 15 MB would fault in at every call (~2 500 faults, measured
-    at 12 ms of a 20 ms graph on this machine's VM; selective search 0.966-0.972x in all).
+    The arrays are views of this thread's scratch memory (:func:`scratch_array`), valid
+    until its next call. Reusing it spares the pages a fresh 15 MB would fault in at every
+    call (~2 500 faults, measured at 12 ms of a 20 ms graph on this machine's VM; selective
+    search 0.966-0.972x in all).
     """
-    h, w = img.shape[:2]
+    h, w, c = img.shape
     cap = 4 * h * w
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None or len(bufs[0]) < cap:
-        bufs = (np.empty(cap, np.int32), np.empty(cap, np.float32), np.empty(cap, np.int32),
-                np.empty((cap, 2), np.int32))
-        if 20 * cap <= _SCRATCH_BYTES:
-            _scratch.bufs = bufs
-    return _fh_graph_into(img, *bufs)
+    return _fh_graph_into(img, scratch_array("graph_code", (cap,), np.int32),
+                          scratch_array("graph_weight", (cap,), np.float32),
+                          scratch_array("graph_bucket", (cap,), np.int32),
+                          scratch_array("graph_sorted", (cap, 2), np.int32),
+                          scratch_array("graph_planar", (c, h, w), np.float32))
 
 
 @njit(cache=True, nogil=True)
-def _fh_graph_into(img, code, ew, q, out):
+def _fh_graph_into(img, code, ew, q, out, planar):
     """Sorted 8-neighbour grid graph of smoothed float32 (H, W, C) ``img``, made in the
-    scratch arrays ``code``, ``ew``, ``q`` (int32, float32, int32, at least 4 H W each) and
-    ``out`` (int32 (4 H W, 2)).
+    scratch arrays ``code``, ``ew``, ``q`` (int32, float32, int32, at least 4 H W each),
+    ``out`` (int32 (4 H W, 2)) and ``planar`` (float32 (C, H, W)).
 
     Returns (code int32 (E,), weight float32 (E,)), two views of ``out``, in ascending
     weight order (counting sort on weights quantised by ``_WEIGHT_QUANT``; ties in raster
@@ -134,7 +163,6 @@ def _fh_graph_into(img, code, ew, q, out):
     pixel-major loops, faster.
     """
     h, w, c = img.shape
-    planar = np.empty((c, h, w), np.float32)
     for ch in range(c):
         planar[ch] = img[:, :, ch]
     row = np.empty(w, np.float64)

@@ -41,13 +41,15 @@ _FINITE = {"nnan", "ninf", "nsz"}
 
 
 @njit(cache=True, nogil=True)
-def texture_bins(gx, gy, bound):
-    """Texture histogram column of each orientation, channel and pixel.
+def texture_bins(gx, gy, bound, fine_bin, out):
+    """Texture histogram column of each orientation, channel and pixel, into ``out``.
 
     Args:
         gx, gy: float32 (C, H, W) Gaussian derivatives of each channel in x and y.
         bound: an upper bound of every directional response (from the filter and the
             uint8 input range); it sets the range of the histogram that gives the quantile.
+        fine_bin: int32 (H * W,) scratch.
+        out: uint8 (C * 4, H * W), returned.
 
     Returns:
         uint8 (C * 4, H * W): row ``j = ch * 4 + o`` (o < 4) holds, for each pixel, the
@@ -72,9 +74,7 @@ def texture_bins(gx, gy, bound):
     sn = np.array([0.0, 0.70710678, 1.0, 0.70710678], np.float32)
     nb = _QUANTILE_BINS
     fine = np.float32((nb - 1) / bound)
-    fine_bin = np.empty(npx, np.int32)
     counts = np.zeros((2, 2 * nb), np.int32)
-    out = np.empty((c * 4, npx), np.uint8)
     for ch in range(c):
         for o in range(4):
             sp, sg = _pair_scales(fx[ch], fy[ch], cs[o], sn[o], fine, fine_bin, counts)

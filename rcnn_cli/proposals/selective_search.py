@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 
 from .. import boxes as box_ops
 from ..config import default
-from ._felzenszwalb import FH_SIGMA, _fh_graph, _fh_segment, _smooth
+from ._felzenszwalb import FH_SIGMA, _fh_graph, _fh_segment, _smooth, scratch_array
 from ._grouping import adjacency, hierarchical_grouping, region_features, texture_bins
 
 #: Strategies of Uijlings et al. section 5.2 / table 5 (colour spaces, scales k, similarity
@@ -90,9 +90,10 @@ def selective_search(image: NDArray[np.uint8], strategy: str = DEFAULT_STRATEGY,
     for space in spaces:
         # per colour space: the converted image, its FH graph and its texture bins
         cimg = convert_colour(small, space)
-        graph = _fh_graph(_smooth(cimg, FH_SIGMA))  # sorted edges, shared by every k
+        # sorted edges, shared by every k; both in this thread's scratch memory
+        graph = _fh_graph(_smooth(cimg, FH_SIGMA, reuse=True))
         need_t = any("T" in s for s in sims)
-        tbins = _texture(cimg) if need_t else np.zeros((1, 1), np.uint8)
+        tbins = _texture(cimg, reuse=True) if need_t else np.zeros((1, 1), np.uint8)
         need_c = any("C" in s for s in sims)
         for k in scales:
             # per scale: FH segments (min size k), region features, adjacency
@@ -185,12 +186,15 @@ def convert_colour(rgb: NDArray[np.uint8], space: str) -> NDArray[np.uint8]:
     raise ValueError(f"unknown colour space {space!r}")
 
 
-def _texture(cimg: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Texture histogram columns uint8 (C * 8, H * W) from Gaussian derivatives (sigma 1)
-    of each channel: row ``ch * 8 + o`` holds ``(ch * 8 + o) * 10 + bin`` per pixel.
+def _texture(cimg: NDArray[np.uint8], reuse: bool = False) -> NDArray[np.uint8]:
+    """Texture histogram columns uint8 (C * 4, H * W) from Gaussian derivatives (sigma 1)
+    of each channel: row ``j = ch * 4 + o`` holds ``j * 20 + b`` per pixel (paired
+    orientations o and o + 4, see :func:`._grouping.texture_bins`).
 
     The derivatives are cv2 separable filters; binning (8 orientations, 10 bins, scaled by
     a high quantile of each orientation image) is :func:`._grouping.texture_bins`.
+    ``reuse=True`` returns this thread's scratch memory (``scratch_array``), valid until
+    the next such call; the derivatives are scratch either way.
     """
     radius = int(np.ceil(3 * TEXTURE_SIGMA))
     x = np.arange(-radius, radius + 1, dtype=np.float32)
@@ -199,15 +203,18 @@ def _texture(cimg: NDArray[np.uint8]) -> NDArray[np.uint8]:
     # cv2 filters correlate (no kernel flip): this kernel gives +d/dx of the smoothed image
     dg = x / TEXTURE_SIGMA**2 * g
     h, w, c = cimg.shape
-    gx = np.empty((c, h, w), np.float32)  # planar: texture_bins' loops vectorise
-    gy = np.empty((c, h, w), np.float32)
+    # planar: texture_bins' loops vectorise
+    gx = scratch_array("texture_gx", (c, h, w), np.float32)
+    gy = scratch_array("texture_gy", (c, h, w), np.float32)
     for i in range(c):  # written in place (dst): 1.08x of this loop, the same values
         ch = cimg[:, :, i].astype(np.float32)
         cv2.sepFilter2D(ch, cv2.CV_32F, dg, g, dst=gx[i], borderType=cv2.BORDER_REPLICATE)
         cv2.sepFilter2D(ch, cv2.CV_32F, g, dg, dst=gy[i], borderType=cv2.BORDER_REPLICATE)
     # |cos gx + sin gy| <= sqrt(2) * 255 * sum|dg| for uint8 input
     bound = float(np.sqrt(2) * 255 * np.abs(dg).sum()) * 1.001
-    return texture_bins(gx, gy, bound)
+    out = (scratch_array("texture_bins", (c * 4, h * w), np.uint8) if reuse
+           else np.empty((c * 4, h * w), np.uint8))
+    return texture_bins(gx, gy, bound, scratch_array("texture_fine", (h * w,), np.int32), out)
 
 
 def prepare_input(image: NDArray, max_side: int | None, min_size: int, top_k: int | None
