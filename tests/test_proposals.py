@@ -252,6 +252,58 @@ def test_scratch_smoothing_and_texture_equal_fresh_arrays_and_reuse_their_memory
     assert not np.shares_memory(x, F.scratch_array("other", (2,), np.int32))
 
 
+def test_felzenszwalb_float_images_keep_the_weight_order():
+    # a float image in [0, 1]: the edge sort buckets weights at 1/16 of a 0..255 level, so
+    # unscaled every weight here fell in bucket 0 and the edges ran in raster order; a row's
+    # left run then swallowed the step. Scaled to 0..255 (k with it), the halves stay apart
+    rng = np.random.default_rng(0)
+    img = np.zeros((20, 20))
+    img[:, 10:] = 0.03
+    img += rng.uniform(0, 1e-4, img.shape)
+    labels, n = felzenszwalb(img, scale=1.0, sigma=0, min_size=1)
+    assert n == 2 and (labels[:, :10] == 0).all() and (labels[:, 10:] == 1).all()
+
+
+def test_felzenszwalb_scales_any_range_like_uint8():
+    # FH is unchanged when the image and k scale together: a float or uint16 copy of a
+    # uint8 image (spanning 0..255) with k scaled alike gives the uint8 image's labels
+    u8 = textured_image(40, 50, seed=4)
+    u8[0, 0] = (0, 0, 0)
+    u8[0, 1] = (255, 255, 255)
+    want = felzenszwalb(u8, scale=255, sigma=0.8, min_size=20)
+    got = felzenszwalb(u8 / 255.0, scale=1.0, sigma=0.8, min_size=20)
+    np.testing.assert_array_equal(got[0], want[0])
+    wide = felzenszwalb(u8.astype(np.uint16) * 257, scale=255 * 257, sigma=0.8, min_size=20)
+    np.testing.assert_array_equal(wide[0], want[0])
+    huge = np.zeros((8, 8))
+    huge[:, 4:] = 1e30  # no overflow to inf, no bucket array sized by the range
+    assert felzenszwalb(huge, scale=1e29, sigma=0, min_size=1)[1] == 2
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_felzenszwalb_rejects_non_finite_images(value):
+    img = np.zeros((6, 6), np.float32)
+    img[2, 3] = value
+    with pytest.raises(ValueError, match="finite"):
+        felzenszwalb(img)
+
+
+def test_scratch_memory_per_thread_stays_under_its_bound(monkeypatch):
+    # the named buffers together, not each, stay under _SCRATCH_BYTES: a large image
+    # allocates what does not fit per call and gives the same boxes
+    import rcnn_cli.proposals._felzenszwalb as F
+
+    img = textured_image(120, 160, seed=6)
+    want = selective_search(img, max_side=None)
+    monkeypatch.setattr(F, "_SCRATCH_BYTES", 1 << 20)
+    F._scratch.__dict__.clear()
+    got = selective_search(img, max_side=None)
+    assert sum(b.nbytes for b in F._scratch.pool.values()) <= 1 << 20
+    assert F._scratch.pool  # the small buffers are still kept
+    np.testing.assert_array_equal(got[0], want[0])
+    F._scratch.__dict__.clear()
+
+
 @pytest.mark.parametrize("bad, match", [
     (np.zeros((2, 3, 4, 5), np.uint8), r"image.*\(2, 3, 4, 5\)"),
     (np.zeros((0, 5), np.uint8), r"image.*\(0, 5\)"),

@@ -39,8 +39,12 @@ def felzenszwalb(image: NDArray, scale: float = 100.0, sigma: float = FH_SIGMA,
 
     Args:
         image (NDArray[H, W] or NDArray[H, W, C], uint8 or float): image in any colour space;
-            the edge weight is the Euclidean distance over channels.
-        scale: the threshold constant ``k`` (larger means larger segments).
+            the edge weight is the Euclidean distance over channels. Other dtypes and
+            ranges (floats in [0, 1], uint16) are shifted and scaled to 0..255 with ``scale``
+            (the same segmentation: see :func:`_to_uint8_range`); NaN or infinite values
+            raise ValueError.
+        scale: the threshold constant ``k`` (larger means larger segments), in the image's
+            units.
         sigma: standard deviation of the Gaussian pre-smoothing; 0 disables it.
         min_size: segments smaller than this many pixels are merged into a neighbour;
             ``None`` means ``int(scale)`` as in selective search.
@@ -61,10 +65,31 @@ def felzenszwalb(image: NDArray, scale: float = 100.0, sigma: float = FH_SIGMA,
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     min_size = int(scale) if min_size is None else int(min_size)
+    if img.dtype != np.uint8:
+        img, scale = _to_uint8_range(img, scale)
     smooth = _smooth(img, sigma)
     sc, sw = _fh_graph(smooth)
     labels, n = _fh_segment(sc, sw, img.shape[0], img.shape[1], float(scale), min_size)
     return labels, int(n)
+
+
+def _to_uint8_range(img: NDArray, scale: float) -> tuple[NDArray[np.float32], float]:
+    """A non-uint8 image shifted and scaled to span 0..255, and ``scale`` scaled alike.
+
+    FH depends only on differences, and its joins are unchanged when the weights and k scale
+    together; the edge sort buckets weights at 1/16 of a 0..255 level (``_WEIGHT_QUANT``),
+    so an image in [0, 1] would put almost every edge in one bucket (raster order, not
+    weight order) and one spanning 0..1e9 would need 10^10 buckets. Raises ValueError on NaN
+    or infinite values.
+    """
+    f = img.astype(np.float64)
+    if not np.isfinite(f).all():
+        raise ValueError("image must be finite, got NaN or infinite values")
+    lo, hi = float(f.min()), float(f.max())
+    if hi <= lo:
+        return np.zeros(img.shape, np.float32), scale
+    s = 255.0 / (hi - lo)
+    return ((f - lo) * s).astype(np.float32), scale * s
 
 
 def _smooth(img: NDArray, sigma: float, reuse: bool = False) -> NDArray[np.float32]:
@@ -92,8 +117,8 @@ def _smooth(img: NDArray, sigma: float, reuse: bool = False) -> NDArray[np.float
     return np.ascontiguousarray(f)
 
 
-#: :func:`scratch_array` keeps each named buffer of a thread up to this many bytes (a
-#: 500-pixel image's largest, the sorted graph, is 6 MB) and allocates larger ones per call.
+#: :func:`scratch_array` keeps a thread's named buffers while together they take at most this
+#: many bytes (a 500-pixel image needs ~29 MB) and allocates the others per call.
 _SCRATCH_BYTES = 64 << 20
 _scratch = threading.local()
 
@@ -105,7 +130,8 @@ def scratch_array(name: str, shape: tuple[int, ...], dtype: type | np.dtype) -> 
 
     Fresh arrays of megabytes are fresh pages to the kernel (numpy and glibc give large
     blocks back when they are freed): ~1 000 page faults per selective search image without
-    reuse. Buffers up to ``_SCRATCH_BYTES`` are kept; larger ones are allocated per call.
+    reuse. A thread keeps its buffers while together they take at most ``_SCRATCH_BYTES``;
+    one that does not fit is allocated per call.
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -113,7 +139,8 @@ def scratch_array(name: str, shape: tuple[int, ...], dtype: type | np.dtype) -> 
     buf = pool.get(name)
     if buf is None or buf.nbytes < nbytes:
         buf = np.empty(max(nbytes, 1), np.uint8)
-        if nbytes <= _SCRATCH_BYTES:
+        pool.pop(name, None)
+        if sum(b.nbytes for b in pool.values()) + nbytes <= _SCRATCH_BYTES:
             pool[name] = buf
     return buf[:nbytes].view(dtype).reshape(shape)
 
