@@ -380,7 +380,7 @@ def marginal_detect(data: Path, work: Path, cfg: dict, head_auto: dict, peer: fl
 
     The peer's time leaves out its start-up (torch's import, the model's build) and the
     decoding (its images are tensors before the clock starts); ours on the test split
-    includes the worker pool's start-up, a fixed cost that a 40-image run spreads thinly.
+    includes the worker pool's start-up, a fixed cost that weighs on a 40-image run.
     A second run over every image of the folder gives the marginal time per image,
     (T_all - T_test) / (N_all - N_test), which still includes the decoding.
     """

@@ -180,8 +180,9 @@ def _fh_graph_into(img, code, ew, q, out, planar):
 
     Returns (code int32 (E,), weight float32 (E,)), two views of ``out``, in ascending
     weight order (counting sort on weights quantised by ``_WEIGHT_QUANT``; ties in raster
-    order of the reference's edges, direction by direction). ``code & _PIX_MASK`` is the first end's pixel index and
-    ``code >> _DIR_SHIFT`` the direction; :func:`_fh_segment` unpacks them.
+    order of the reference's edges, direction by direction). ``code & _PIX_MASK`` is the
+    first end's pixel index and ``code >> _DIR_SHIFT`` the direction; :func:`_fh_segment`
+    unpacks them.
     The graph does not depend on ``k``, so one graph serves every scale.
 
     The weights are computed row by row on a planar copy of the image (vectorised), the
